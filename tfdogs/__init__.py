@@ -1,0 +1,13 @@
+"""tfdogs: fine-grained dog-breed classification by transfer learning in Keras 3.
+
+Modules:
+    data: dataset layouts, synthetic data, stratified split, tf.data pipeline.
+    augment: Keras preprocessing-layer augmentation for the training set.
+    models: LeNet-5 and torchvision-identical ResNet-18/34 (`models.build`).
+    weights, port: ImageNet checkpoint registry and PyTorch-to-Keras conversion.
+    config: YAML configs, command-line overrides and validation.
+    train: `python -m tfdogs.train`, the end-to-end experiment.
+    export: SavedModel export for TF Serving.
+"""
+
+__version__ = "0.1.0"
