@@ -10,4 +10,10 @@ Modules:
     export: SavedModel export for TF Serving.
 """
 
+import os
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hides the messages
+# that matter; keep warnings and errors. A user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 __version__ = "0.1.0"

@@ -1,0 +1,77 @@
+import argparse
+
+import pytest
+
+from tfdogs import config as config_lib
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser)
+    return config_lib.resolve(parser.parse_args(argv))
+
+
+def test_defaults_pick_weights_and_strategy_per_model():
+    resnet = parse(["--model", "resnet18"])
+    assert resnet["weights"] == "imagenet" and resnet["strategy"] == "fine-tune"
+    lenet = parse(["--model", "lenet5"])
+    assert lenet["weights"] is None and lenet["strategy"] == "scratch"
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: lenet5\nepochs: 7\nlearning_rate: 0.01\nflip: false\n")
+    config = parse(["--config", str(path), "--epochs", "3", "--flip"])
+    assert config["model"] == "lenet5"
+    assert config["epochs"] == 3
+    assert config["learning_rate"] == 0.01
+    assert config["flip"] is True
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = parse(["--model", "resnet34", "--data", "synthetic", "--weights", "none", "--epochs", "2",
+                    "--verbose", "0", "--cache", "memory"])
+    config_lib.write(config, tmp_path / "config.yaml")
+    again = parse(["--config", str(tmp_path / "config.yaml")])
+    assert again == config
+
+
+def test_shipped_configs_are_valid():
+    import pathlib
+
+    configs = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert [path.stem for path in configs] == ["lenet5", "resnet18", "resnet34"]
+    for path in configs:
+        config = parse(["--config", str(path)])
+        assert config["model"] == path.stem
+
+
+@pytest.mark.parametrize("text, key", [
+    ("modle: resnet18\n", "modle"),
+    ("epochs: -1\n", "epochs"),
+    ("epochs: three\n", "epochs"),
+    ("model: vgg16\n", "model"),
+    ("precision: half\n", "precision"),
+    ("val_fraction: 1.5\n", "val_fraction"),
+    ("model: lenet5\nimage_size: 16\n", "image_size"),
+    ("model: lenet5\nweights: imagenet\n", "weights"),
+    ("flip: 3\n", "flip"),
+    ("model: resnet18\nweights: none\nstrategy: fine-tune\n", "strategy"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(config_lib.ConfigError, match=f"'{key}'"):
+        parse(["--config", str(path)])
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rte: 0.1\n")
+    with pytest.raises(config_lib.ConfigError, match="Did you mean 'learning_rate'"):
+        parse(["--config", str(path)])
+
+
+def test_unknown_model_lists_the_allowed_ones():
+    with pytest.raises(config_lib.ConfigError, match="lenet5, resnet18, resnet34"):
+        parse(["--model", "alexnet"])

@@ -1,0 +1,164 @@
+import json
+import struct
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import small_config
+from tfdogs import config as config_lib, data, metrics, train
+
+
+def png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.mark.parametrize("model_name, overrides, min_accuracy", [
+    ("lenet5", dict(epochs=6, image_size=32), 0.6),
+    ("resnet18", dict(epochs=5, image_size=64, learning_rate=2e-3), 0.6),
+    ("resnet34", dict(epochs=5, image_size=64, learning_rate=2e-3), 0.6),
+])
+def test_each_model_learns_the_synthetic_breeds(tmp_path, model_name, overrides, min_accuracy):
+    config = small_config(model=model_name, output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"), **overrides)
+    run_dir = train.train(config)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    chance = summary["baselines"]["random_guess"]["accuracy"]
+    assert chance == pytest.approx(0.25)
+    # a real learning check: far above chance and above always answering the biggest class
+    assert summary["val"]["accuracy"] >= min_accuracy
+    assert summary["val"]["accuracy"] > summary["baselines"]["most_frequent"]["accuracy"] + 0.25
+    assert summary["val"]["log_loss"] < summary["baselines"]["random_guess"]["log_loss"]
+
+
+def test_run_folder_holds_every_output_with_consistent_content(lenet_run):
+    run_dir = lenet_run
+    config = config_lib.load_yaml(run_dir / "config.yaml")
+    assert config["epochs"] == 4 and config["output"] == str(run_dir)
+
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2, 3]
+    for column in ("loss", "accuracy", "top5_accuracy", "log_loss", "val_loss", "val_accuracy",
+                   "val_top5_accuracy", "val_log_loss", "learning_rate"):
+        assert column in history and history[column].notna().all(), column
+    # cosine decay: the logged learning rate falls every epoch
+    assert (np.diff(history["learning_rate"]) < 0).all()
+
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["epochs_run"] == 4
+    assert summary["peak_val_accuracy"] == pytest.approx(history["val_accuracy"].max())
+    assert summary["best_epoch"] == int(history["val_accuracy"].idxmax()) + 1
+    # the saved model is the best epoch's: its accuracy equals the peak of the history
+    assert summary["val"]["accuracy"] == pytest.approx(summary["peak_val_accuracy"], abs=1e-6)
+    assert summary["parameters"]["total"] == keras.saving.load_model(run_dir / "model.keras").count_params()
+
+    split = pd.read_csv(run_dir / "split.csv")
+    assert summary["num_train"] == (split["subset"] == "train").sum()
+    assert summary["num_val"] == (split["subset"] == "val").sum()
+
+    width, height = png_size(run_dir / "curves.png")
+    assert width >= 600 and height >= 300 and (run_dir / "curves.png").stat().st_size > 10_000
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event files"
+    assert (run_dir / "best.weights.h5").is_file()
+
+
+def test_tensorboard_logs_loss_accuracy_and_learning_rate(lenet_run):
+    import tensorflow as tf
+
+    tags = set()
+    for path in (lenet_run / "tensorboard").rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= tags
+
+
+def test_metrics_agree_with_the_saved_model(lenet_run):
+    config = config_lib.load_yaml(lenet_run / "config.yaml")
+    records, _, val_indices = data.read_split(lenet_run / "split.csv", config["data_dir"])
+    model = keras.saving.load_model(lenet_run / "model.keras")
+    dataset = data.make_dataset([records.paths[i] for i in val_indices], records.labels[val_indices],
+                                image_size=32, batch_size=8, training=False,
+                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    probabilities = train.predict_probabilities(model, dataset)
+    summary = json.loads((lenet_run / "metrics.json").read_text())
+    assert metrics.scores(probabilities, records.labels[val_indices]) == pytest.approx(summary["val"])
+
+
+class InterruptAfter(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.interrupt_epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.interrupt_epoch:
+            raise KeyboardInterrupt
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_interrupted_run_resumes_from_last_finished_epoch(tmp_path):
+    config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, extra_callbacks=[InterruptAfter(1)])
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    recorder = EpochRecorder()
+    run_dir = train.train(config, extra_callbacks=[recorder])
+    assert recorder.epochs == [2, 3]
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2, 3]
+    # the schedule carried on from where it stopped instead of restarting at the peak
+    assert (np.diff(history["learning_rate"]) < 0).all()
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"),
+                          learning_rate=1e30, epochs=2)
+    with pytest.raises(train.TrainingError, match="non-finite"):
+        train.train(config)
+
+
+def test_unwritable_output_is_rejected_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    config = small_config(output=str(blocker / "run"))
+    with pytest.raises(config_lib.ConfigError, match="'output'"):
+        train.train(config)
+
+
+@pytest.mark.parametrize("strategy, frozen_stages", [
+    ("feature-extract", ("stem", "layer1", "layer2", "layer3", "layer4")),
+    ("fine-tune", ()),
+    ("discriminative", ()),
+])
+def test_plan_phases(strategy, frozen_stages):
+    config = small_config(model="resnet18", weights="imagenet", strategy=strategy, epochs=5, head_epochs=2,
+                          backbone_lr_factor=0.01)
+    phases = train.plan_phases(config)
+    assert phases[-1].end_epoch == 5 and phases[-1].frozen_stages == frozen_stages
+    if strategy == "fine-tune":
+        assert phases[0].frozen_stages and phases[0].end_epoch == 2 and phases[1].start_epoch == 2
+        assert phases[1].stage_factors["stem"] == pytest.approx(0.01)
+    if strategy == "discriminative":
+        factors = [phases[0].stage_factors[stage] for stage in train.STAGES]
+        assert factors[0] == pytest.approx(0.01) and factors[-1] == 1.0
+        assert all(a < b for a, b in zip(factors, factors[1:]))
+
+
+def test_schedule_warms_up_then_decays():
+    schedule = train.WarmupCosine(1.0, total_steps=100, warmup_steps=10)
+    values = [float(schedule(step)) for step in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:])) and values[-1] < 0.01
+    later_phase = train.WarmupCosine(1.0, total_steps=100, warmup_steps=10, offset_steps=50)
+    assert float(later_phase(0)) == pytest.approx(values[50])

@@ -1,0 +1,434 @@
+"""`python -m tfdogs.train`: the study's experiment end to end.
+
+Loads labelled dog photos, splits them (stratified, seeded), trains LeNet-5 or
+ResNet-18/34 with a transfer strategy, and writes a run folder:
+
+    config.yaml    the resolved settings (re-run with --config RUN/config.yaml)
+    split.csv      which photo went to training and which to validation
+    history.csv    per-epoch loss, accuracy, top-5, log loss, learning rate
+    metrics.json   validation scores of the best epoch, the trivial baselines
+    curves.png     loss and accuracy, training against validation
+    model.keras    the best model (plain Keras layers: loads without tfdogs)
+    best.weights.h5, tensorboard/, backup/ (resume state while training)
+
+and a SavedModel for TF Serving under `saved_models/<run name>/<version>/`.
+
+Examples:
+    python -m tfdogs.train --model resnet18 --data-dir path/to/dog-breed-identification
+    python -m tfdogs.train --config configs/lenet5.yaml --epochs 3 --output runs/lenet
+    python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --image-size 64
+
+Running the same command (same --output) after an interruption resumes from
+the last finished epoch.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfdogs import augment, config as config_lib, data, export, metrics, models, plots, weights
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one set of frozen stages and per-stage rate factors."""
+
+    name: str
+    start_epoch: int
+    end_epoch: int
+    frozen_stages: tuple = ()
+    stage_factors: dict = dataclasses.field(default_factory=dict)
+
+
+def plan_phases(config):
+    """Turns the transfer strategy into training phases.
+
+    scratch and discriminative train everything in one phase (discriminative
+    with learning rates growing geometrically from `backbone_lr_factor` at the
+    stem to 1 at the head); feature-extract trains only the head; fine-tune
+    trains the head for `head_epochs`, then the whole network at
+    `backbone_lr_factor` times the rate.
+    """
+    epochs, factor = config["epochs"], config["backbone_lr_factor"]
+    backbone = STAGES[:-1]
+    strategy = config["strategy"]
+    if strategy == "feature-extract":
+        return [Phase("head", 0, epochs, frozen_stages=backbone)]
+    if strategy == "fine-tune":
+        head_epochs = config["head_epochs"]
+        whole = Phase("all", head_epochs, epochs, stage_factors={stage: factor for stage in STAGES})
+        return ([Phase("head", 0, head_epochs, frozen_stages=backbone)] if head_epochs else []) + [whole]
+    if strategy == "discriminative":
+        last = len(STAGES) - 1
+        return [Phase("all", 0, epochs, stage_factors={
+            stage: factor ** ((last - index) / last) for index, stage in enumerate(STAGES)})]
+    return [Phase("all", 0, epochs)]
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up then cosine decay to zero over the whole run.
+
+    `offset_steps` places a later phase's fresh optimizer (whose step counter
+    starts at 0) at its position in the run-wide schedule.
+    """
+
+    def __init__(self, peak, total_steps, warmup_steps=0, offset_steps=0, decay=True):
+        self.peak, self.total_steps = float(peak), int(total_steps)
+        self.warmup_steps, self.offset_steps, self.decay = int(warmup_steps), int(offset_steps), decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32) + self.offset_steps
+        warmup = tf.minimum(1.0, (step + 1.0) / max(self.warmup_steps, 1))
+        if not self.decay:
+            return self.peak * warmup
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        cosine = 0.5 * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
+        return self.peak * tf.where(step < self.warmup_steps, warmup, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "offset_steps": self.offset_steps, "decay": self.decay}
+
+
+OPTIMIZERS = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+
+
+def make_optimizer(name, learning_rate, momentum, variable_factors):
+    """An optimizer whose learning rate is scaled per variable.
+
+    Keras 3 has no MultiOptimizer; scaling the rate handed to `update_step`
+    gives each variable its own rate with one optimizer, one step counter and
+    one schedule. `variable_factors` maps `variable.path` to its factor
+    (missing: 1).
+    """
+    base = OPTIMIZERS[name]
+
+    class PerVariableRate(base):
+        def build(self, variables):
+            super().build(variables)
+            self._rate_factors = [variable_factors.get(variable.path, 1.0) for variable in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            factor = self._rate_factors[self._get_variable_index(variable)]
+            return super().update_step(gradient, variable, learning_rate * factor)
+
+    kwargs = {"momentum": momentum} if name == "sgd" else {}
+    return PerVariableRate(learning_rate=learning_rate, **kwargs)
+
+
+def configure_phase(model, phase, freeze_bn):
+    """Freezes the phase's stages (and BatchNorm if asked); returns per-variable rate factors."""
+    factors = {}
+    for layer in model.layers:
+        stage = models.stage_of(layer.name)
+        frozen = stage in phase.frozen_stages
+        if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
+            frozen = True
+        layer.trainable = not frozen
+        for variable in layer.trainable_weights:
+            factors[variable.path] = phase.stage_factors.get(stage, 1.0)
+    return factors
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to each epoch's logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
+    """Stops on a non-finite loss and remembers where, so the run can say so."""
+
+    stopped_at = None
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.stopped_at = (self.epoch, batch)
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+
+def read_history(path):
+    """Reads `history.csv`, keeping the last row of any epoch written twice by a resumed run."""
+    if not pathlib.Path(path).is_file() or pathlib.Path(path).stat().st_size == 0:
+        return pd.DataFrame()
+    history = pd.read_csv(path)
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def best_so_far(history, monitor="val_accuracy"):
+    """Best monitored value and its epoch in a history, for callbacks resuming a run."""
+    if history.empty or monitor not in history:
+        return None, None
+    row = history[monitor].idxmax()
+    return float(history.loc[row, monitor]), int(history.loc[row, "epoch"])
+
+
+def resolve_runtime(config):
+    """Chooses XLA and precision for the device: both on with a GPU, off on CPU."""
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    jit = {"auto": has_gpu, "on": True, "off": False}[config["jit_compile"]]
+    precision = config["precision"]
+    if precision == "auto":
+        precision = "mixed_float16" if has_gpu else "float32"
+    return {"device": "GPU" if has_gpu else "CPU", "jit_compile": jit, "precision": precision}
+
+
+def prepare_output(config):
+    """Creates the run and export folders (checking they are writable) before any work."""
+    name = f"{config['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
+    export_dir = pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
+    for key, folder in (("output", run_dir), ("export_dir", export_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise config_lib.ConfigError(f"Config key '{key}': cannot write to {folder} ({error.strerror}).") from None
+    return run_dir, export_dir
+
+
+def load_data(config, run_dir):
+    """Finds the photos and the split (re-using the run's `split.csv` when resuming)."""
+    if config["data"] == "synthetic":
+        data_dir = run_dir / "synthetic_data"
+        if not (data_dir / "labels.csv").is_file():
+            data.make_synthetic(data_dir, num_classes=config["synthetic_classes"],
+                                images_per_class=config["synthetic_images_per_class"],
+                                image_size=max(64, config["image_size"]), seed=config["seed"])
+    elif config["data_dir"]:
+        data_dir = config["data_dir"]
+    else:
+        data_dir = data.load_stanford_dogs()
+    split_path = run_dir / "split.csv"
+    if split_path.is_file():
+        return data.read_split(split_path, data.find_records(data_dir).root)
+    records = data.find_records(data_dir)
+    train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"])
+    data.write_split(split_path, records, train_indices, val_indices)
+    return records, train_indices, val_indices
+
+
+def build_datasets(config, records, train_indices, val_indices, preprocessing):
+    """The training and validation `tf.data` pipelines of a run."""
+    paths = np.asarray(records.paths)
+    common = dict(image_size=config["image_size"], batch_size=config["batch_size"],
+                  mean=preprocessing["mean"], std=preprocessing["std"],
+                  crop_fraction=preprocessing["crop_fraction"], seed=config["seed"], cache=config["cache"])
+    augmentation = augment.build_augmentation(
+        flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
+        translation=config["translation"], contrast=config["contrast"], seed=config["seed"])
+    train_dataset = data.make_dataset(
+        list(paths[train_indices]), records.labels[train_indices], training=True,
+        augmentation=augmentation, scale=(config["crop_scale_min"], 1.0), **common)
+    val_dataset = data.make_dataset(
+        list(paths[val_indices]), records.labels[val_indices], training=False, **common)
+    return train_dataset, val_dataset
+
+
+def predict_probabilities(model, dataset):
+    """Softmax probabilities (float32 numpy) of a classifier over a dataset of (images, labels)."""
+    logits = model.predict(dataset.map(lambda images, labels: images), verbose=0)
+    return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+
+
+def _callbacks(config, run_dir, phase, history):
+    best_value, best_epoch = best_so_far(history)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        run_dir / "best.weights.h5", monitor="val_accuracy", mode="max",
+        save_best_only=True, save_weights_only=True)
+    if best_value is not None:
+        checkpoint.best = best_value  # a resumed run keeps the best of its earlier epochs
+    non_finite = StopOnNonFinite()
+    callbacks = [
+        LearningRateLogger(),
+        non_finite,
+        checkpoint,
+        keras.callbacks.TensorBoard(run_dir / "tensorboard", write_graph=False),
+        keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name),
+        keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
+    ]
+    if config["early_stopping_patience"]:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=config["early_stopping_patience"],
+            restore_best_weights=True))
+    return callbacks, non_finite
+
+
+def train(config, extra_callbacks=()):
+    """Runs one experiment from a validated config (see `tfdogs.config`).
+
+    Args:
+        config: mapping from `tfdogs.config.resolve` or `validate`.
+        extra_callbacks: Keras callbacks added to every phase's `fit`.
+
+    Returns:
+        The run folder.
+    """
+    config = config_lib.validate(config)
+    run_dir, export_dir = prepare_output(config)
+    config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
+    runtime = resolve_runtime(config)
+    records, train_indices, val_indices = load_data(config, run_dir)
+    if config["data"] == "synthetic":
+        config["data_dir"] = str(run_dir / "synthetic_data")
+    config_lib.write(config, run_dir / "config.yaml")
+    if len(train_indices) < config["batch_size"]:
+        raise config_lib.ConfigError(
+            f"Config key 'batch_size' is {config['batch_size']}, larger than the {len(train_indices)} "
+            "training images; lower it.")
+    num_classes = len(records.class_names)
+    preprocessing = weights.preprocessing_for(config["weights"], config["model"])
+    train_dataset, val_dataset = build_datasets(config, records, train_indices, val_indices, preprocessing)
+
+    keras.utils.set_random_seed(config["seed"])
+    keras.mixed_precision.set_dtype_policy(runtime["precision"])
+    try:
+        model = models.build(config["model"], num_classes, weights=config["weights"],
+                             input_shape=(config["image_size"], config["image_size"], 3),
+                             dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    steps = len(train_indices) // config["batch_size"]
+    if config["steps_per_epoch"]:
+        steps = min(steps, config["steps_per_epoch"])
+        train_dataset = train_dataset.repeat()
+
+    started = time.time()
+    for phase in plan_phases(config):
+        done = run_dir / f"phase-{phase.name}.weights.h5"
+        if done.is_file():  # finished before an interruption
+            model.load_weights(done)
+            continue
+        factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
+        schedule = WarmupCosine(config["learning_rate"], config["epochs"] * steps,
+                                config["warmup_epochs"] * steps, phase.start_epoch * steps,
+                                decay=config["schedule"] == "cosine")
+        model.compile(
+            optimizer=make_optimizer(config["optimizer"], schedule, config["momentum"], factors),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                     keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+                     keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="log_loss")],
+            jit_compile=runtime["jit_compile"],
+        )
+        callbacks, non_finite = _callbacks(config, run_dir, phase, read_history(run_dir / "history.csv"))
+        model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
+                  initial_epoch=phase.start_epoch, steps_per_epoch=steps,
+                  callbacks=callbacks + list(extra_callbacks),
+                  verbose=1 if config["verbose"] == "auto" else config["verbose"])
+        if non_finite.stopped_at is not None:
+            epoch, batch = non_finite.stopped_at
+            kept = run_dir / "best.weights.h5"
+            raise TrainingError(
+                f"Training loss became non-finite at epoch {epoch + 1}, batch {batch}; stopped. "
+                f"The best weights so far are kept in {kept if kept.is_file() else '(none yet)'}. "
+                "Lower --learning-rate or check the data.")
+        save_weights_atomically(model, done)
+    train_seconds = time.time() - started
+
+    history = read_history(run_dir / "history.csv")
+    history.to_csv(run_dir / "history.csv", index=False)
+    best_weights = run_dir / "best.weights.h5"
+    if best_weights.is_file():
+        model.load_weights(best_weights)
+    final_model = models.build(config["model"], num_classes, weights=None,
+                               input_shape=(config["image_size"], config["image_size"], 3),
+                               dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+    final_model.set_weights(model.get_weights())
+    save_model_atomically(final_model, run_dir / "model.keras")
+
+    val_labels = records.labels[val_indices]
+    probabilities = predict_probabilities(final_model, val_dataset)
+    _, best_epoch = best_so_far(history)
+    summary = {
+        "model": config["model"], "weights": config["weights"], "strategy": config["strategy"],
+        "num_classes": num_classes, "num_train": int(len(train_indices)), "num_val": int(len(val_indices)),
+        "epochs_run": int(len(history)), "best_epoch": None if best_epoch is None else best_epoch + 1,
+        "val": metrics.scores(probabilities, val_labels),
+        "peak_val_accuracy": float(history["val_accuracy"].max()),
+        "final_val_accuracy": float(history["val_accuracy"].iloc[-1]),
+        "baselines": metrics.baselines(records.labels[train_indices], val_labels, num_classes, records.class_names),
+        "train_seconds": round(train_seconds, 1),
+        "parameters": {"total": int(final_model.count_params()),
+                       "trainable": int(sum(np.prod(w.shape) for w in final_model.trainable_weights))},
+        **runtime,
+    }
+    plots.plot_curves(history, run_dir / "curves.png", title=run_dir.name)
+    version_dir = export.export_saved_model(
+        final_model, records.class_names, export_dir, image_size=config["image_size"],
+        mean=preprocessing["mean"], std=preprocessing["std"], crop_fraction=preprocessing["crop_fraction"],
+        metadata={"run": str(run_dir.resolve()), "config": config})
+    summary["export"] = str(version_dir)
+    write_json_atomically(summary, run_dir / "metrics.json")
+    return run_dir
+
+
+def _replace_into(path, write):
+    """Writes through `write(temporary_path)` then renames over `path`, so a kill never leaves half a file."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_weights_atomically(model, path):
+    _replace_into(path, model.save_weights)
+
+
+def save_model_atomically(model, path):
+    _replace_into(path, model.save)
+
+
+def write_json_atomically(value, path):
+    _replace_into(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2)))
+
+
+def main(argv=None):
+    """Command-line entry point: parses flags, trains, prints where everything went."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config_lib.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_lib.resolve(args)
+        run_dir = train(config)
+    except (config_lib.ConfigError, data.DataError, weights.WeightsError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    val = summary["val"]
+    print(f"\nRun folder: {run_dir}\nSavedModel: {summary['export']}\n"
+          f"Validation (best epoch {summary['best_epoch']}): accuracy {val['accuracy']:.4f}, "
+          f"top-5 {val['top5_accuracy']:.4f}, log loss {val['log_loss']:.4f} "
+          f"(random guess {summary['baselines']['random_guess']['accuracy']:.4f}, most frequent breed "
+          f"{summary['baselines']['most_frequent']['accuracy']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
