@@ -1,0 +1,87 @@
+"""The three networks of the study, picked by name.
+
+    lenet5    LeNet-5 from scratch (LeCun et al. 1998), `tfdogs.models.lenet`.
+    resnet18  ResNet-18, torchvision-identical (He et al. 2016), `tfdogs.models.resnet`.
+    resnet34  ResNet-34, likewise.
+
+Every model takes ImageNet-normalised float NHWC images (no normalisation layer
+inside) and returns float32 class logits from a Dense layer named ``fc``.
+
+Example:
+    >>> from tfdogs import models
+    >>> model = models.build("resnet18", 120, weights="imagenet", dropout=0.2)
+    >>> {models.stage_of(layer.name) for layer in model.layers}
+    {'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'}
+"""
+
+import re
+
+from tfdogs.models.lenet import lenet5
+from tfdogs.models.resnet import STAGE_DEPTHS, resnet
+
+MODEL_NAMES = ("lenet5", "resnet18", "resnet34")
+
+HEAD_LAYERS = ("avgpool", "dropout", "fc")
+_STAGE_PATTERN = re.compile(r"^(layer[1-4])\.")
+
+
+def stage_of(layer_name):
+    """Which part of the network a layer belongs to.
+
+    Used by the trainer for differential learning rates and freezing.
+
+    Args:
+        layer_name: a Keras layer name of a model made by `build`.
+
+    Returns:
+        ``"layer1"`` .. ``"layer4"`` for residual-stage layers, ``"head"`` for
+        ``avgpool``, ``dropout`` and ``fc``, and ``"stem"`` for everything else
+        (the input, ``conv1`` .. ``maxpool``; for LeNet-5, all layers but the head).
+    """
+    match = _STAGE_PATTERN.match(layer_name)
+    if match:
+        return match.group(1)
+    if layer_name in HEAD_LAYERS:
+        return "head"
+    return "stem"
+
+
+def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout=0.0, l1=0.0, l2=0.0):
+    """Builds one of `MODEL_NAMES`, optionally with pretrained weights.
+
+    Args:
+        name: ``"lenet5"``, ``"resnet18"`` or ``"resnet34"``.
+        num_classes: number of output logits.
+        weights: None (random init), ``"imagenet"`` (torchvision), ``"timm"``
+            (timm ``a1_in1k``) or a path to a .pth / .safetensors / .weights.h5
+            file; see `tfdogs.weights.load_pretrained`. The ImageNet classifier
+            is kept only when its shape matches ``num_classes``; otherwise the
+            backbone is loaded and ``fc`` stays freshly initialised.
+        input_shape: NHWC shape without batch; ResNets accept None spatial dims.
+        dropout: dropout rate before ``fc``.
+        l1: L1 penalty on the ``fc`` kernel.
+        l2: L2 penalty on the ``fc`` kernel.
+
+    Returns:
+        A `keras.Model` whose ``name`` is ``name``.
+
+    Raises:
+        ValueError: unknown name, or pretrained weights requested for LeNet-5.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES}.")
+    head = dict(dropout=dropout, l1=l1, l2=l2)
+    if name == "lenet5":
+        if weights is not None:
+            raise ValueError(
+                f"lenet5 is trained from scratch and has no pretrained weights; got weights={weights!r}."
+            )
+        return lenet5(num_classes, input_shape=input_shape, **head)
+    depth = int(name.removeprefix("resnet"))
+    assert depth in STAGE_DEPTHS
+    model = resnet(depth, num_classes, input_shape=input_shape, **head)
+    if weights is not None:
+        from tfdogs.weights import load_pretrained  # lazy: weights -> port -> models
+
+        load_pretrained(model, weights, arch=name)
+    return model
