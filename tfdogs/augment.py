@@ -1,0 +1,49 @@
+"""Training-set augmentation from Keras preprocessing layers.
+
+The block is mapped over training batches in the tf.data pipeline
+(`data.make_dataset(augmentation=build_augmentation())`), never put inside the
+model: random image ops keep a model from compiling under XLA, and the exported
+model should hold no training-only layers.
+"""
+
+import keras
+
+
+def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.1,
+                       seed=0) -> keras.Sequential | None:
+    """Random flip, rotation, zoom, translation and contrast for float images in [0, 255].
+
+    Each layer is included only when its amount is positive. Layer k (in the
+    order of the arguments) gets seed `seed + k`, so the layers draw
+    independent numbers and a block built afresh with the same seed repeats the
+    same sequence of augmentations; a block keeps advancing its sequence across
+    calls and epochs.
+
+    Args:
+        flip: Mirror left-right with probability 1/2.
+        rotation: Largest rotation, as a fraction of a full turn (0.05 = 18 degrees).
+        zoom: Largest zoom in or out, as a fraction of the image side.
+        translation: Largest shift, as a fraction of the image height and width.
+        contrast: Contrast factor drawn from [1 - contrast, 1 + contrast].
+        seed: Base seed of the layers.
+
+    Returns:
+        A keras.Sequential named "augmentation" to call on a batch with
+        training=True, or None when nothing is enabled.
+    """
+    amounts = {"rotation": rotation, "zoom": zoom, "translation": translation, "contrast": contrast}
+    for name, amount in amounts.items():
+        if amount < 0:
+            raise ValueError(f"build_augmentation: {name} must be >= 0; got {amount}")
+    # float32 whatever the global dtype policy: under mixed precision the images stay full precision
+    # until the model casts them.
+    options = {"dtype": "float32"}
+    candidates = [
+        (flip, lambda: keras.layers.RandomFlip("horizontal", seed=seed, **options)),
+        (rotation, lambda: keras.layers.RandomRotation(rotation, seed=seed + 1, **options)),
+        (zoom, lambda: keras.layers.RandomZoom(zoom, seed=seed + 2, **options)),
+        (translation, lambda: keras.layers.RandomTranslation(translation, translation, seed=seed + 3, **options)),
+        (contrast, lambda: keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4, **options)),
+    ]
+    layers = [make_layer() for amount, make_layer in candidates if amount]
+    return keras.Sequential(layers, name="augmentation") if layers else None

@@ -1,0 +1,756 @@
+"""Dog-breed data: on-disk layouts, synthetic data, splits and the tf.data pipeline.
+
+`find_records` understands two layouts:
+
+* Kaggle "dog-breed-identification": `labels.csv` (header `id,breed`) beside
+  `train/<id>.jpg`.
+* Class folders (ImageFolder style): `<root>/<breed>/*.jpg`, also one level
+  down, as in Stanford Dogs' `Images/n02085620-Chihuahua/*.jpg`.
+
+Typical use:
+
+    records = find_records("data/dog-breed-identification")
+    train_indices, val_indices = stratified_split(records.labels, val_fraction=0.2)
+    train_dataset = make_dataset(
+        [records.paths[i] for i in train_indices], records.labels[train_indices],
+        image_size=224, batch_size=64, training=True,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+"""
+
+import colorsys
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import socket
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+
+LAYOUTS_HELP = (
+    "Expected either the Kaggle layout (labels.csv with header 'id,breed' beside "
+    "train/<id>.jpg) or class folders (<dir>/<breed>/*.jpg, or one level down as in "
+    "Stanford Dogs' Images/n02085620-Chihuahua/*.jpg)."
+)
+
+# Host of the tfds stanford_dogs download URLs (http://vision.stanford.edu/aditya86/ImageNetDogs/*.tar).
+STANFORD_DOGS_HOST = ("vision.stanford.edu", 80)
+_EXPORT_MARKER = ".tfdogs_export_complete"
+
+# Real Kaggle breed names, so synthetic data reads like the real thing.
+_SYNTHETIC_BREEDS = (
+    "beagle", "boxer", "chihuahua", "golden_retriever", "pug", "samoyed",
+    "siberian_husky", "border_collie", "pomeranian", "basset", "malamute", "dingo",
+)
+_SYNTHETIC_SHAPES = ("disc", "square", "triangle", "stripes", "cross", "checker", "ring", "diamond")
+
+_WORDNET_PREFIX = re.compile(r"n\d{8}-(.+)")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# Inception / torchvision RandomResizedCrop aspect-ratio range (width / height).
+_CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
+# The training cache keeps images this much larger than the eval resize, so random crops
+# of up to the whole image still have pixels to spare.
+_TRAIN_CACHE_MARGIN = 1.15
+
+
+class DataError(ValueError):
+    """A data directory, file or argument is not what tfdogs expects.
+
+    The message names the file, directory or argument, what was found and what
+    was expected.
+    """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # ndarray fields make a generated __eq__ ambiguous.
+class Records:
+    """Labelled image files of one dataset.
+
+    Attributes:
+        paths: Absolute file paths, one per labelled image.
+        labels: int64 class index per path, into `class_names`.
+        class_names: Sorted breed names.
+        layout: "kaggle" or "folders".
+        root: Absolute data directory.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    layout: str
+    root: str
+
+    def __post_init__(self):
+        labels = np.asarray(self.labels, dtype=np.int64)
+        if labels.shape != (len(self.paths),):
+            raise DataError(f"Records: {len(self.paths)} paths but labels of shape {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise DataError(
+                f"Records: labels range over [{labels.min()}, {labels.max()}] but there are "
+                f"{len(self.class_names)} class names"
+            )
+        object.__setattr__(self, "labels", labels)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def find_records(data_dir) -> Records:
+    """Lists the labelled images of a Kaggle-layout or class-folder directory.
+
+    Class-folder names that start with a WordNet id (Stanford Dogs'
+    `n02085620-Chihuahua`) lose the id and are lower-cased (`chihuahua`), which
+    makes them the Kaggle breed names; other folder names are kept as they are.
+
+    Args:
+        data_dir: The dataset directory.
+
+    Returns:
+        Records in labels.csv order (Kaggle) or sorted by breed, then file name
+        (class folders).
+
+    Raises:
+        DataError: The directory is missing, malformed or fits neither layout.
+    """
+    root = pathlib.Path(data_dir).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data directory {root} is a file, not a directory")
+    if (root / "labels.csv").is_file():
+        return _kaggle_records(root)
+    return _folder_records(root, _find_class_root(root))
+
+
+def _kaggle_records(root):
+    csv_path = root / "labels.csv"
+    with open(csv_path, newline="") as file:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(file) if row]
+    if not rows or rows[0] != ["id", "breed"]:
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise DataError(f"{csv_path}: header is {found!r}; expected 'id,breed'")
+    for line_number, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not all(row):
+            raise DataError(f"{csv_path}, line {line_number}: found {row}; expected '<id>,<breed>'")
+    if len(rows) == 1:
+        raise DataError(f"{csv_path} has a header but no images")
+    ids, breeds = zip(*rows[1:])
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{csv_path} lists some ids more than once")
+    paths = [root / "train" / f"{image_id}.jpg" for image_id in ids]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(paths)} images listed in {csv_path} are missing "
+            f"from {root / 'train'}: {_preview(missing)}"
+        )
+    class_names = sorted(set(breeds))
+    index = {name: i for i, name in enumerate(class_names)}
+    return Records([str(p) for p in paths], [index[b] for b in breeds], class_names, "kaggle", str(root))
+
+
+def _find_class_root(root):
+    """Returns the directory whose sub-folders are the classes: `root` or one child."""
+    class_folders = _class_folders(root)
+    if class_folders:
+        if {folder.name for folder in class_folders} <= {"train", "test"}:
+            raise DataError(
+                f"{root} looks like the Kaggle layout (train/ holds images) but has no "
+                f"labels.csv; expected labels.csv with header 'id,breed' beside train/"
+            )
+        return root
+    candidates = [child for child in _subdirectories(root) if _class_folders(child)]
+    if len(candidates) > 1:
+        raise DataError(
+            f"{root} has several folders of class folders "
+            f"({', '.join(c.name + '/' for c in candidates)}); pass one of them as the data directory"
+        )
+    if candidates:
+        return candidates[0]
+    entries = sorted(e.name + "/" if e.is_dir() else e.name for e in root.iterdir())
+    raise DataError(
+        f"no labels.csv and no class folders with images in {root}; "
+        f"found: {_preview(entries) if entries else 'nothing (empty directory)'}. {LAYOUTS_HELP}"
+    )
+
+
+def _folder_records(root, class_root):
+    folders_by_name = {}
+    for folder in _class_folders(class_root):
+        name = _breed_name(folder.name)
+        if name in folders_by_name:
+            raise DataError(
+                f"class folders {folders_by_name[name]} and {folder} both give the breed name {name!r}"
+            )
+        folders_by_name[name] = folder
+    class_names = sorted(folders_by_name)
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        images = sorted(str(p) for p in folders_by_name[name].iterdir() if _is_image(p))
+        paths += images
+        labels += [label] * len(images)
+    return Records(paths, labels, class_names, "folders", str(root))
+
+
+def _breed_name(folder_name):
+    """`n02085620-Chihuahua` -> `chihuahua` (the Kaggle name); other names unchanged."""
+    match = _WORDNET_PREFIX.fullmatch(folder_name)
+    return match.group(1).lower() if match else folder_name
+
+
+def _subdirectories(directory):
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_folders(directory):
+    return [sub for sub in _subdirectories(directory) if any(_is_image(p) for p in sub.iterdir())]
+
+
+def _is_image(path):
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+def _preview(items, limit=5):
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def make_synthetic(directory, num_classes=6, images_per_class=30, image_size=64, seed=0) -> pathlib.Path:
+    """Writes a small, learnable dog-breed stand-in in the Kaggle layout.
+
+    Each class is a shape (disc, square, triangle, stripes, cross, checker, ring,
+    diamond) in its own hue, drawn at a random position and scale on a noisy
+    grey background, so a tiny CNN beats chance within a few epochs at 32-64 px
+    without the task being trivial. Besides `labels.csv` and `train/<id>.jpg`
+    it writes unlabelled `test/<id>.jpg` (two per class) and a uniform
+    `sample_submission.csv`, as the Kaggle download has. The same arguments give
+    byte-identical files.
+
+    Args:
+        directory: Where to write; created if needed, same-named files overwritten.
+        num_classes: Number of breeds, 2 to 12.
+        images_per_class: Labelled images per breed.
+        image_size: Side of the square images in pixels.
+        seed: Seed of everything random.
+
+    Returns:
+        The directory, as a Path.
+    """
+    if not 2 <= num_classes <= len(_SYNTHETIC_BREEDS):
+        raise DataError(f"num_classes must be in [2, {len(_SYNTHETIC_BREEDS)}]; got {num_classes}")
+    if images_per_class < 1 or image_size < 8:
+        raise DataError(
+            f"need images_per_class >= 1 and image_size >= 8; got {images_per_class} and {image_size}"
+        )
+    directory = pathlib.Path(directory)
+    for sub in ("train", "test"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    class_names = sorted(_SYNTHETIC_BREEDS[:num_classes])
+
+    def write_images(subset, labels):
+        ids = sorted(rng.bytes(16).hex() for _ in labels)  # Kaggle ids: 32 hex digits, files sorted by id.
+        for image_id, label in zip(ids, labels):
+            pixels = _synthetic_image(rng, label, num_classes, image_size)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+            (directory / subset / f"{image_id}.jpg").write_bytes(buffer.getvalue())
+        return ids
+
+    train_labels = rng.permutation(np.repeat(np.arange(num_classes), images_per_class))
+    train_ids = write_images("train", train_labels)
+    test_ids = write_images("test", rng.integers(0, num_classes, size=2 * num_classes))
+
+    with open(directory / "labels.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "breed"])
+        writer.writerows((image_id, class_names[label]) for image_id, label in zip(train_ids, train_labels))
+    with open(directory / "sample_submission.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", *class_names])
+        uniform = repr(1 / num_classes)
+        writer.writerows([image_id] + [uniform] * num_classes for image_id in test_ids)
+    return directory
+
+
+def _synthetic_image(rng, label, num_classes, image_size):
+    """uint8 [size, size, 3]: the class's shape in the class's hue on grey noise."""
+    size = image_size
+    background = rng.uniform(60, 190) + rng.normal(0, 20, (size, size, 1))
+    image = np.repeat(background, 3, axis=2)
+    hue = (label / num_classes + rng.uniform(-0.02, 0.02)) % 1.0
+    colour = 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)))
+    centre_y, centre_x = rng.uniform(0.3, 0.7, 2) * size
+    radius = rng.uniform(0.2, 0.35) * size
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    v, u = (y - centre_y) / radius, (x - centre_x) / radius  # unit coordinates around the centre
+    in_box = np.maximum(abs(u), abs(v)) <= 1
+    shape = _SYNTHETIC_SHAPES[label % len(_SYNTHETIC_SHAPES)]
+    mask = {
+        "disc": u**2 + v**2 <= 1,
+        "square": np.maximum(abs(u), abs(v)) <= 0.8,
+        "triangle": (abs(v) <= 0.8) & (abs(u) <= (v + 0.8) * 0.6),
+        "stripes": in_box & (np.floor((v + 1) * 2.5) % 2 == 0),
+        "cross": in_box & ((abs(u) <= 0.25) | (abs(v) <= 0.25)),
+        "checker": in_box & ((np.floor((u + 1) * 2) + np.floor((v + 1) * 2)) % 2 == 0),
+        "ring": (u**2 + v**2 <= 1) & (u**2 + v**2 >= 0.45),
+        "diamond": abs(u) + abs(v) <= 1,
+    }[shape]
+    image[mask] = colour + rng.normal(0, 12, (mask.sum(), 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def stratified_split(labels, val_fraction=0.2, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """Splits image indices into training and validation, class by class.
+
+    Each class with n >= 2 images puts round(n * val_fraction), clipped to
+    [1, n - 1], randomly chosen images in validation; a single-image class goes
+    to training.
+
+    Args:
+        labels: Class label per image (any sortable values).
+        val_fraction: Validation share of every class, in (0, 1).
+        seed: Seed of the per-class shuffles; same seed, same split.
+
+    Returns:
+        Sorted int64 index arrays (train_indices, val_indices), disjoint and
+        together covering every image.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1); got {val_fraction}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise DataError(f"labels must be a non-empty 1-D array; got shape {labels.shape}")
+    rng = np.random.default_rng(seed)
+    train_parts, val_parts = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = len(members)
+        val_count = 0 if count < 2 else min(max(round(count * val_fraction), 1), count - 1)
+        val_parts.append(members[:val_count])
+        train_parts.append(members[val_count:])
+    return (np.sort(np.concatenate(train_parts)).astype(np.int64),
+            np.sort(np.concatenate(val_parts)).astype(np.int64))
+
+
+_SPLIT_COLUMNS = ["path", "label", "breed", "subset"]
+
+
+def write_split(path, records, train_indices, val_indices) -> None:
+    """Writes a split as CSV: path (relative to records.root), label, breed, subset.
+
+    Rows follow `records` order; only images in one of the two subsets are
+    written, so `read_split` gives back the same records when the subsets cover
+    all of them (as `stratified_split`'s do).
+
+    Args:
+        path: CSV file to write; parent directories are created.
+        records: The records the indices point into.
+        train_indices: Indices of training images.
+        val_indices: Indices of validation images.
+    """
+    subset_of = {int(i): "train" for i in train_indices}
+    overlap = sorted(subset_of.keys() & {int(i) for i in val_indices})
+    if overlap:
+        raise DataError(f"write_split: indices {_preview(overlap)} are in both train and val")
+    subset_of.update({int(i): "val" for i in val_indices})
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(_SPLIT_COLUMNS)
+        for index in sorted(subset_of):
+            relative = pathlib.Path(os.path.relpath(records.paths[index], records.root)).as_posix()
+            label = int(records.labels[index])
+            writer.writerow([relative, label, records.class_names[label], subset_of[index]])
+
+
+def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
+    """Reads a split written by `write_split`.
+
+    Args:
+        path: The split CSV.
+        root: Data directory the CSV paths are relative to; its layout is
+            "kaggle" when it holds labels.csv, else "folders".
+
+    Returns:
+        (records, train_indices, val_indices), indices into records.paths.
+
+    Raises:
+        DataError: The CSV is missing or malformed, or a listed image is missing.
+    """
+    path = pathlib.Path(path)
+    root = pathlib.Path(root).expanduser().resolve()
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist")
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames != _SPLIT_COLUMNS:
+            raise DataError(f"{path}: header is {reader.fieldnames}; expected {','.join(_SPLIT_COLUMNS)}")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path} has a header but no rows")
+    breed_of_label = {}
+    for line_number, row in enumerate(rows, start=2):
+        where = f"{path}, line {line_number}"
+        if None in row or None in row.values() or not row["path"]:
+            raise DataError(f"{where}: found {list(row.values())}; expected 4 fields {','.join(_SPLIT_COLUMNS)}")
+        if not row["label"].isdigit():
+            raise DataError(f"{where}: label {row['label']!r} is not a non-negative integer")
+        if row["subset"] not in ("train", "val"):
+            raise DataError(f"{where}: subset {row['subset']!r}; expected 'train' or 'val'")
+        label = int(row["label"])
+        if breed_of_label.setdefault(label, row["breed"]) != row["breed"]:
+            raise DataError(f"{where}: label {label} is {row['breed']!r} here but {breed_of_label[label]!r} earlier")
+    absent = sorted(set(range(len(breed_of_label))) - breed_of_label.keys())
+    if absent or len(set(breed_of_label.values())) != len(breed_of_label):
+        raise DataError(f"{path}: labels must number breeds 0..K-1 one-to-one; found {sorted(breed_of_label.items())}")
+    paths = [str(root / row["path"]) for row in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(paths)} images listed in {path} are missing: {_preview(missing)}")
+    layout = "kaggle" if (root / "labels.csv").is_file() else "folders"
+    class_names = [breed_of_label[label] for label in range(len(breed_of_label))]
+    records = Records(paths, [int(row["label"]) for row in rows], class_names, layout, str(root))
+    subsets = np.array([row["subset"] for row in rows])
+    return records, np.flatnonzero(subsets == "train"), np.flatnonzero(subsets == "val")
+
+
+# ----------------------------------------------------------------------------- Stanford Dogs
+
+
+def load_stanford_dogs(data_root=None, timeout=5.0) -> pathlib.Path:
+    """Stanford Dogs (120 breeds, tfds train split) as a class-folder tree.
+
+    tensorflow_datasets downloads and prepares "stanford_dogs" under
+    `data_root`; the train split is then exported once, as the original JPEG
+    bytes, to `<data_root>/tfdogs_stanford_dogs/<breed>/<name>.jpg` with Kaggle
+    breed names (`chihuahua`). A complete export is returned without touching
+    the network.
+
+    Args:
+        data_root: tfds data directory; default ~/tensorflow_datasets.
+        timeout: Seconds to wait for the download host before giving up.
+
+    Returns:
+        The class-folder directory, ready for `find_records`.
+
+    Raises:
+        DataError: The data must be downloaded and the host cannot be reached.
+    """
+    import tensorflow_datasets as tfds  # Heavy import, needed only here.
+
+    data_root = pathlib.Path(data_root or pathlib.Path.home() / "tensorflow_datasets").expanduser()
+    folder = data_root / "tfdogs_stanford_dogs"
+    if _export_is_complete(folder):
+        return folder
+    builder = tfds.builder("stanford_dogs", data_dir=str(data_root))
+    if not builder.is_prepared():
+        _require_host(STANFORD_DOGS_HOST, timeout)
+        builder.download_and_prepare()
+    examples = builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    export_to_class_folders(tfds.as_numpy(examples), builder.info.features["label"].names, folder)
+    return folder
+
+
+def export_to_class_folders(examples, label_names, folder) -> int:
+    """Writes tfds-style examples to `folder/<breed>/<file name>` and marks the export complete.
+
+    Args:
+        examples: Iterable of dicts with "image" (encoded bytes, written as
+            they are), "image/filename" (str or bytes; its last part names the
+            file) and "label" (index into `label_names`).
+        label_names: Class names; WordNet ids are stripped as in `find_records`.
+        folder: Output directory.
+
+    Returns:
+        The number of images written.
+    """
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for example in examples:
+        file_name = example["image/filename"]
+        if isinstance(file_name, bytes):
+            file_name = file_name.decode()
+        target = folder / _breed_name(label_names[int(example["label"])]) / pathlib.PurePath(file_name).name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(example["image"])
+        count += 1
+    # Written last, so an interrupted export is redone instead of trusted.
+    (folder / _EXPORT_MARKER).write_text(json.dumps({"images": count}))
+    return count
+
+
+def _export_is_complete(folder):
+    marker = folder / _EXPORT_MARKER
+    if not marker.is_file():
+        return False
+    written = sum(1 for sub in _subdirectories(folder) for p in sub.iterdir() if _is_image(p))
+    return written == json.loads(marker.read_text())["images"]
+
+
+def _require_host(host_port, timeout):
+    host, port = host_port
+    try:
+        socket.create_connection(host_port, timeout=timeout).close()
+    except OSError as error:
+        raise DataError(
+            f"the Stanford Dogs download needs internet, but {host}:{port} cannot be reached ({error}). "
+            "Pass --data-dir path/to/dog-breed-identification (the Kaggle layout: labels.csv + train/) "
+            "or a class-folder directory (<breed>/*.jpg) instead."
+        ) from error
+
+
+# ----------------------------------------------------------------------------- image ops
+
+
+def decode_image(image_bytes) -> tf.Tensor:
+    """Decodes JPEG, PNG, GIF (first frame), BMP or WebP bytes to uint8 [h, w, 3].
+
+    Grayscale gains two channels and RGBA loses alpha. Works eagerly and in
+    graphs (Dataset.map).
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875) -> tf.Tensor:
+    """Validation and serving preprocessing of one image.
+
+    Resizes (bilinear, antialiased) so the shorter side is
+    round(image_size / crop_fraction), centre-crops image_size x image_size,
+    scales to [0, 1] and normalises with mean/std. Sizes and offsets follow
+    torchvision's Resize + CenterCrop. Pure TF with dynamic shapes: the
+    SavedModel export reuses it.
+
+    Args:
+        image: [h, w, 3] uint8, or float in [0, 255].
+        image_size: Output side in pixels.
+        mean: 3 RGB means for images in [0, 1].
+        std: 3 RGB standard deviations for images in [0, 1].
+        crop_fraction: Share of the resized shorter side kept by the crop, in (0, 1].
+
+    Returns:
+        float32 [image_size, image_size, 3].
+    """
+    if not 0 < crop_fraction <= 1:
+        raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
+    image = _resize_shorter_side(image, round(image_size / crop_fraction))
+    return _normalize(_centre_crop(image, image_size), mean, std)
+
+
+def _resize_shorter_side(image, size):
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    shorter, longer = tf.minimum(height, width), tf.maximum(height, width)
+    # torchvision truncates the longer side: int(size * longer / shorter); float64 keeps exact ratios exact.
+    new_longer = tf.cast(size * tf.cast(longer, tf.float64) / tf.cast(shorter, tf.float64), tf.int32)
+    portrait = height > width
+    new_shape = tf.stack([tf.where(portrait, new_longer, size), tf.where(portrait, size, new_longer)])
+    return tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+
+
+def _centre_crop(image, size):
+    shape = tf.shape(image)
+    # torchvision rounds the offsets; tf.round, like Python's round, rounds half to even.
+    top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+    left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+    return tf.ensure_shape(image[top:top + size, left:left + size], [size, size, 3])
+
+
+def _normalize(images, mean, std):
+    """[0, 255] images -> ((images / 255) - mean) / std, float32."""
+    mean, std = _rgb_constant(mean, "mean"), _rgb_constant(std, "std")
+    return (tf.cast(images, tf.float32) / 255.0 - mean) / std
+
+
+def _rgb_constant(values, name):
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != (3,):
+        raise DataError(f"{name} must hold 3 values (R, G, B); got {values.tolist()}")
+    return tf.constant(values)
+
+
+def _is_jpeg(image_bytes):
+    return tf.equal(tf.strings.substr(image_bytes, 0, 3), _JPEG_MAGIC)
+
+
+def _crop_window(image_shape, seed, scale):
+    """Random crop (begin, size) covering `scale` of the area at aspect 3/4..4/3."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=_CROP_ASPECT_RANGE,
+        area_range=scale,
+        max_attempts=10,  # as torchvision; after 10 misses the whole image is used.
+    )
+    return begin, size
+
+
+def _random_crop_image(image, seed, scale):
+    begin, size = _crop_window(tf.shape(image), seed, scale)
+    return tf.slice(image, begin, size)
+
+
+def _random_crop_bytes(image_bytes, seed, scale):
+    """Random crop of encoded bytes; JPEG is decoded only inside the crop window."""
+
+    def jpeg_crop():
+        begin, size = _crop_window(tf.io.extract_jpeg_shape(image_bytes), seed, scale)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+    crop = tf.cond(_is_jpeg(image_bytes), jpeg_crop, lambda: _random_crop_image(decode_image(image_bytes), seed, scale))
+    return tf.ensure_shape(crop, [None, None, 3])
+
+
+def _resize_square(image, size):
+    return tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+
+
+def _shrink_for_cache(image, shorter_side):
+    """uint8 image shrunk (never enlarged) to shorter side <= S and longer side <= 2 S."""
+    shape = tf.shape(image)[:2]
+    scale = tf.minimum(1.0, shorter_side / tf.cast(tf.reduce_min(shape), tf.float32))
+    new_shape = tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32)
+    image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+    # Very elongated images lose the ends of their longer side, which bounds cache memory.
+    keep = tf.minimum(new_shape, 2 * shorter_side)
+    offset = (new_shape - keep) // 2
+    image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([keep, [3]], 0))
+    return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, seed=0,
+                 augmentation=None, cache=None, shuffle_buffer=1024, crop_fraction=0.875,
+                 scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE) -> tf.data.Dataset:
+    """tf.data pipeline of normalised image batches and labels.
+
+    Training: shuffle the file list (seeded, reshuffled every epoch), read in
+    parallel, random-resized-crop (area `scale`, aspect 3/4..4/3; JPEGs, found
+    by their magic bytes, are decoded only inside the crop window), resize to
+    image_size, batch dropping the remainder, apply `augmentation` to each
+    batch of float images in [0, 255] (so RandomContrast's value_range is
+    (0, 255)), then normalise. Randomness is reproducible: crops use stateless
+    ops whose per-image seeds come from
+    `tf.data.Dataset.random(seed, rerandomize_each_iteration=True)` (new crops
+    each epoch, same sequence for the same seed), shuffles use `seed`, and the
+    augmentation map runs sequentially so the layers' seed generators advance
+    in a fixed order. Two fresh pipelines with the same seed and freshly built
+    augmentation give the same batches; a global TF seed, if set, also enters.
+
+    Evaluation: no shuffle or augmentation, `preprocess_eval` per image, the
+    last batch keeps the remainder.
+
+    Cache memory per image: training caches uint8 images shrunk to shorter
+    side S = round(image_size / crop_fraction * 1.15) and longer side <= 2 S,
+    at most 6 S^2 bytes (image_size 224: S = 294, <= 519 kB, ~346 kB for a 4:3
+    photo; 64: S = 84, <= 42 kB); random crops are then taken from the cached
+    image, and a `shuffle_buffer` of such images follows the cache. Evaluation
+    caches the final float32 image, 12 * image_size^2 bytes (224: 602 kB; 64:
+    49 kB).
+
+    Args:
+        paths: Image file paths.
+        labels: Integer class per path.
+        image_size: Output side in pixels.
+        batch_size: Images per batch.
+        training: Training (random) or evaluation (deterministic) pipeline.
+        mean: 3 RGB means for images in [0, 1].
+        std: 3 RGB standard deviations for images in [0, 1].
+        seed: Seed of the shuffles and random crops.
+        augmentation: Keras layer called on training batches with training=True.
+        cache: None (off), "memory", or a file path prefix; the files get a
+            suffix from the mode, size and file list, so settings never share
+            stale caches.
+        shuffle_buffer: Images in the shuffle buffer after a training cache
+            (without a cache the whole file list is shuffled).
+        crop_fraction: Eval centre-crop share, see `preprocess_eval`; also
+            sets the training cache size.
+        scale: Area range of the training random crop, within (0, 1].
+        num_parallel_calls: Parallelism of the per-image maps.
+
+    Returns:
+        A Dataset of (float32 [B, image_size, image_size, 3], int32 [B]).
+    """
+    paths = [str(p) for p in paths]
+    labels = np.asarray(labels)
+    if not paths or labels.shape != (len(paths),):
+        raise DataError(f"make_dataset: need one label per path; got {len(paths)} paths, labels of shape {labels.shape}")
+    if training and len(paths) < batch_size:
+        raise DataError(f"make_dataset: {len(paths)} training images give no full batch of {batch_size}")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise DataError(f"scale must satisfy 0 < low <= high <= 1; got {scale}")
+    if cache is not None and not str(cache):
+        raise DataError("cache must be None, 'memory' or a file path prefix; got ''")
+    _rgb_constant(mean, "mean"), _rgb_constant(std, "std")  # fail here rather than inside a traced map
+    files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
+    cache_settings = dict(paths=paths, image_size=image_size, crop_fraction=crop_fraction, training=training)
+
+    if not training:
+        def load_eval(path, label):
+            image = decode_image(tf.io.read_file(path))
+            return preprocess_eval(image, image_size, mean, std, crop_fraction), label
+
+        dataset = _maybe_cache(files.map(load_eval, num_parallel_calls), cache, cache_settings)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    crop_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    if cache is None:
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+
+        def load_train(path_and_label, crop_seed):
+            path, label = path_and_label
+            return _resize_square(_random_crop_bytes(tf.io.read_file(path), crop_seed, scale), image_size), label
+    else:
+        # Shuffle once before caching, so a class-sorted file list is mixed beyond the shuffle buffer below.
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=False)
+        shorter_side = round(image_size / crop_fraction * _TRAIN_CACHE_MARGIN)
+        decoded = files.map(
+            lambda path, label: (_shrink_for_cache(decode_image(tf.io.read_file(path)), shorter_side), label),
+            num_parallel_calls,
+        )
+        files = _maybe_cache(decoded, cache, cache_settings).shuffle(
+            shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+        def load_train(image_and_label, crop_seed):
+            image, label = image_and_label
+            return _resize_square(_random_crop_image(image, crop_seed, scale), image_size), label
+
+    dataset = tf.data.Dataset.zip(files, crop_seeds).map(load_train, num_parallel_calls)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    if augmentation is not None:
+        # Sequential: the layers advance a seed variable per call, which a parallel map would reorder.
+        dataset = dataset.map(lambda images, batch_labels: (augmentation(images, training=True), batch_labels))
+    dataset = dataset.map(lambda images, batch_labels: (_normalize(images, mean, std), batch_labels), num_parallel_calls)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _maybe_cache(dataset, cache, settings):
+    if cache is None:
+        return dataset
+    if cache == "memory":
+        return dataset.cache()
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    prefix = pathlib.Path(cache)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    mode = "train" if settings["training"] else "eval"
+    return dataset.cache(f"{prefix}_{mode}_{settings['image_size']}px_{digest}")
