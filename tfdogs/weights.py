@@ -1,0 +1,340 @@
+"""Pretrained ResNet checkpoints: registry, download, conversion, loading.
+
+One `WeightSpec` per checkpoint holds where it comes from, how to check it,
+and the preprocessing it was trained with. `fetch` downloads into the Keras
+cache (``~/.keras/models/tfdogs``, or ``$KERAS_HOME``) and verifies the file;
+`load_pretrained` converts a checkpoint once, caches the converted
+``.weights.h5`` beside the download, and assigns it to a model.
+
+Hashes:
+    The torchvision files carry their full SHA-256 here (each begins with the
+    8 hex characters torchvision puts in the file name and checks itself);
+    they were taken from independent public records of those files. For timm's
+    ``resnet18.a1_in1k`` the SHA-256 is the Git LFS object id shown on the
+    Hugging Face hub. For ``resnet34.a1_in1k`` no published hash could be found
+    from here, so its ``sha256`` is None: the download is only checked to be a
+    readable safetensors file whose keys and shapes convert exactly.
+
+Example:
+    >>> spec = REGISTRY[("resnet18", "torchvision")]
+    >>> path = fetch(spec)  # ~/.keras/models/tfdogs/resnet18-f37072fd.pth
+"""
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+
+import keras
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CACHE_SUBDIR = "models/tfdogs"
+SOURCES = {"imagenet": "torchvision", "timm": "timm"}
+
+
+class WeightsError(ValueError):
+    """Pretrained weights could not be obtained or do not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Everything known about one pretrained checkpoint.
+
+    Attributes:
+        arch: ``"resnet18"`` or ``"resnet34"``.
+        source: ``"torchvision"`` or ``"timm"``.
+        url: download location.
+        sha256: full hex SHA-256 of the file, or None where none is published.
+        file_name: cache file name (unique across the registry).
+        mean: per-channel RGB mean the network expects (0-1 scale).
+        std: per-channel RGB standard deviation.
+        input_size: evaluation image side in pixels.
+        crop_fraction: centre-crop side / resized side at evaluation.
+        interpolation: resize filter, ``"bilinear"`` or ``"bicubic"``.
+        num_classes: classifier width (ImageNet-1k: 1000).
+        top1: published ImageNet-1k top-1 accuracy in percent at ``input_size``.
+        license: licence of the weights.
+    """
+
+    arch: str
+    source: str
+    url: str
+    sha256: str | None
+    file_name: str
+    mean: tuple
+    std: tuple
+    input_size: int
+    crop_fraction: float
+    interpolation: str
+    num_classes: int
+    top1: float
+    license: str
+
+
+def _torchvision(arch, file_name, sha256, top1):
+    # torchvision IMAGENET1K_V1: resize 256, centre crop 224 (224/256 = 0.875), bilinear.
+    return WeightSpec(
+        arch=arch,
+        source="torchvision",
+        url=f"https://download.pytorch.org/models/{file_name}",
+        sha256=sha256,
+        file_name=file_name,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        input_size=224,
+        crop_fraction=0.875,
+        interpolation="bilinear",
+        num_classes=1000,
+        top1=top1,
+        license="BSD-3-Clause (torchvision)",
+    )
+
+
+def _timm(arch, sha256, top1):
+    # timm "ResNet strikes back" A1: trained at 224 px, crop_pct 0.95, bicubic. timm also
+    # lists a 288 px test size (test_crop_pct 1.0); we evaluate and fine-tune at 224.
+    tag = f"{arch}.a1_in1k"
+    return WeightSpec(
+        arch=arch,
+        source="timm",
+        url=f"https://huggingface.co/timm/{tag}/resolve/main/model.safetensors",
+        sha256=sha256,
+        file_name=f"{tag}.safetensors",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        input_size=224,
+        crop_fraction=0.95,
+        interpolation="bicubic",
+        num_classes=1000,
+        top1=top1,
+        license="Apache-2.0 (timm)",
+    )
+
+
+REGISTRY = {
+    ("resnet18", "torchvision"): _torchvision(
+        "resnet18", "resnet18-f37072fd.pth", "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", 69.758
+    ),
+    ("resnet34", "torchvision"): _torchvision(
+        "resnet34", "resnet34-b627a593.pth", "b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f", 73.314
+    ),
+    ("resnet18", "timm"): _timm("resnet18", "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612", 71.5),
+    ("resnet34", "timm"): _timm("resnet34", None, 76.4),
+}
+
+
+def preprocessing_for(weights, arch):
+    """The input preprocessing that matches a choice of weights.
+
+    Args:
+        weights: None, ``"imagenet"``, ``"timm"`` or a file path.
+        arch: a model name from `tfdogs.models.MODEL_NAMES`.
+
+    Returns:
+        ``dict(mean=..., std=..., crop_fraction=..., interpolation=...)``. Random
+        init, LeNet-5 and local files get ImageNet mean/std, 0.875 and bilinear.
+    """
+    if weights in SOURCES and (arch, SOURCES[weights]) in REGISTRY:
+        spec = REGISTRY[(arch, SOURCES[weights])]
+        return dict(mean=spec.mean, std=spec.std, crop_fraction=spec.crop_fraction, interpolation=spec.interpolation)
+    return dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_fraction=0.875, interpolation="bilinear")
+
+
+def default_cache_dir():
+    """The Keras cache root that `keras.utils.get_file` uses: ``$KERAS_HOME`` or ``~/.keras``."""
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_readable_safetensors(path):
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as file:
+            file.keys()
+        return True
+    except Exception:
+        return False
+
+
+def _intact(spec, path):
+    """Whether a cached file is the one `spec` describes, as far as we can tell."""
+    if spec.sha256 is not None:
+        return _sha256(path) == spec.sha256
+    return spec.file_name.endswith(".safetensors") and _is_readable_safetensors(path)
+
+
+def _download_hint(spec):
+    return (
+        f"Download {spec.url} by other means and pass it with `--weights PATH` "
+        f"(weights='/path/to/{spec.file_name}')."
+    )
+
+
+def fetch(spec, cache_dir=None):
+    """Downloads a checkpoint into the Keras cache, verified.
+
+    A cached file that fails verification (e.g. a truncated earlier download)
+    is deleted and fetched again. On failure nothing is left in the cache.
+
+    Args:
+        spec: a `WeightSpec`.
+        cache_dir: cache root; default `default_cache_dir()`. Files go
+            to ``<cache_dir>/models/tfdogs/<spec.file_name>``.
+
+    Returns:
+        `pathlib.Path` of the verified file.
+
+    Raises:
+        WeightsError: offline, unreachable URL or hash mismatch; the message
+            names the URL and says how to supply the file with ``--weights PATH``.
+    """
+    cache_root = os.path.expanduser(cache_dir if cache_dir is not None else default_cache_dir())
+    target = pathlib.Path(cache_root, CACHE_SUBDIR, spec.file_name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WeightsError(f"Cannot create the weights cache {target.parent}: {error}. " + _download_hint(spec)) from error
+    if target.exists() and not _intact(spec, target):
+        target.unlink()  # corrupt or stale: fetch again
+    try:
+        path = keras.utils.get_file(
+            fname=spec.file_name,
+            origin=spec.url,
+            file_hash=spec.sha256,
+            hash_algorithm="sha256",
+            cache_subdir=CACHE_SUBDIR,
+            cache_dir=cache_root,
+        )
+    except Exception as error:
+        # get_file removes partial downloads itself but keeps a file whose hash mismatches.
+        target.unlink(missing_ok=True)
+        raise WeightsError(
+            f"Could not fetch {spec.arch} {spec.source} weights from {spec.url}: {error} " + _download_hint(spec)
+        ) from error
+    path = pathlib.Path(path)
+    if not _intact(spec, path):
+        path.unlink(missing_ok=True)
+        raise WeightsError(f"The file downloaded from {spec.url} is not a valid checkpoint. " + _download_hint(spec))
+    return path
+
+
+def _classifier_width(model):
+    return model.get_layer("fc").units
+
+
+def _reference_model(arch, num_classes):
+    """A same-architecture model to load a checkpoint into before copying from it."""
+    from tfdogs.models import build
+
+    return build(arch, num_classes, input_shape=(None, None, 3))
+
+
+def _h5_num_classes(path):
+    """Class count of a ResNet ``.weights.h5``: the fc kernel is its only 2-D array."""
+    import h5py
+
+    shapes = []
+    with h5py.File(path, "r") as file:
+        file.visititems(
+            lambda _, item: shapes.append(item.shape) if isinstance(item, h5py.Dataset) and item.ndim == 2 else None
+        )
+    if len(shapes) != 1:
+        raise WeightsError(f"{path} is not a ResNet weights file written by tfdogs (found {len(shapes)} 2-D arrays).")
+    return int(shapes[0][1])
+
+
+def _converted(spec, source):
+    """The 1000-class Keras ResNet holding `source`, converting it on first use.
+
+    The conversion is cached as ``<file stem>.weights.h5`` beside the download
+    and redone when missing, older than the download, or unreadable.
+    """
+    from tfdogs import port
+
+    cached = source.with_name(source.name.removesuffix(source.suffix) + ".weights.h5")
+    reference = _reference_model(spec.arch, spec.num_classes)
+    if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
+        try:
+            reference.load_weights(str(cached))
+            return reference
+        except Exception:
+            cached.unlink(missing_ok=True)  # corrupt cache: convert again
+    port.convert_state_dict(reference, port.read_checkpoint(source), include_head=True)
+    partial = cached.with_name(f"{cached.name.removesuffix('.weights.h5')}.partial-{os.getpid()}.weights.h5")
+    try:
+        reference.save_weights(str(partial))
+        os.replace(partial, cached)
+    finally:
+        partial.unlink(missing_ok=True)
+    return reference
+
+
+def _copy_weights(reference, model):
+    """Copies every weighted layer by name; the head only when its shape matches."""
+    from tfdogs.models import stage_of
+
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        values = reference.get_layer(layer.name).get_weights()
+        shapes_match = all(v.shape == tuple(w.shape) for v, w in zip(values, layer.weights))
+        if stage_of(layer.name) == "head" and not shapes_match:
+            continue  # a new task: keep the freshly initialised classifier
+        if not shapes_match or len(values) != len(layer.weights):
+            raise WeightsError(f"Pretrained weights for layer {layer.name!r} do not fit {model.name!r}.")
+        layer.set_weights(values)
+
+
+def load_pretrained(model, weights, arch):
+    """Loads pretrained weights into a ResNet built by `tfdogs.models.build`.
+
+    The backbone is always loaded; ``fc`` is loaded only when the checkpoint's
+    classifier has the model's width (e.g. 1000 ImageNet classes), otherwise it
+    keeps its fresh initialisation.
+
+    Args:
+        model: the Keras ResNet to fill in place.
+        weights: ``"imagenet"`` (torchvision V1 weights), ``"timm"`` (timm
+            ``a1_in1k``), or a path to a ``.pth``/``.pt``/``.bin`` (torch state
+            dict, read without torch), ``.safetensors`` or ``.weights.h5``
+            (written by ``python -m tfdogs.port`` or ``model.save_weights``).
+        arch: ``"resnet18"`` or ``"resnet34"``.
+
+    Raises:
+        WeightsError: unknown weights, download failure, or weights that do not fit.
+        tfdogs.port.PortError: a checkpoint whose keys or shapes do not match.
+    """
+    from tfdogs import port
+
+    if isinstance(weights, str) and weights in SOURCES:
+        spec = REGISTRY.get((arch, SOURCES[weights]))
+        if spec is None:
+            raise WeightsError(f"No {weights!r} weights for {arch!r}; available: {sorted(REGISTRY)}.")
+        _copy_weights(_converted(spec, fetch(spec)), model)
+        return
+    path = pathlib.Path(weights)
+    if not path.is_file():
+        raise WeightsError(
+            f"weights={weights!r} is neither 'imagenet', 'timm' nor an existing .pth / .safetensors / .weights.h5 file."
+        )
+    if path.name.endswith(".weights.h5"):
+        reference = _reference_model(arch, _h5_num_classes(path))
+        try:
+            reference.load_weights(str(path))
+        except Exception as error:
+            raise WeightsError(f"{path} does not hold {arch} weights: {error}") from error
+        _copy_weights(reference, model)
+        return
+    state_dict = port.read_checkpoint(path)
+    include_head = port.checkpoint_num_classes(state_dict) == _classifier_width(model)
+    port.convert_state_dict(model, state_dict, include_head=include_head)
