@@ -22,13 +22,6 @@ UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 RED, GREEN, BLUE = (220, 20, 30), (25, 200, 40), (30, 40, 210)
 
 
-def _dogs10():
-    """The shared real photos; CI keeps shared/ beside the checkout, TFDOGS_DOGS10 overrides."""
-    folder = pathlib.Path(os.environ.get("TFDOGS_DOGS10") or pathlib.Path(__file__).resolve().parents[2] / "shared/data/dogs10")
-    assert folder.is_dir(), f"real dog photos not found at {folder}; set TFDOGS_DOGS10 to the dogs10 folder"
-    return folder
-
-
 def _encode(pixels, format, **options):
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format=format, **options)
@@ -46,7 +39,8 @@ def _write_image(path, colour, format="JPEG", height=12, width=16):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return data.make_synthetic(tmp_path_factory.mktemp("synthetic"), num_classes=3, images_per_class=6, image_size=32)
+    directory = tmp_path_factory.mktemp("synthetic")
+    return data.make_synthetic(directory, num_classes=3, images_per_class=6, image_size=32)
 
 
 @pytest.fixture
@@ -145,7 +139,8 @@ def test_make_synthetic_is_deterministic_per_seed(tmp_path):
     def file_bytes(seed):
         directory = data.make_synthetic(tmp_path / f"seed{seed}_{len(list(tmp_path.iterdir()))}",
                                         num_classes=2, images_per_class=3, image_size=32, seed=seed)
-        return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+        files = sorted(p for p in directory.rglob("*") if p.is_file())
+        return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
     first, again, other = file_bytes(0), file_bytes(0), file_bytes(1)
     assert first == again
@@ -170,6 +165,16 @@ def test_make_synthetic_files(synthetic):
     test_ids = sorted(p.stem for p in (synthetic / "test").glob("*.jpg"))
     assert [row[0] for row in submission[1:]] == test_ids and len(test_ids) == 6
     assert all(abs(sum(map(float, row[1:])) - 1) < 1e-9 for row in submission[1:])
+
+
+def test_make_synthetic_class_count_limits(tmp_path):
+    from tfdogs.breeds import KAGGLE_BREEDS
+
+    many = data.find_records(
+        data.make_synthetic(tmp_path / "many", num_classes=20, images_per_class=1, image_size=16))
+    assert len(many.class_names) == 20 and set(many.class_names) <= set(KAGGLE_BREEDS)
+    with pytest.raises(data.DataError, match="num_classes"):
+        data.make_synthetic(tmp_path / "one", num_classes=1)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -385,23 +390,32 @@ def test_eval_is_deterministic_and_ordered(synthetic):
 def test_training_is_reproducible_per_seed_and_varies_per_epoch(synthetic):
     records = data.find_records(synthetic)
 
-    def pipeline(seed):
+    def pipeline(seed, augmentation):
         return data.make_dataset(records.paths, records.labels, image_size=32, batch_size=6, training=True,
-                                 mean=MEAN, std=STD, seed=seed, augmentation=build_augmentation(seed=seed))
+                                 mean=MEAN, std=STD, seed=seed, augmentation=augmentation)
 
-    first, again, other = (_take_numpy(pipeline(seed), 1)[0] for seed in (0, 0, 1))
+    first, again, other = (
+        _take_numpy(pipeline(seed, build_augmentation(seed=seed)), 1)[0] for seed in (0, 0, 1))
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.allclose(first[0], other[0])
-    dataset = pipeline(0)
+    # Without augmentation: the file order is reshuffled each epoch ...
+    dataset = pipeline(0, augmentation=None)
     epoch_one, epoch_two = _take_numpy(dataset), _take_numpy(dataset)
-    assert not np.allclose(epoch_one[0][0], epoch_two[0][0])
-    assert sorted(np.concatenate([l for _, l in epoch_one])) == sorted(np.concatenate([l for _, l in epoch_two]))
+    labels_one, labels_two = (np.concatenate([l for _, l in epoch]) for epoch in (epoch_one, epoch_two))
+    assert not np.array_equal(labels_one, labels_two) and sorted(labels_one) == sorted(labels_two)
+    # ... and one file is cropped differently per element and per epoch.
+    one_file = data.make_dataset([records.paths[0]] * 4, [0] * 4, image_size=32, batch_size=4, training=True,
+                                 mean=MEAN, std=STD)
+    crops_one, crops_two = _take_numpy(one_file)[0][0], _take_numpy(one_file)[0][0]
+    assert not np.allclose(crops_one[0], crops_one[1])
+    assert not np.allclose(crops_one, crops_two)
 
 
-@pytest.mark.parametrize("cache", [None, "memory"])
-def test_training_labels_follow_their_images(colour_folders, cache):
+@pytest.mark.parametrize("cache", [None, "memory", "file"])
+def test_training_labels_follow_their_images(colour_folders, cache, tmp_path):
     assert colour_folders.class_names == ["blue", "green", "red"]
+    cache = str(tmp_path / "cache" / "train") if cache == "file" else cache
     dataset = data.make_dataset(colour_folders.paths, colour_folders.labels, image_size=16, batch_size=3,
                                 training=True, cache=cache, shuffle_buffer=4, **UNIT)
     batches = _take_numpy(dataset)
@@ -420,7 +434,8 @@ def test_eval_caches_match_no_cache(colour_folders, tmp_path):
         return _take_numpy(dataset)
 
     reference = batches(None)
-    for cache in ("memory", str(tmp_path / "cache" / "val"), str(tmp_path / "cache" / "val")):  # last: read back
+    file_prefix = str(tmp_path / "cache" / "val")
+    for cache in ("memory", file_prefix, file_prefix):  # the second file run reads the cache back
         for (images, labels), (expected_images, expected_labels) in zip(batches(cache), reference):
             np.testing.assert_array_equal(images, expected_images)
             np.testing.assert_array_equal(labels, expected_labels)
@@ -435,17 +450,19 @@ def test_bad_arguments_are_reported(colour_folders):
     with pytest.raises(data.DataError, match="one label per path"):
         data.make_dataset(paths, labels[:-1], batch_size=2, training=False, **common)
     with pytest.raises(data.DataError, match="std must hold 3 values"):
-        data.make_dataset(paths, labels, batch_size=2, training=False, image_size=16, mean=MEAN, std=(0.2, 0.2))
+        data.make_dataset(paths, labels, batch_size=2, training=False, image_size=16, mean=MEAN,
+                          std=(0.2, 0.2))
 
 
-def test_real_dog_photos():
-    folder = _dogs10()
-    records = data.find_records(folder)
+def test_real_dog_photos(dogs10_dir):
+    """The shared photos (conftest's dogs10_dir fails, never skips, when they are absent)."""
+    records = data.find_records(dogs10_dir)
     assert records.layout == "folders" and len(records.class_names) == 10
     chosen = [i for label in (0, 1) for i in np.flatnonzero(records.labels == label)[:3]]
     paths, labels = [records.paths[i] for i in chosen], records.labels[chosen]
     common = dict(image_size=64, batch_size=4, mean=MEAN, std=STD)
-    training = _take_numpy(data.make_dataset(paths, labels, training=True, augmentation=build_augmentation(), **common))
+    training = _take_numpy(
+        data.make_dataset(paths, labels, training=True, augmentation=build_augmentation(), **common))
     evaluation = _take_numpy(data.make_dataset(paths, labels, training=False, **common))
     assert [images.shape for images, _ in training] == [(4, 64, 64, 3)]
     assert [images.shape for images, _ in evaluation] == [(4, 64, 64, 3), (2, 64, 64, 3)]

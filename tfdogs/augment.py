@@ -42,8 +42,10 @@ def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, cont
         (flip, lambda: keras.layers.RandomFlip("horizontal", seed=seed, **options)),
         (rotation, lambda: keras.layers.RandomRotation(rotation, seed=seed + 1, **options)),
         (zoom, lambda: keras.layers.RandomZoom(zoom, seed=seed + 2, **options)),
-        (translation, lambda: keras.layers.RandomTranslation(translation, translation, seed=seed + 3, **options)),
-        (contrast, lambda: keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4, **options)),
+        (translation,
+         lambda: keras.layers.RandomTranslation(translation, translation, seed=seed + 3, **options)),
+        (contrast,
+         lambda: keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4, **options)),
     ]
     layers = [make_layer() for amount, make_layer in candidates if amount]
     return keras.Sequential(layers, name="augmentation") if layers else None

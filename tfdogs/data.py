@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tfdogs.breeds import KAGGLE_BREEDS
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 
 LAYOUTS_HELP = (
@@ -44,19 +46,18 @@ LAYOUTS_HELP = (
 STANFORD_DOGS_HOST = ("vision.stanford.edu", 80)
 _EXPORT_MARKER = ".tfdogs_export_complete"
 
-# Real Kaggle breed names, so synthetic data reads like the real thing.
-_SYNTHETIC_BREEDS = (
-    "beagle", "boxer", "chihuahua", "golden_retriever", "pug", "samoyed",
-    "siberian_husky", "border_collie", "pomeranian", "basset", "malamute", "dingo",
-)
+# Real Kaggle breed names, so synthetic data reads like the real thing: familiar ones first.
+_FAMILIAR_BREEDS = ("beagle", "boxer", "chihuahua", "golden_retriever", "pug", "samoyed",
+                    "siberian_husky", "border_collie", "pomeranian", "basset", "malamute", "dingo")
+_SYNTHETIC_BREEDS = _FAMILIAR_BREEDS + tuple(b for b in KAGGLE_BREEDS if b not in _FAMILIAR_BREEDS)
 _SYNTHETIC_SHAPES = ("disc", "square", "triangle", "stripes", "cross", "checker", "ring", "diamond")
 
 _WORDNET_PREFIX = re.compile(r"n\d{8}-(.+)")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Inception / torchvision RandomResizedCrop aspect-ratio range (width / height).
 _CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
-# The training cache keeps images this much larger than the eval resize, so random crops
-# of up to the whole image still have pixels to spare.
+# The training cache keeps images 15% larger than the eval resize, so crops of a large share
+# of the image are still shrunk, not enlarged, to image_size.
 _TRAIN_CACHE_MARGIN = 1.15
 
 
@@ -228,7 +229,7 @@ def make_synthetic(directory, num_classes=6, images_per_class=30, image_size=64,
     """Writes a small, learnable dog-breed stand-in in the Kaggle layout.
 
     Each class is a shape (disc, square, triangle, stripes, cross, checker, ring,
-    diamond) in its own hue, drawn at a random position and scale on a noisy
+    diamond, then again) in its own hue, drawn at a random position and scale on a noisy
     grey background, so a tiny CNN beats chance within a few epochs at 32-64 px
     without the task being trivial. Besides `labels.csv` and `train/<id>.jpg`
     it writes unlabelled `test/<id>.jpg` (two per class) and a uniform
@@ -237,7 +238,8 @@ def make_synthetic(directory, num_classes=6, images_per_class=30, image_size=64,
 
     Args:
         directory: Where to write; created if needed, same-named files overwritten.
-        num_classes: Number of breeds, 2 to 12.
+        num_classes: Number of breeds, 2 to 120; beyond 8 the shapes repeat, so
+            classes k and k + 8 differ only in hue.
         images_per_class: Labelled images per breed.
         image_size: Side of the square images in pixels.
         seed: Seed of everything random.
@@ -406,21 +408,25 @@ def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
     for line_number, row in enumerate(rows, start=2):
         where = f"{path}, line {line_number}"
         if None in row or None in row.values() or not row["path"]:
-            raise DataError(f"{where}: found {list(row.values())}; expected 4 fields {','.join(_SPLIT_COLUMNS)}")
+            raise DataError(
+                f"{where}: found {list(row.values())}; expected 4 fields {','.join(_SPLIT_COLUMNS)}")
         if not row["label"].isdigit():
             raise DataError(f"{where}: label {row['label']!r} is not a non-negative integer")
         if row["subset"] not in ("train", "val"):
             raise DataError(f"{where}: subset {row['subset']!r}; expected 'train' or 'val'")
         label = int(row["label"])
         if breed_of_label.setdefault(label, row["breed"]) != row["breed"]:
-            raise DataError(f"{where}: label {label} is {row['breed']!r} here but {breed_of_label[label]!r} earlier")
+            raise DataError(
+                f"{where}: label {label} is {row['breed']!r} here but {breed_of_label[label]!r} earlier")
     absent = sorted(set(range(len(breed_of_label))) - breed_of_label.keys())
     if absent or len(set(breed_of_label.values())) != len(breed_of_label):
-        raise DataError(f"{path}: labels must number breeds 0..K-1 one-to-one; found {sorted(breed_of_label.items())}")
+        raise DataError(
+            f"{path}: labels must number breeds 0..K-1 one-to-one; found {sorted(breed_of_label.items())}")
     paths = [str(root / row["path"]) for row in rows]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{len(missing)} of {len(paths)} images listed in {path} are missing: {_preview(missing)}")
+        raise DataError(
+            f"{len(missing)} of {len(paths)} images listed in {path} are missing: {_preview(missing)}")
     layout = "kaggle" if (root / "labels.csv").is_file() else "folders"
     class_names = [breed_of_label[label] for label in range(len(breed_of_label))]
     records = Records(paths, [int(row["label"]) for row in rows], class_names, layout, str(root))
@@ -615,7 +621,10 @@ def _random_crop_bytes(image_bytes, seed, scale):
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
 
-    crop = tf.cond(_is_jpeg(image_bytes), jpeg_crop, lambda: _random_crop_image(decode_image(image_bytes), seed, scale))
+    def other_crop():
+        return _random_crop_image(decode_image(image_bytes), seed, scale)
+
+    crop = tf.cond(_is_jpeg(image_bytes), jpeg_crop, other_crop)
     return tf.ensure_shape(crop, [None, None, 3])
 
 
@@ -694,14 +703,17 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     paths = [str(p) for p in paths]
     labels = np.asarray(labels)
     if not paths or labels.shape != (len(paths),):
-        raise DataError(f"make_dataset: need one label per path; got {len(paths)} paths, labels of shape {labels.shape}")
+        raise DataError(
+            f"make_dataset: need one label per path; got {len(paths)} paths, labels of shape {labels.shape}")
     if training and len(paths) < batch_size:
         raise DataError(f"make_dataset: {len(paths)} training images give no full batch of {batch_size}")
     if not 0 < scale[0] <= scale[1] <= 1:
         raise DataError(f"scale must satisfy 0 < low <= high <= 1; got {scale}")
     if cache is not None and not str(cache):
         raise DataError("cache must be None, 'memory' or a file path prefix; got ''")
-    _rgb_constant(mean, "mean"), _rgb_constant(std, "std")  # fail here rather than inside a traced map
+    # Checked here, so a bad mean/std fails now rather than inside a traced map.
+    _rgb_constant(mean, "mean")
+    _rgb_constant(std, "std")
     files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
     cache_settings = dict(paths=paths, image_size=image_size, crop_fraction=crop_fraction, training=training)
 
@@ -715,11 +727,12 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
 
     crop_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     if cache is None:
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        examples = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
         def load_train(path_and_label, crop_seed):
             path, label = path_and_label
-            return _resize_square(_random_crop_bytes(tf.io.read_file(path), crop_seed, scale), image_size), label
+            crop = _random_crop_bytes(tf.io.read_file(path), crop_seed, scale)
+            return _resize_square(crop, image_size), label
     else:
         # Shuffle once before caching, so a class-sorted file list is mixed beyond the shuffle buffer below.
         files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=False)
@@ -728,19 +741,20 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             lambda path, label: (_shrink_for_cache(decode_image(tf.io.read_file(path)), shorter_side), label),
             num_parallel_calls,
         )
-        files = _maybe_cache(decoded, cache, cache_settings).shuffle(
+        examples = _maybe_cache(decoded, cache, cache_settings).shuffle(
             shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
         def load_train(image_and_label, crop_seed):
             image, label = image_and_label
             return _resize_square(_random_crop_image(image, crop_seed, scale), image_size), label
 
-    dataset = tf.data.Dataset.zip(files, crop_seeds).map(load_train, num_parallel_calls)
+    dataset = tf.data.Dataset.zip(examples, crop_seeds).map(load_train, num_parallel_calls)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if augmentation is not None:
         # Sequential: the layers advance a seed variable per call, which a parallel map would reorder.
         dataset = dataset.map(lambda images, batch_labels: (augmentation(images, training=True), batch_labels))
-    dataset = dataset.map(lambda images, batch_labels: (_normalize(images, mean, std), batch_labels), num_parallel_calls)
+    dataset = dataset.map(
+        lambda images, batch_labels: (_normalize(images, mean, std), batch_labels), num_parallel_calls)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
