@@ -121,11 +121,27 @@ def test_interrupted_run_resumes_from_last_finished_epoch(tmp_path):
     assert (np.diff(history["learning_rate"]) < 0).all()
 
 
-def test_non_finite_loss_stops_with_a_message(tmp_path):
-    config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"),
-                          learning_rate=1e30, epochs=2)
-    with pytest.raises(train.TrainingError, match="non-finite"):
-        train.train(config)
+class PoisonWeights(keras.callbacks.Callback):
+    """Makes the classifier's weights NaN in the second epoch, as a diverging run would."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.epoch == 1 and batch == 1:
+            kernel = self.model.get_layer("fc").kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_best_weights(tmp_path):
+    config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), epochs=4)
+    with pytest.raises(train.TrainingError, match="non-finite at epoch 2, batch 1") as error:
+        train.train(config, extra_callbacks=[PoisonWeights()])
+    assert "best.weights.h5" in str(error.value)
+    kept = tmp_path / "run" / "best.weights.h5"
+    fresh = train.models.build("lenet5", 4, input_shape=(32, 32, 3))
+    fresh.load_weights(kept)
+    assert all(np.isfinite(weight).all() for weight in fresh.get_weights())
 
 
 def test_unwritable_output_is_rejected_before_any_work(tmp_path):

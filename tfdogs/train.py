@@ -338,7 +338,7 @@ def train(config, extra_callbacks=()):
         )
         callbacks, non_finite = _callbacks(config, run_dir, phase, read_history(run_dir / "history.csv"))
         model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
-                  initial_epoch=phase.start_epoch, steps_per_epoch=steps,
+                  initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
                   callbacks=callbacks + list(extra_callbacks),
                   verbose=1 if config["verbose"] == "auto" else config["verbose"])
         if non_finite.stopped_at is not None:
