@@ -435,3 +435,9 @@ def test_registry_entries_are_consistent():
 def test_unknown_weights_are_rejected():
     with pytest.raises(WeightsError, match="imagenet"):
         models.build("resnet18", 10, weights="/no/such/file.pth", input_shape=(64, 64, 3))
+
+
+def test_stray_keys_are_not_silently_ignored(small_resnet18, state_dict18):
+    state = dict(state_dict18, **{"fc.extra": np.zeros(1, "float32"), "layer9.num_batches_tracked": np.array(1)})
+    with pytest.raises(PortError, match=r"\['fc\.extra', 'layer9\.num_batches_tracked'\]"):
+        port.convert_state_dict(small_resnet18, state, include_head=False)

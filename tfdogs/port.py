@@ -118,13 +118,17 @@ def convert_state_dict(model, state_dict, *, include_head):
     """
     from tfdogs.models import stage_of
 
-    expected = torch_names(model)
+    every_name = torch_names(model)
+    # BatchNorm's step counter has no Keras counterpart; drop it for known layers only.
+    ignored = {
+        key
+        for key in state_dict
+        if key.endswith(IGNORED_SUFFIXES) and f"{key.rsplit('.', 1)[0]}.running_mean" in every_name
+    }
+    expected = every_name
     if not include_head:
-        expected = {key: value for key, value in expected.items() if stage_of(value[0]) != "head"}
-    head_keys = {key for key in state_dict if stage_of(key.rsplit(".", 1)[0]) == "head"}
-    ignored = {key for key in state_dict if key.endswith(IGNORED_SUFFIXES)}
-    if not include_head:
-        ignored |= head_keys
+        expected = {key: value for key, value in every_name.items() if stage_of(value[0]) != "head"}
+        ignored |= set(every_name) - set(expected)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - ignored)
     if missing or unexpected:
@@ -189,4 +193,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # PortError, unsafe or unreadable checkpoints
+        sys.exit(f"error: {error}")

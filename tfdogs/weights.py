@@ -203,7 +203,8 @@ def fetch(spec, cache_dir=None):
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise WeightsError(f"Cannot create the weights cache {target.parent}: {error}. " + _download_hint(spec)) from error
+        message = f"Cannot create the weights cache {target.parent}: {error}. "
+        raise WeightsError(message + _download_hint(spec)) from error
     if target.exists() and not _intact(spec, target):
         target.unlink()  # corrupt or stale: fetch again
     try:
@@ -269,7 +270,13 @@ def _converted(spec, source):
             return reference
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: convert again
-    port.convert_state_dict(reference, port.read_checkpoint(source), include_head=True)
+    state_dict = port.read_checkpoint(source)
+    if port.checkpoint_num_classes(state_dict) != spec.num_classes:
+        raise WeightsError(
+            f"{source} does not match its registry entry: num_classes is {spec.num_classes} in the "
+            f"registry but {port.checkpoint_num_classes(state_dict)} in the checkpoint."
+        )
+    port.convert_state_dict(reference, state_dict, include_head=True)
     partial = cached.with_name(f"{cached.name.removesuffix('.weights.h5')}.partial-{os.getpid()}.weights.h5")
     try:
         reference.save_weights(str(partial))
