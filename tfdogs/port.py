@@ -139,9 +139,13 @@ def convert_state_dict(model, state_dict, *, include_head):
         )
     converted, mismatched = {}, []
     for key, (_, variable, layout) in expected.items():
-        value = layout(np.asarray(state_dict[key]))
+        raw = np.asarray(state_dict[key])
+        value = layout(raw)
         if tuple(value.shape) != tuple(variable.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(variable.shape)}")
+            mismatched.append(
+                f"{key}: checkpoint {tuple(raw.shape)}, i.e. {tuple(value.shape)} in Keras layout, "
+                f"but the model needs {tuple(variable.shape)}"
+            )
         converted[key] = value
     if mismatched:
         raise PortError(f"Shape mismatch porting into {model.name!r}: " + "; ".join(mismatched))
