@@ -13,7 +13,7 @@ Modules:
 import os
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hides the messages
-# that matter; keep warnings and errors. A user's own setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# that matter; keep its errors. A user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"

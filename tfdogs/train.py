@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -197,19 +198,26 @@ def resolve_runtime(config):
 
 
 def prepare_output(config):
-    """Creates the run and export folders (checking they are writable) before any work."""
+    """Creates the run and export folders (checking they are writable) before any work.
+
+    Returns:
+        The run folder, the export folder, and those of them this call created.
+    """
     name = f"{config['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
     export_dir = pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
+    created = []
     for key, folder in (("output", run_dir), ("export_dir", export_dir)):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                created.append(folder)
             probe = folder / ".write-test"
             probe.write_text("")
             probe.unlink()
         except OSError as error:
             raise config_lib.ConfigError(f"Config key '{key}': cannot write to {folder} ({error.strerror}).") from None
-    return run_dir, export_dir
+    return run_dir, export_dir, created
 
 
 def load_data(config, run_dir):
@@ -290,29 +298,33 @@ def train(config, extra_callbacks=()):
         The run folder.
     """
     config = config_lib.validate(config)
-    run_dir, export_dir = prepare_output(config)
+    run_dir, export_dir, created = prepare_output(config)
     config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
     runtime = resolve_runtime(config)
-    records, train_indices, val_indices = load_data(config, run_dir)
+    try:
+        records, train_indices, val_indices = load_data(config, run_dir)
+        if len(train_indices) < config["batch_size"]:
+            raise config_lib.ConfigError(
+                f"Config key 'batch_size' is {config['batch_size']}, larger than the {len(train_indices)} "
+                "training images; lower it.")
+        keras.utils.set_random_seed(config["seed"])
+        keras.mixed_precision.set_dtype_policy(runtime["precision"])
+        try:
+            model = models.build(config["model"], len(records.class_names), weights=config["weights"],
+                                 input_shape=(config["image_size"], config["image_size"], 3),
+                                 dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+    except Exception:
+        for folder in created:  # a run that never started leaves no empty folders behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     if config["data"] == "synthetic":
         config["data_dir"] = str(run_dir / "synthetic_data")
     config_lib.write(config, run_dir / "config.yaml")
-    if len(train_indices) < config["batch_size"]:
-        raise config_lib.ConfigError(
-            f"Config key 'batch_size' is {config['batch_size']}, larger than the {len(train_indices)} "
-            "training images; lower it.")
     num_classes = len(records.class_names)
     preprocessing = weights.preprocessing_for(config["weights"], config["model"])
     train_dataset, val_dataset = build_datasets(config, records, train_indices, val_indices, preprocessing)
-
-    keras.utils.set_random_seed(config["seed"])
-    keras.mixed_precision.set_dtype_policy(runtime["precision"])
-    try:
-        model = models.build(config["model"], num_classes, weights=config["weights"],
-                             input_shape=(config["image_size"], config["image_size"], 3),
-                             dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
     steps = len(train_indices) // config["batch_size"]
     if config["steps_per_epoch"]:
         steps = min(steps, config["steps_per_epoch"])
