@@ -533,10 +533,10 @@ def decode_image(image_bytes) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875) -> tf.Tensor:
+def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear") -> tf.Tensor:
     """Validation and serving preprocessing of one image.
 
-    Resizes (bilinear, antialiased) so the shorter side is
+    Resizes (antialiased, `interpolation` as the weights were trained with) so the shorter side is
     round(image_size / crop_fraction), centre-crops image_size x image_size,
     scales to [0, 1] and normalises with mean/std. Sizes and offsets follow
     torchvision's Resize + CenterCrop. Pure TF with dynamic shapes: the
@@ -548,17 +548,18 @@ def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875) -> tf.Ten
         mean: 3 RGB means for images in [0, 1].
         std: 3 RGB standard deviations for images in [0, 1].
         crop_fraction: Share of the resized shorter side kept by the crop, in (0, 1].
+        interpolation: "bilinear" (torchvision weights) or "bicubic" (timm weights).
 
     Returns:
         float32 [image_size, image_size, 3].
     """
     if not 0 < crop_fraction <= 1:
         raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
-    image = _resize_shorter_side(image, round(image_size / crop_fraction))
+    image = _resize_shorter_side(image, round(image_size / crop_fraction), interpolation)
     return _normalize(_centre_crop(image, image_size), mean, std)
 
 
-def _resize_shorter_side(image, size):
+def _resize_shorter_side(image, size, interpolation="bilinear"):
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     shorter, longer = tf.minimum(height, width), tf.maximum(height, width)
@@ -566,7 +567,7 @@ def _resize_shorter_side(image, size):
     new_longer = tf.cast(size * tf.cast(longer, tf.float64) / tf.cast(shorter, tf.float64), tf.int32)
     portrait = height > width
     new_shape = tf.stack([tf.where(portrait, new_longer, size), tf.where(portrait, size, new_longer)])
-    return tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+    return tf.image.resize(image, new_shape, method=interpolation, antialias=True)
 
 
 def _centre_crop(image, size):
@@ -628,8 +629,8 @@ def _random_crop_bytes(image_bytes, seed, scale):
     return tf.ensure_shape(crop, [None, None, 3])
 
 
-def _resize_square(image, size):
-    return tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+def _resize_square(image, size, interpolation="bilinear"):
+    return tf.image.resize(image, [size, size], method=interpolation, antialias=True)
 
 
 def _shrink_for_cache(image, shorter_side):
@@ -650,7 +651,8 @@ def _shrink_for_cache(image, shorter_side):
 
 def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, seed=0,
                  augmentation=None, cache=None, shuffle_buffer=1024, crop_fraction=0.875,
-                 scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE) -> tf.data.Dataset:
+                 scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
+                 interpolation="bilinear") -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
     Training: shuffle the file list (seeded, reshuffled every epoch), read in
@@ -696,6 +698,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             sets the training cache size.
         scale: Area range of the training random crop, within (0, 1].
         num_parallel_calls: Parallelism of the per-image maps.
+        interpolation: Resize method, "bilinear" or "bicubic", as the weights were trained with.
 
     Returns:
         A Dataset of (float32 [B, image_size, image_size, 3], int32 [B]).
@@ -720,7 +723,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     if not training:
         def load_eval(path, label):
             image = decode_image(tf.io.read_file(path))
-            return preprocess_eval(image, image_size, mean, std, crop_fraction), label
+            return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation), label
 
         dataset = _maybe_cache(files.map(load_eval, num_parallel_calls), cache, cache_settings)
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -732,7 +735,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         def load_train(path_and_label, crop_seed):
             path, label = path_and_label
             crop = _random_crop_bytes(tf.io.read_file(path), crop_seed, scale)
-            return _resize_square(crop, image_size), label
+            return _resize_square(crop, image_size, interpolation), label
     else:
         # Shuffle once before caching, so a class-sorted file list is mixed beyond the shuffle buffer below.
         files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=False)
@@ -746,7 +749,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
 
         def load_train(image_and_label, crop_seed):
             image, label = image_and_label
-            return _resize_square(_random_crop_image(image, crop_seed, scale), image_size), label
+            return _resize_square(_random_crop_image(image, crop_seed, scale), image_size, interpolation), label
 
     dataset = tf.data.Dataset.zip(examples, crop_seeds).map(load_train, num_parallel_calls)
     dataset = dataset.batch(batch_size, drop_remainder=True)

@@ -43,11 +43,12 @@ def next_version(export_base):
 class ServingModule:
     """Builds the serving functions around one or more trained classifiers."""
 
-    def __init__(self, models, class_names, *, image_size, mean, std, crop_fraction, model_weights=None):
+    def __init__(self, models, class_names, *, image_size, mean, std, crop_fraction, interpolation="bilinear",
+                 model_weights=None):
         self.models = list(models)
         self.class_names = tf.constant(list(class_names))
         self.image_size = image_size
-        self.mean, self.std, self.crop_fraction = mean, std, crop_fraction
+        self.mean, self.std, self.crop_fraction, self.interpolation = mean, std, crop_fraction, interpolation
         if model_weights is None:
             model_weights = [1.0] * len(self.models)
         if len(model_weights) != len(self.models):
@@ -74,7 +75,8 @@ class ServingModule:
         }
 
     def _preprocess(self, image):
-        return data.preprocess_eval(image, self.image_size, self.mean, self.std, self.crop_fraction)
+        return data.preprocess_eval(image, self.image_size, self.mean, self.std, self.crop_fraction,
+                                    self.interpolation)
 
     def from_bytes(self, image_bytes):
         images = tf.map_fn(
@@ -94,7 +96,7 @@ class ServingModule:
 
 
 def export_saved_model(models, class_names, export_base, *, image_size, mean, std, crop_fraction=0.875,
-                       model_weights=None, metadata=None):
+                       interpolation="bilinear", model_weights=None, metadata=None):
     """Writes the next numeric version of a SavedModel under `export_base`.
 
     The version is written to a hidden temporary folder and renamed into place,
@@ -108,6 +110,7 @@ def export_saved_model(models, class_names, export_base, *, image_size, mean, st
         image_size: the models' square input size.
         mean, std: RGB normalisation for images scaled to [0, 1].
         crop_fraction: centre-crop fraction of the validation preprocessing.
+        interpolation: resize method of the validation preprocessing.
         model_weights: optional ensemble weights (normalised to sum to 1).
         metadata: extra JSON-serialisable facts to store in `tfdogs.json`.
 
@@ -120,7 +123,7 @@ def export_saved_model(models, class_names, export_base, *, image_size, mean, st
     export_base.mkdir(parents=True, exist_ok=True)
     module = ServingModule(
         models, class_names, image_size=image_size, mean=mean, std=std,
-        crop_fraction=crop_fraction, model_weights=model_weights,
+        crop_fraction=crop_fraction, interpolation=interpolation, model_weights=model_weights,
     )
     archive = keras.export.ExportArchive()
     for model in models:
@@ -143,6 +146,7 @@ def export_saved_model(models, class_names, export_base, *, image_size, mean, st
         "mean": list(mean),
         "std": list(std),
         "crop_fraction": crop_fraction,
+        "interpolation": interpolation,
         "members": [model.name for model in models],
         "member_weights": module.model_weights,
         **(metadata or {}),

@@ -246,7 +246,8 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing):
     paths = np.asarray(records.paths)
     common = dict(image_size=config["image_size"], batch_size=config["batch_size"],
                   mean=preprocessing["mean"], std=preprocessing["std"],
-                  crop_fraction=preprocessing["crop_fraction"], seed=config["seed"], cache=config["cache"])
+                  crop_fraction=preprocessing["crop_fraction"], interpolation=preprocessing["interpolation"],
+                  seed=config["seed"], cache=config["cache"])
     augmentation = augment.build_augmentation(
         flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
         translation=config["translation"], contrast=config["contrast"], seed=config["seed"])
@@ -394,7 +395,7 @@ def train(config, extra_callbacks=()):
     version_dir = export.export_saved_model(
         final_model, records.class_names, export_dir, image_size=config["image_size"],
         mean=preprocessing["mean"], std=preprocessing["std"], crop_fraction=preprocessing["crop_fraction"],
-        metadata={"run": str(run_dir.resolve()), "config": config})
+        interpolation=preprocessing["interpolation"], metadata={"run": str(run_dir.resolve()), "config": config})
     summary["export"] = str(version_dir)
     write_json_atomically(summary, run_dir / "metrics.json")
     return run_dir
