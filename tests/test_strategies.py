@@ -1,0 +1,89 @@
+"""Transfer strategies: what each one trains, and that frozen parts provably stay put."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import small_config
+from tfdogs import models, train
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pretrained_file(tmp_path_factory):
+    """A 1000-class ResNet-18 checkpoint standing in for the ImageNet one (no downloads in tests)."""
+    path = tmp_path_factory.mktemp("weights") / "resnet18-imagenet-like.weights.h5"
+    keras.utils.set_random_seed(1)
+    models.build("resnet18", 1000, input_shape=(SIZE, SIZE, 3)).save_weights(path)
+    return path
+
+
+def weights_by_layer(model):
+    return {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
+
+
+def changed(before, after, layer_name):
+    return any(not np.array_equal(a, b) for a, b in zip(before[layer_name], after[layer_name]))
+
+
+def run(tmp_path, pretrained_file, **overrides):
+    config = small_config(model="resnet18", weights=str(pretrained_file), image_size=SIZE,
+                          output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), **overrides)
+    run_dir = train.train(config)
+    return run_dir, weights_by_layer(keras.saving.load_model(run_dir / "model.keras"))
+
+
+def initial(pretrained_file):
+    return weights_by_layer(models.build("resnet18", 4, weights=str(pretrained_file), input_shape=(SIZE, SIZE, 3)))
+
+
+def test_feature_extract_trains_only_the_head(tmp_path, pretrained_file):
+    before = initial(pretrained_file)
+    _, after = run(tmp_path, pretrained_file, strategy="feature-extract", epochs=2)
+    backbone = [name for name in before if models.stage_of(name) != "head"]
+    assert len(backbone) == 40  # 20 convolutions, 20 BatchNorms
+    for name in backbone:  # kernels, BatchNorm scales and running statistics alike
+        assert not changed(before, after, name), name
+    assert changed(before, after, "fc")
+
+
+def test_fine_tune_trains_the_head_first_then_everything(tmp_path, pretrained_file):
+    before = initial(pretrained_file)
+    run_dir, after = run(tmp_path, pretrained_file, strategy="fine-tune", epochs=3, head_epochs=1,
+                         freeze_bn=True, learning_rate=1e-2)
+    head_phase = models.build("resnet18", 4, input_shape=(SIZE, SIZE, 3))
+    head_phase.load_weights(run_dir / "phase-head.weights.h5")
+    head_phase = weights_by_layer(head_phase)
+    assert not changed(before, head_phase, "layer1.0.conv1") and changed(before, head_phase, "fc")
+    # then the whole network trains, except the frozen BatchNorm layers
+    for name in ("conv1", "layer1.0.conv1", "layer4.1.conv2"):
+        assert changed(head_phase, after, name), name
+    for name in ("bn1", "layer1.0.bn1", "layer4.1.bn2"):
+        assert not changed(before, after, name), name
+
+
+def test_discriminative_rates_scale_each_variables_update():
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(3, name=name) for name in ("slow", "frozen", "fast")]
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Add()([layer(inputs) for layer in layers]))
+    factors = {layer.kernel.path: factor for layer, factor in zip(layers, (0.25, 0.0, 1.0))}
+    optimizer = train.make_optimizer("sgd", 0.1, 0.0, factors)
+    model.compile(optimizer=optimizer, loss="mse")
+    before = [np.array(layer.kernel) for layer in layers]
+    model.train_on_batch(np.ones((8, 4)), np.zeros((8, 3)))
+    steps = [np.array(layer.kernel) - start for layer, start in zip(layers, before)]
+    np.testing.assert_allclose(steps[0], 0.25 * steps[2], rtol=1e-4, atol=1e-7)  # same gradient, a quarter of the rate
+    assert np.all(steps[1] == 0) and np.abs(steps[2]).max() > 0
+
+
+def test_discriminative_run_moves_the_stem_less_than_the_head(tmp_path, pretrained_file):
+    before = initial(pretrained_file)
+    _, after = run(tmp_path, pretrained_file, strategy="discriminative", epochs=2, backbone_lr_factor=1e-3,
+                   optimizer="sgd", learning_rate=0.05)
+
+    def relative_change(name):
+        return np.abs(after[name][0] - before[name][0]).mean() / np.abs(before[name][0]).mean()
+
+    assert 0 < relative_change("conv1") < relative_change("layer4.1.conv2") < relative_change("fc")
