@@ -1,0 +1,46 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from tfdogs import breeds, data, metrics, models, zeroshot
+
+
+def test_breed_probabilities_take_the_breeds_imagenet_logits():
+    class_names = ["golden_retriever", "chihuahua", "dingo"]
+    logits = np.random.default_rng(0).normal(size=(5, 1000)).astype("float32")
+    probabilities = zeroshot.breed_probabilities(logits, class_names)
+    picked = logits[:, [207, 151, 273]]  # ImageNet: golden retriever, Chihuahua, dingo
+    expected = np.exp(picked) / np.exp(picked).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5)
+
+
+def test_breeds_without_an_imagenet_class_are_named():
+    with pytest.raises(ValueError, match="dachshund, bulldog"):
+        zeroshot.breed_columns(["beagle", "dachshund", "bulldog"])
+
+
+def test_zero_shot_run_on_generated_breeds(tmp_path):
+    data_dir = data.make_synthetic(tmp_path / "data", num_classes=4, images_per_class=6, image_size=64)
+    keras.utils.set_random_seed(3)
+    checkpoint = tmp_path / "imagenet-like.weights.h5"
+    reference = models.build("resnet18", 1000, input_shape=(64, 64, 3))
+    reference.save_weights(checkpoint)
+
+    output = tmp_path / "zeroshot.json"
+    assert zeroshot.main(["--model", "resnet18", "--weights", str(checkpoint), "--data-dir", str(data_dir),
+                          "--subset", "all", "--image-size", "64", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+
+    records = data.find_records(data_dir)
+    dataset = data.make_dataset(records.paths, records.labels, image_size=64, batch_size=8, training=False,
+                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    logits = reference.predict(dataset.map(lambda images, labels: images), verbose=0)
+    columns = [breeds.imagenet_index(name) for name in records.class_names]
+    picked = logits[:, columns]
+    probabilities = np.exp(picked - picked.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    assert result["num_images"] == 24 and result["num_classes"] == 4
+    assert result["accuracy"] == pytest.approx(metrics.scores(probabilities, records.labels)["accuracy"])
+    assert result["log_loss"] == pytest.approx(metrics.log_loss(probabilities, records.labels), rel=1e-4)

@@ -1,0 +1,113 @@
+"""`python -m tfdogs.zeroshot`: the ImageNet classifier as a baseline, with no training.
+
+Every one of the 120 Kaggle breeds is an ImageNet-1k class, so a network
+pretrained on ImageNet already names dog breeds. Restricting its 1000 logits to
+the breeds of the data set and taking the softmax over those gives a baseline
+that any fine-tuned number must beat to mean anything.
+
+Examples:
+    python -m tfdogs.zeroshot --model resnet18 --data-dir path/to/dog-breed-identification
+    python -m tfdogs.zeroshot --model resnet34 --weights timm --run runs/resnet34-demo
+
+By default the images are the validation part of the same stratified split
+that `tfdogs.train` makes with its default seed and fraction; `--run` takes a
+run's own `split.csv` and writes `zeroshot.json` into that run folder, where
+`tfdogs.compare` finds it.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from tfdogs import breeds, config as config_lib, data, metrics, models, weights
+
+
+def breed_columns(class_names):
+    """ImageNet class index of each breed, in class order; ValueError naming those with none."""
+    columns, unknown = [], []
+    for name in class_names:
+        try:
+            columns.append(breeds.imagenet_index(name))
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"No ImageNet class for the breed(s) {', '.join(unknown)}; the zero-shot baseline "
+                         "needs breed names of the 120 Kaggle breeds (e.g. 'golden_retriever').")
+    return columns
+
+
+def breed_probabilities(imagenet_logits, class_names):
+    """Softmax over the logits of the data set's breeds only, [N, len(class_names)]."""
+    logits = tf.gather(tf.cast(imagenet_logits, tf.float32), breed_columns(class_names), axis=1)
+    return tf.nn.softmax(logits, axis=-1).numpy()
+
+
+def evaluate_zero_shot(model_name, records, indices, *, weights_source="imagenet", image_size=224, batch_size=32):
+    """Scores the ImageNet classifier restricted to the data set's breeds.
+
+    Args:
+        model_name: "resnet18" or "resnet34".
+        records: the labelled photos (`data.Records`).
+        indices: which of them to score.
+        weights_source: "imagenet", "timm" or a checkpoint path with a 1000-class head.
+        image_size: input size.
+        batch_size: images per inference batch.
+
+    Returns:
+        Dict with accuracy, top5_accuracy, log_loss and what was measured.
+    """
+    breed_columns(records.class_names)  # fail before loading any weights
+    preprocessing = weights.preprocessing_for(weights_source, model_name)
+    model = models.build(model_name, 1000, weights=weights_source, input_shape=(image_size, image_size, 3))
+    dataset = data.make_dataset([records.paths[i] for i in indices], records.labels[indices],
+                                image_size=image_size, batch_size=batch_size, training=False, **preprocessing)
+    logits = model.predict(dataset.map(lambda images, labels: images), verbose=0)
+    probabilities = breed_probabilities(logits, records.class_names)
+    return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),
+            "num_classes": len(records.class_names),
+            **metrics.scores(probabilities, records.labels[indices])}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.zeroshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18", choices=("resnet18", "resnet34"))
+    parser.add_argument("--weights", default="imagenet", help="imagenet, timm or a 1000-class checkpoint path")
+    parser.add_argument("--data-dir", help="labelled photos (Kaggle or class-folder layout)")
+    parser.add_argument("--run", help="a training run folder: use its data and validation split")
+    parser.add_argument("--subset", default="val", choices=("val", "all"),
+                        help="without --run: the default split's validation part, or every image")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", help="JSON file (default RUN/zeroshot.json, else zeroshot-<model>.json)")
+    args = parser.parse_args(argv)
+    try:
+        if args.run:
+            run_dir = pathlib.Path(args.run)
+            config = config_lib.load_yaml(run_dir / "config.yaml")
+            records, _, indices = data.read_split(run_dir / "split.csv", args.data_dir or config["data_dir"])
+            output = pathlib.Path(args.output or run_dir / "zeroshot.json")
+        elif args.data_dir:
+            records = data.find_records(args.data_dir)
+            indices = (data.stratified_split(records.labels)[1] if args.subset == "val"
+                       else np.arange(len(records.paths)))
+            output = pathlib.Path(args.output or f"zeroshot-{args.model}.json")
+        else:
+            parser.error("give --data-dir or --run")
+        result = evaluate_zero_shot(args.model, records, indices, weights_source=args.weights,
+                                    image_size=args.image_size, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output.write_text(json.dumps(result, indent=2))
+    print(f"Zero-shot {args.model} ({args.weights}) on {result['num_images']} images of "
+          f"{result['num_classes']} breeds: accuracy {result['accuracy']:.4f}, top-5 "
+          f"{result['top5_accuracy']:.4f}, log loss {result['log_loss']:.4f} -> {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
