@@ -44,3 +44,43 @@ def test_zero_shot_run_on_generated_breeds(tmp_path):
     assert result["num_images"] == 24 and result["num_classes"] == 4
     assert result["accuracy"] == pytest.approx(metrics.scores(probabilities, records.labels)["accuracy"])
     assert result["log_loss"] == pytest.approx(metrics.log_loss(probabilities, records.labels), rel=1e-4)
+
+
+def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseline(tmp_path, monkeypatch):
+    """The main command's path: `--weights` left at auto fetches the registry's checkpoint (here a local file)."""
+    import dataclasses
+    import hashlib
+
+    import safetensors.numpy
+
+    from conftest import small_config
+    from tfdogs import port, train, weights
+
+    keras.utils.set_random_seed(5)
+    reference = models.build("resnet18", 1000, input_shape=(64, 64, 3))
+    state_dict = {}
+    for key, (_, variable, layout) in port.torch_names(reference).items():
+        value = np.array(variable)
+        state_dict[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T if value.ndim == 2 else value
+    checkpoint = tmp_path / "resnet18-published.safetensors"
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, checkpoint)
+    spec = dataclasses.replace(weights.REGISTRY[("resnet18", "torchvision")], url=checkpoint.as_uri(),
+                               sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+                               file_name=checkpoint.name)
+    monkeypatch.setitem(weights.REGISTRY, ("resnet18", "torchvision"), spec)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+
+    config = small_config(model="resnet18", weights="auto", strategy="auto", image_size=64, epochs=2,
+                          head_epochs=1, output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
+    assert config["weights"] == "imagenet" and config["strategy"] == "fine-tune"
+    run_dir = train.train(config)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    zero_shot = summary["baselines"]["imagenet_zero_shot"]
+    assert json.loads((run_dir / "zeroshot.json").read_text()) == zero_shot
+    assert zero_shot["num_images"] == summary["num_val"] and 0 <= zero_shot["accuracy"] <= 1
+    assert (tmp_path / "keras_home" / "models" / "tfdogs" / checkpoint.name).is_file()
+
+    # the figure in the run folder is reproduced by the zero-shot command on the same split
+    config_records, _, val_indices = data.read_split(run_dir / "split.csv", str(run_dir / "synthetic_data"))
+    expected = zeroshot.evaluate_zero_shot("resnet18", config_records, val_indices, image_size=64)
+    assert zero_shot["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)

@@ -7,6 +7,7 @@ ResNet-18/34 with a transfer strategy, and writes a run folder:
     split.csv      which photo went to training and which to validation
     history.csv    per-epoch loss, accuracy, top-5, log loss, learning rate
     metrics.json   validation scores of the best epoch, the trivial baselines
+                   (and the untrained ImageNet classifier's, also in zeroshot.json)
     curves.png     loss and accuracy, training against validation
     model.keras    the best model (plain Keras layers: loads without tfdogs)
     best.weights.h5, tensorboard/, backup/ (resume state while training)
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import augment, config as config_lib, data, export, metrics, models, plots, weights
+from tfdogs import augment, config as config_lib, data, export, metrics, models, plots, weights, zeroshot
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -397,8 +398,28 @@ def train(config, extra_callbacks=()):
         mean=preprocessing["mean"], std=preprocessing["std"], crop_fraction=preprocessing["crop_fraction"],
         interpolation=preprocessing["interpolation"], metadata={"run": str(run_dir.resolve()), "config": config})
     summary["export"] = str(version_dir)
+    zero_shot = zero_shot_baseline(config, records, val_indices)
+    if zero_shot is not None:
+        summary["baselines"]["imagenet_zero_shot"] = zero_shot
+        write_json_atomically(zero_shot, run_dir / "zeroshot.json")
     write_json_atomically(summary, run_dir / "metrics.json")
     return run_dir
+
+
+def zero_shot_baseline(config, records, val_indices):
+    """The untrained ImageNet classifier's scores on the run's validation split.
+
+    Computed for runs starting from ImageNet weights when every breed of the
+    data set is an ImageNet class; None otherwise.
+    """
+    if config["weights"] not in ("imagenet", "timm"):
+        return None
+    try:
+        zeroshot.breed_columns(records.class_names)
+    except ValueError:
+        return None
+    return zeroshot.evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],
+                                       image_size=config["image_size"], batch_size=config["batch_size"])
 
 
 def _replace_into(path, write):
