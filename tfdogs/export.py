@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -174,3 +175,212 @@ def latest_version(export_base):
     if not versions:
         raise FileNotFoundError(f"No numeric SavedModel version folder (1/, 2/, ...) in {export_base}.")
     return versions[-1]
+
+
+# ----------------------------------------------------------------------------- ensembles, TFLite, CLI
+
+
+def _preprocessing_key(preprocessing):
+    return (int(preprocessing["image_size"]), tuple(map(float, preprocessing["mean"])),
+            tuple(map(float, preprocessing["std"])), float(preprocessing["crop_fraction"]))
+
+
+class MemberServingModule(ServingModule):
+    """Serving functions for an ensemble whose members each keep their own preprocessing.
+
+    A LeNet-5 at 64 px and a ResNet at 224 px can then vote on the same
+    request: each image is decoded once and preprocessed once per distinct
+    (size, mean, std, crop) among the members, exactly as each member's own
+    validation pipeline does. Outputs are those of `ServingModule`.
+    """
+
+    def __init__(self, models, class_names, preprocessing, model_weights=None):
+        first = preprocessing[0]
+        super().__init__(models, class_names, image_size=first["image_size"], mean=first["mean"],
+                         std=first["std"], crop_fraction=first["crop_fraction"], model_weights=model_weights)
+        if len(preprocessing) != len(self.models):
+            raise ValueError(f"{len(preprocessing)} preprocessing settings given for {len(self.models)} models.")
+        keys = [_preprocessing_key(settings) for settings in preprocessing]
+        self.pipelines = list(dict.fromkeys(keys))  # distinct settings, first-seen order
+        self.pipeline_of_member = [self.pipelines.index(key) for key in keys]
+
+    def probabilities(self, images_per_pipeline):
+        probabilities = 0.0
+        for model, weight, pipeline in zip(self.models, self.model_weights, self.pipeline_of_member):
+            logits = tf.cast(model(images_per_pipeline[pipeline], training=False), tf.float32)
+            probabilities += weight * tf.nn.softmax(logits, axis=-1)
+        return probabilities
+
+    def _preprocess_all(self, image):
+        return tuple(data.preprocess_eval(image, size, mean, std, crop) for size, mean, std, crop in self.pipelines)
+
+    def _map(self, function, batch):
+        return tf.map_fn(function, batch, fn_output_signature=tuple(
+            tf.TensorSpec([size, size, 3], tf.float32) for size, *_ in self.pipelines))
+
+    def from_bytes(self, image_bytes):
+        return self._outputs(self._map(lambda encoded: self._preprocess_all(data.decode_image(encoded)), image_bytes))
+
+    def from_images(self, images):
+        return self._outputs(self._map(self._preprocess_all, images))
+
+
+def _write_version(archive, export_base, facts):
+    """Writes an ExportArchive as the next numeric version, atomically, with `tfdogs.json` facts."""
+    export_base = pathlib.Path(export_base)
+    export_base.mkdir(parents=True, exist_ok=True)
+    version = next_version(export_base)
+    temporary = export_base / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    archive.write_out(str(temporary), verbose=False)
+    (temporary / METADATA_FILE).write_text(json.dumps(facts, indent=2))
+    final = export_base / str(version)
+    os.replace(temporary, final)
+    return final
+
+
+def export_ensemble(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None):
+    """Exports models as one SavedModel ensemble whose members may differ in input preprocessing.
+
+    Same layout and signatures as `export_saved_model` (which it calls when
+    every member shares one preprocessing); otherwise each member gets its own
+    resize, crop and normalisation inside the graph.
+
+    Args:
+        models: Keras classifiers returning logits over the same classes.
+        class_names: breed names in class-index order.
+        export_base: folder holding the numbered versions.
+        preprocessing: per member, a dict with `image_size`, `mean`, `std`
+            and `crop_fraction`.
+        model_weights: optional member weights (normalised to sum to 1).
+        metadata: extra JSON-serialisable facts for `tfdogs.json`.
+
+    Returns:
+        The path of the new version folder.
+    """
+    models = list(models)
+    member_facts = {"member_preprocessing": [
+        dict(zip(("image_size", "mean", "std", "crop_fraction"), _preprocessing_key(settings)))
+        for settings in preprocessing]}
+    if len({_preprocessing_key(settings) for settings in preprocessing}) == 1:
+        first = member_facts["member_preprocessing"][0]
+        return export_saved_model(models, class_names, export_base, **first, model_weights=model_weights,
+                                  metadata={**member_facts, **(metadata or {})})
+    module = MemberServingModule(models, class_names, preprocessing, model_weights)
+    archive = keras.export.ExportArchive()
+    for model in models:
+        archive.track(model)
+    archive.add_endpoint("serving_default", module.from_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("serving_images", module.from_images,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    facts = {"class_names": list(class_names), "image_size": None, "members": [model.name for model in models],
+             "member_weights": module.model_weights, **member_facts, **(metadata or {})}
+    return _write_version(archive, export_base, facts)
+
+
+TFLITE_FILE = "model.tflite"
+TFLITE_LABELS_FILE = "labels.txt"
+
+
+def tflite_input(image, image_size, crop_fraction=0.875):
+    """The pixels a TFLite export expects for one image: resized and centre-cropped, not normalised.
+
+    This is `data.preprocess_eval` without its last step, so that feeding these
+    pixels to the TFLite model gives what the SavedModel gives for the image.
+
+    Args:
+        image: [h, w, 3] uint8 or float RGB in [0, 255], or encoded image bytes.
+        image_size: the export's input side.
+        crop_fraction: the export's centre-crop fraction.
+
+    Returns:
+        float32 [image_size, image_size, 3] in [0, 255].
+    """
+    if isinstance(image, (bytes, str)) or (tf.is_tensor(image) and image.dtype == tf.string):
+        image = data.decode_image(image)
+    # mean 0 and std 1/255 turn the normalisation back into plain pixels.
+    return data.preprocess_eval(image, image_size, (0.0, 0.0, 0.0), (1 / 255,) * 3, crop_fraction)
+
+
+def export_tflite(models, class_names, output_dir, *, preprocessing, model_weights=None, metadata=None):
+    """Converts a model or an ensemble to a float32 TFLite file for on-device use.
+
+    The TFLite model takes `images`, float32 [batch, S, S, 3] RGB pixels in
+    [0, 255] that are already resized (shorter side round(S / crop_fraction),
+    bilinear with antialiasing) and centre-cropped to S x S — what
+    `tflite_input` computes — and returns `probabilities` [batch, classes]
+    (normalisation, softmax and the ensemble average are inside). Decoding and
+    resizing stay outside because the converter has no built-in kernels for
+    string decoding or antialiased resizing; phones decode and resize with
+    their own image APIs anyway.
+
+    Writes `model.tflite`, `labels.txt` (one breed per line, in output order)
+    and `tfdogs.json` (input size, crop fraction, class names) to `output_dir`.
+
+    Args:
+        models: a Keras classifier returning logits, or a list of them.
+        class_names: breed names in class-index order.
+        output_dir: folder to write into (created if needed).
+        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`,
+            or one such dict per model; all must share `image_size` and
+            `crop_fraction`, since the file has one input.
+        model_weights: optional ensemble weights (normalised to sum to 1).
+        metadata: extra JSON-serialisable facts for `tfdogs.json`.
+
+    Returns:
+        The path of `model.tflite`.
+    """
+    if isinstance(models, keras.Model):
+        models = [models]
+    models = list(models)
+    if isinstance(preprocessing, dict):
+        preprocessing = [preprocessing] * len(models)
+    inputs = {(int(settings["image_size"]), float(settings["crop_fraction"])) for settings in preprocessing}
+    if len(inputs) != 1:
+        raise ValueError(
+            "A TFLite export has one input, but the members need different input sizes or crops "
+            f"(image_size, crop_fraction): {sorted(inputs)}. Export these members to TFLite separately.")
+    (image_size, crop_fraction), = inputs
+    if model_weights is None:
+        model_weights = [1.0] * len(models)
+    total = float(sum(model_weights))
+    member_weights = [float(weight) / total for weight in model_weights]
+    means = [tf.constant(settings["mean"], tf.float32) for settings in preprocessing]
+    stds = [tf.constant(settings["std"], tf.float32) for settings in preprocessing]
+
+    def classify(images):
+        probabilities = 0.0
+        for model, weight, mean, std in zip(models, member_weights, means, stds):
+            logits = tf.cast(model((images / 255.0 - mean) / std, training=False), tf.float32)
+            probabilities += weight * tf.nn.softmax(logits, axis=-1)
+        return {"probabilities": probabilities}
+
+    # Through a SavedModel: it is the converter's documented input for Keras 3 models, and it
+    # freezes the weights into constants (a concrete function keeps them as resource variables).
+    archive = keras.export.ExportArchive()
+    for model in models:
+        archive.track(model)
+    archive.add_endpoint("serving_default", classify, input_signature=[
+        tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir) as saved_model_dir:
+        archive.write_out(saved_model_dir, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+        flatbuffer = converter.convert()
+    path = output_dir / TFLITE_FILE
+    temporary = output_dir / f".partial-{os.getpid()}-{TFLITE_FILE}"
+    temporary.write_bytes(flatbuffer)
+    os.replace(temporary, path)
+    (output_dir / TFLITE_LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
+    facts = {"class_names": list(class_names), "image_size": image_size, "crop_fraction": crop_fraction,
+             "input": "float32 [batch, image_size, image_size, 3] RGB pixels in [0, 255], shorter side resized "
+                      "to round(image_size / crop_fraction) (bilinear, antialiased), then centre-cropped",
+             "output": "probabilities [batch, classes], in labels.txt order",
+             "members": [model.name for model in models], "member_weights": member_weights,
+             "member_preprocessing": [dict(mean=list(settings["mean"]), std=list(settings["std"]))
+                                      for settings in preprocessing],
+             **(metadata or {})}
+    (output_dir / METADATA_FILE).write_text(json.dumps(facts, indent=2))
+    return path

@@ -1,6 +1,7 @@
-"""Training-curve figures: the two panels the study shows for each model."""
+"""Figures: training curves per run, validation curves of several runs, breed confusions."""
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,6 +26,90 @@ def plot_curves(history, path, title=None):
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_validation_overlay(histories, path, *, reference_lines=None, title=None):
+    """Overlays the validation curves of several runs: accuracy and log loss per epoch.
+
+    Args:
+        histories: mapping from run name to its `history.csv` DataFrame
+            (`epoch`, `val_accuracy`, and `val_log_loss` or `val_loss`).
+        path: output PNG path.
+        reference_lines: optional mapping from a label to a dict with
+            `accuracy` and/or `log_loss`, drawn as horizontal dashed lines
+            (baselines, an ensemble's score).
+        title: optional figure title.
+    """
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, history in histories.items():
+        epochs = history["epoch"] + 1
+        (line,) = accuracy_axes.plot(epochs, history["val_accuracy"], marker="o", markersize=3, label=name)
+        loss_column = "val_log_loss" if "val_log_loss" in history else "val_loss"
+        loss_axes.plot(epochs, history[loss_column], marker="o", markersize=3, color=line.get_color(), label=name)
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 3))] * 4)
+    for label, values in (reference_lines or {}).items():
+        style = next(styles)
+        for axes, key in ((accuracy_axes, "accuracy"), (loss_axes, "log_loss")):
+            if values.get(key) is not None:
+                axes.axhline(values[key], linestyle=style, color="grey", linewidth=1,
+                             label=f"{label} ({values[key]:.3g})")
+    for axes, label in ((accuracy_axes, "validation accuracy"), (loss_axes, "validation log loss")):
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confused_pairs(counts, class_names, pairs, path, title=None):
+    """The most-confused breed pairs as bars, beside the confusion counts among those breeds.
+
+    A 120 x 120 confusion matrix is unreadable; restricted to the breeds of the
+    worst pairs it shows who is taken for whom.
+
+    Args:
+        counts: confusion matrix, counts[true, predicted].
+        class_names: breed names in class-index order.
+        pairs: DataFrame from `tfdogs.evaluate.most_confused_pairs`.
+        path: output PNG path.
+        title: optional figure title.
+    """
+    figure, (bars_axes, matrix_axes) = plt.subplots(1, 2, figsize=(13, 5.5))
+    if len(pairs):
+        labels = [f"{a} / {b}" for a, b in zip(pairs["breed_a"], pairs["breed_b"])][::-1]
+        a_as_b, b_as_a = pairs["a_as_b"].to_numpy()[::-1], pairs["b_as_a"].to_numpy()[::-1]
+        bars_axes.barh(labels, a_as_b, label="true: first, predicted: second")
+        bars_axes.barh(labels, b_as_a, left=a_as_b, label="true: second, predicted: first")
+        bars_axes.legend(fontsize="small")
+        breeds = list(dict.fromkeys(list(pairs["breed_a"]) + list(pairs["breed_b"])))
+    else:
+        bars_axes.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=bars_axes.transAxes)
+        breeds = list(class_names[:10])
+    bars_axes.set_xlabel("images confused")
+    index = [class_names.index(breed) for breed in breeds]
+    sub = counts[np.ix_(index, index)]
+    image = matrix_axes.imshow(sub, cmap="Blues")
+    matrix_axes.set_xticks(range(len(breeds)), breeds, rotation=60, ha="right", fontsize="small")
+    matrix_axes.set_yticks(range(len(breeds)), breeds, fontsize="small")
+    matrix_axes.set_xlabel("predicted")
+    matrix_axes.set_ylabel("true")
+    if len(breeds) <= 20:
+        for row in range(len(breeds)):
+            for column in range(len(breeds)):
+                if sub[row, column]:
+                    matrix_axes.text(column, row, int(sub[row, column]), ha="center", va="center",
+                                     fontsize="x-small",
+                                     color="white" if sub[row, column] > sub.max() / 2 else "black")
+    figure.colorbar(image, ax=matrix_axes, fraction=0.046)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

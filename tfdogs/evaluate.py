@@ -1,0 +1,315 @@
+"""`python -m tfdogs.evaluate`: a finished run's scores, breed by breed.
+
+Scores the run's best model (`model.keras`) on its own validation split (from
+`split.csv`), or on another labelled data set with `--data-dir`, and writes to
+`RUN/evaluation/` (or `--output`):
+
+    evaluation.json     accuracy, top-5 accuracy, Kaggle log loss, what was scored
+    per_breed.csv       images, correct answers, accuracy and the most frequent wrong answer per breed
+    confused_pairs.csv  the breed pairs mistaken for each other most often
+    confusions.png      those pairs as bars, beside the confusion counts among their breeds
+
+Fine-grained errors are the interesting ones: a model that mixes up Siberian
+husky and malamute has learnt something; one that mixes up pug and borzoi has
+not. `--tta` averages each image's probabilities with those of its mirror
+image (horizontal-flip test-time augmentation).
+
+This module also reads run folders for the other after-training tools
+(`load_run`, `predict_paths`).
+
+Examples:
+    python -m tfdogs.evaluate runs/resnet18-20240101-120000
+    python -m tfdogs.evaluate runs/resnet18-20240101-120000 --tta
+    python -m tfdogs.evaluate runs/lenet --data-dir path/to/other/labelled/photos --output reports/lenet-other
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfdogs import config as config_lib, data, metrics, plots, weights
+
+
+class RunFolderError(ValueError):
+    """A run, ensemble or model folder lacks a file or does not fit; the message names the file."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished training run, read from its folder.
+
+    Attributes:
+        run_dir: the run folder.
+        name: the folder's name.
+        config: the resolved config (`config.yaml`).
+        class_names: breed names in class-index order (from `split.csv`).
+        preprocessing: `image_size`, `mean`, `std`, `crop_fraction` of its validation pipeline.
+    """
+
+    run_dir: pathlib.Path
+    name: str
+    config: dict
+    class_names: list
+    preprocessing: dict
+
+    @property
+    def summary(self):
+        """`metrics.json`, written when training finished."""
+        return read_json(self.run_dir / "metrics.json")
+
+    def load_model(self):
+        """The run's best model (plain Keras, returns logits)."""
+        import keras  # noqa: PLC0415  (only the tools that predict pay for it)
+
+        path = self.run_dir / "model.keras"
+        if not path.is_file():
+            raise RunFolderError(f"{path} is missing: the run in {self.run_dir} has not finished training.")
+        return keras.saving.load_model(path)
+
+    def data_dir(self):
+        """The labelled photos the run was trained on.
+
+        Runs on generated data keep it inside the run folder; a moved run folder
+        still finds it there.
+        """
+        recorded = self.config.get("data_dir")
+        if recorded and pathlib.Path(recorded).is_dir():
+            return pathlib.Path(recorded)
+        if self.config.get("data") == "synthetic" and (self.run_dir / "synthetic_data").is_dir():
+            return self.run_dir / "synthetic_data"
+        raise RunFolderError(
+            f"{self.run_dir / 'config.yaml'}: its data_dir {recorded!r} does not exist; "
+            "pass --data-dir to point at the photos.")
+
+    def split(self, data_dir=None):
+        """The run's photos and split: (records, train_indices, val_indices), see `data.read_split`."""
+        return data.read_split(self.run_dir / "split.csv", data_dir or self.data_dir())
+
+
+def read_json(path):
+    """Reads a JSON file, naming it when it is missing or malformed."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunFolderError(f"{path} is not valid JSON: {error}") from None
+
+
+def split_class_names(split_path):
+    """Breed names in class-index order, read from a `split.csv` without touching the photos."""
+    split_path = pathlib.Path(split_path)
+    if not split_path.is_file():
+        raise RunFolderError(f"{split_path} is missing.")
+    with open(split_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows or not {"label", "breed"} <= set(rows[0]):
+        raise RunFolderError(f"{split_path}: expected a header with 'label' and 'breed' and at least one row.")
+    breed_of_label = {int(row["label"]): row["breed"] for row in rows}
+    return [breed_of_label[label] for label in sorted(breed_of_label)]
+
+
+def load_run(run_dir):
+    """Reads a run folder's config, classes and preprocessing.
+
+    Args:
+        run_dir: a folder written by `python -m tfdogs.train`.
+
+    Returns:
+        A `Run`.
+
+    Raises:
+        RunFolderError: naming the missing or unreadable file.
+    """
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"Run folder {run_dir} does not exist.")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise RunFolderError(f"{config_path} is missing: {run_dir} is not a tfdogs run folder.")
+    try:
+        config = config_lib.load_yaml(config_path)
+    except config_lib.ConfigError as error:
+        raise RunFolderError(str(error)) from None
+    for key in ("model", "image_size"):
+        if key not in config:
+            raise RunFolderError(f"{config_path} has no '{key}'.")
+    settings = weights.preprocessing_for(config.get("weights"), config["model"])
+    preprocessing = {"image_size": int(config["image_size"]), "mean": tuple(settings["mean"]),
+                     "std": tuple(settings["std"]), "crop_fraction": float(settings["crop_fraction"])}
+    return Run(run_dir, run_dir.name, config, split_class_names(run_dir / "split.csv"), preprocessing)
+
+
+def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
+    """Softmax probabilities of a model for image files, through the validation pipeline.
+
+    Args:
+        model: Keras classifier returning logits.
+        paths: image file paths.
+        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`.
+        batch_size: images per forward pass.
+        tta: also predict the mirror images and average the two.
+
+    Returns:
+        float32 [len(paths), classes].
+    """
+    from tfdogs import train  # noqa: PLC0415  (train imports the whole training stack)
+
+    dataset = data.make_dataset(list(paths), np.zeros(len(paths), np.int64), training=False,
+                                batch_size=batch_size, **preprocessing)
+    probabilities = train.predict_probabilities(model, dataset)
+    if tta:
+        # Normalisation is per channel, so mirroring the normalised batch equals normalising the mirror image.
+        mirrored = dataset.map(lambda images, labels: (tf.image.flip_left_right(images), labels))
+        probabilities = (probabilities + train.predict_probabilities(model, mirrored)) / 2
+    return probabilities
+
+
+def relabel(records, class_names):
+    """Labels of another labelled data set, as indices into a model's `class_names`.
+
+    Raises:
+        RunFolderError: the data set has breeds the model does not know (named).
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(records.class_names) - index.keys())
+    if unknown:
+        raise RunFolderError(
+            f"{records.root} has {len(unknown)} breed(s) the model does not know: {', '.join(unknown[:10])}"
+            f"{' ...' if len(unknown) > 10 else ''}. The model knows: {', '.join(class_names[:10])}"
+            f"{' ...' if len(class_names) > 10 else ''}.")
+    return np.array([index[records.class_names[label]] for label in records.labels], np.int64)
+
+
+def confusion_matrix(probabilities, labels, num_classes):
+    """counts[true, predicted] of the most probable class."""
+    predicted = np.argmax(probabilities, axis=1)
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (np.asarray(labels), predicted), 1)
+    return counts
+
+
+def per_breed_accuracy(counts, class_names):
+    """Accuracy per breed from a confusion matrix, worst first.
+
+    Returns:
+        DataFrame: breed, images, correct, accuracy (NaN without images) and
+        `most_predicted_instead`, the most frequent wrong answer ('' if none).
+    """
+    wrong = counts.copy()
+    np.fill_diagonal(wrong, 0)
+    images = counts.sum(axis=1)
+    correct = np.diag(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.where(images > 0, correct / np.maximum(images, 1), np.nan)
+    instead = [class_names[int(np.argmax(row))] if row.any() else "" for row in wrong]
+    table = pd.DataFrame({"breed": class_names, "images": images, "correct": correct, "accuracy": accuracy,
+                          "most_predicted_instead": instead})
+    return table.sort_values(["accuracy", "breed"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def most_confused_pairs(counts, class_names, top=10):
+    """The breed pairs mistaken for each other most often, in either direction.
+
+    Returns:
+        DataFrame: breed_a, breed_b, a_as_b, b_as_a, total (a < b by index),
+        most confusions first, pairs never confused left out.
+    """
+    rows = []
+    for a in range(len(class_names)):
+        for b in range(a + 1, len(class_names)):
+            total = counts[a, b] + counts[b, a]
+            if total:
+                rows.append((class_names[a], class_names[b], int(counts[a, b]), int(counts[b, a]), int(total)))
+    table = pd.DataFrame(rows, columns=["breed_a", "breed_b", "a_as_b", "b_as_a", "total"])
+    return table.sort_values(["total", "breed_a", "breed_b"], ascending=[False, True, True],
+                             kind="stable").head(top).reset_index(drop=True)
+
+
+def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, top_pairs=10):
+    """Scores a run's best model and writes the per-breed tables and the confusion figure.
+
+    Args:
+        run_dir: run folder.
+        data_dir: another labelled data set (Kaggle or class-folder layout) to
+            score on every image of; default: the run's own validation split.
+        tta: average with the horizontally mirrored image.
+        output: folder for the results; default `RUN/evaluation` (with
+            `-tta` and/or `-<data folder name>` appended).
+        batch_size: images per forward pass.
+        top_pairs: how many confused pairs to list and plot.
+
+    Returns:
+        The `evaluation.json` content, plus `output` (the folder written).
+    """
+    run = load_run(run_dir)
+    if data_dir is None:
+        records, _, val_indices = run.split()
+        paths, labels = [records.paths[i] for i in val_indices], records.labels[val_indices]
+        source = f"validation split of {run.run_dir} ({len(paths)} images)"
+    else:
+        records = data.find_records(data_dir)
+        paths, labels = records.paths, relabel(records, run.class_names)
+        source = f"all {len(paths)} labelled images in {records.root}"
+    if output is None:
+        suffix = ("" if data_dir is None else f"-{pathlib.Path(records.root).name}") + ("-tta" if tta else "")
+        output = run.run_dir / f"evaluation{suffix}"
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    probabilities = predict_paths(run.load_model(), paths, run.preprocessing, batch_size=batch_size, tta=tta)
+    counts = confusion_matrix(probabilities, labels, len(run.class_names))
+    breeds = per_breed_accuracy(counts, run.class_names)
+    pairs = most_confused_pairs(counts, run.class_names, top=top_pairs)
+    breeds.to_csv(output / "per_breed.csv", index=False)
+    pairs.to_csv(output / "confused_pairs.csv", index=False)
+    plots.plot_confused_pairs(counts, run.class_names, pairs, output / "confusions.png",
+                              title=f"{run.name}: most-confused breeds")
+    result = {
+        "run": str(run.run_dir), "data": source, "num_images": len(paths), "tta": tta,
+        "scores": metrics.scores(probabilities, labels),
+        "random_guess": {"accuracy": 1 / len(run.class_names), "log_loss": float(np.log(len(run.class_names)))},
+    }
+    (output / "evaluation.json").write_text(json.dumps(result, indent=2))
+    return {**result, "output": str(output)}
+
+
+def main(argv=None):
+    """Command-line entry point: evaluates one run and prints the scores and worst breeds."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="run folder written by python -m tfdogs.train")
+    parser.add_argument("--data-dir", help="another labelled data set to score on (default: the run's validation split)")
+    parser.add_argument("--tta", action="store_true", help="average with the horizontally mirrored image")
+    parser.add_argument("--output", help="results folder (default RUN/evaluation)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--top-pairs", type=int, default=10, help="how many confused breed pairs to show")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.run_dir, data_dir=args.data_dir, tta=args.tta, output=args.output,
+                          batch_size=args.batch_size, top_pairs=args.top_pairs)
+    except (RunFolderError, data.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    scores, output = result["scores"], pathlib.Path(result["output"])
+    print(f"{result['data']}{' with flip TTA' if result['tta'] else ''}:\n"
+          f"  accuracy {scores['accuracy']:.4f}, top-5 {scores['top5_accuracy']:.4f}, "
+          f"log loss {scores['log_loss']:.4f} (random guess {result['random_guess']['accuracy']:.4f})")
+    breeds = pd.read_csv(output / "per_breed.csv", keep_default_na=False)
+    print("\nHardest breeds:\n" + breeds.head(5).to_string(index=False))
+    pairs = pd.read_csv(output / "confused_pairs.csv")
+    if len(pairs):
+        print("\nMost-confused pairs:\n" + pairs.head(5).to_string(index=False))
+    print(f"\nWritten to {output}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
