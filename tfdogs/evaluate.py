@@ -50,7 +50,7 @@ class Run:
         name: the folder's name.
         config: the resolved config (`config.yaml`).
         class_names: breed names in class-index order (from `split.csv`).
-        preprocessing: `image_size`, `mean`, `std`, `crop_fraction` of its validation pipeline.
+        preprocessing: `image_size`, `mean`, `std`, `crop_fraction`, `interpolation` of its validation pipeline.
     """
 
     run_dir: pathlib.Path
@@ -144,7 +144,8 @@ def load_run(run_dir):
             raise RunFolderError(f"{config_path} has no '{key}'.")
     settings = weights.preprocessing_for(config.get("weights"), config["model"])
     preprocessing = {"image_size": int(config["image_size"]), "mean": tuple(settings["mean"]),
-                     "std": tuple(settings["std"]), "crop_fraction": float(settings["crop_fraction"])}
+                     "std": tuple(settings["std"]), "crop_fraction": float(settings["crop_fraction"]),
+                     "interpolation": settings["interpolation"]}
     return Run(run_dir, run_dir.name, config, split_class_names(run_dir / "split.csv"), preprocessing)
 
 
@@ -154,7 +155,7 @@ def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
     Args:
         model: Keras classifier returning logits.
         paths: image file paths.
-        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`.
+        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`, `interpolation`.
         batch_size: images per forward pass.
         tta: also predict the mirror images and average the two.
 

@@ -13,17 +13,27 @@ two signatures with the same outputs:
 Outputs: `probabilities` `[batch, classes]` (float32, rows sum to 1),
 `top5_breeds` `[batch, k]` (strings) and `top5_probabilities` `[batch, k]`,
 with k = min(5, classes). Several models export as one ensemble that averages
-their probabilities. Loading the export needs TensorFlow alone.
+their probabilities (`export_ensemble` lets each member keep its own input
+size and normalisation). Loading the export needs TensorFlow alone.
+
+`export_tflite` writes a float32 TFLite file instead, for phones: it takes
+already resized and centre-cropped pixels (see its docstring for why).
 
 Example:
     loaded = tf.saved_model.load("saved_models/resnet18-demo/1")
     out = loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg]))
+
+Command line (a run folder or an ensemble folder):
+    python -m tfdogs.export runs/resnet18-demo                  # saved_models/resnet18-demo/<next version>
+    python -m tfdogs.export runs/resnet18-demo --format tflite  # runs/resnet18-demo/tflite/model.tflite
 """
 
+import argparse
 import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 import keras
@@ -180,9 +190,13 @@ def latest_version(export_base):
 # ----------------------------------------------------------------------------- ensembles, TFLite, CLI
 
 
+PREPROCESSING_KEYS = ("image_size", "mean", "std", "crop_fraction", "interpolation")
+
+
 def _preprocessing_key(preprocessing):
     return (int(preprocessing["image_size"]), tuple(map(float, preprocessing["mean"])),
-            tuple(map(float, preprocessing["std"])), float(preprocessing["crop_fraction"]))
+            tuple(map(float, preprocessing["std"])), float(preprocessing["crop_fraction"]),
+            preprocessing.get("interpolation", "bilinear"))
 
 
 class MemberServingModule(ServingModule):
@@ -190,14 +204,15 @@ class MemberServingModule(ServingModule):
 
     A LeNet-5 at 64 px and a ResNet at 224 px can then vote on the same
     request: each image is decoded once and preprocessed once per distinct
-    (size, mean, std, crop) among the members, exactly as each member's own
+    (size, mean, std, crop, interpolation) among the members, exactly as each member's own
     validation pipeline does. Outputs are those of `ServingModule`.
     """
 
     def __init__(self, models, class_names, preprocessing, model_weights=None):
         first = preprocessing[0]
         super().__init__(models, class_names, image_size=first["image_size"], mean=first["mean"],
-                         std=first["std"], crop_fraction=first["crop_fraction"], model_weights=model_weights)
+                         std=first["std"], crop_fraction=first["crop_fraction"],
+                         interpolation=first.get("interpolation", "bilinear"), model_weights=model_weights)
         if len(preprocessing) != len(self.models):
             raise ValueError(f"{len(preprocessing)} preprocessing settings given for {len(self.models)} models.")
         keys = [_preprocessing_key(settings) for settings in preprocessing]
@@ -212,7 +227,7 @@ class MemberServingModule(ServingModule):
         return probabilities
 
     def _preprocess_all(self, image):
-        return tuple(data.preprocess_eval(image, size, mean, std, crop) for size, mean, std, crop in self.pipelines)
+        return tuple(data.preprocess_eval(image, *settings) for settings in self.pipelines)
 
     def _map(self, function, batch):
         return tf.map_fn(function, batch, fn_output_signature=tuple(
@@ -250,8 +265,8 @@ def export_ensemble(models, class_names, export_base, *, preprocessing, model_we
         models: Keras classifiers returning logits over the same classes.
         class_names: breed names in class-index order.
         export_base: folder holding the numbered versions.
-        preprocessing: per member, a dict with `image_size`, `mean`, `std`
-            and `crop_fraction`.
+        preprocessing: per member, a dict with `image_size`, `mean`, `std`,
+            `crop_fraction` and `interpolation` (default bilinear).
         model_weights: optional member weights (normalised to sum to 1).
         metadata: extra JSON-serialisable facts for `tfdogs.json`.
 
@@ -260,7 +275,7 @@ def export_ensemble(models, class_names, export_base, *, preprocessing, model_we
     """
     models = list(models)
     member_facts = {"member_preprocessing": [
-        dict(zip(("image_size", "mean", "std", "crop_fraction"), _preprocessing_key(settings)))
+        dict(zip(PREPROCESSING_KEYS, _preprocessing_key(settings)))
         for settings in preprocessing]}
     if len({_preprocessing_key(settings) for settings in preprocessing}) == 1:
         first = member_facts["member_preprocessing"][0]
@@ -283,7 +298,7 @@ TFLITE_FILE = "model.tflite"
 TFLITE_LABELS_FILE = "labels.txt"
 
 
-def tflite_input(image, image_size, crop_fraction=0.875):
+def tflite_input(image, image_size, crop_fraction=0.875, interpolation="bilinear"):
     """The pixels a TFLite export expects for one image: resized and centre-cropped, not normalised.
 
     This is `data.preprocess_eval` without its last step, so that feeding these
@@ -293,6 +308,7 @@ def tflite_input(image, image_size, crop_fraction=0.875):
         image: [h, w, 3] uint8 or float RGB in [0, 255], or encoded image bytes.
         image_size: the export's input side.
         crop_fraction: the export's centre-crop fraction.
+        interpolation: the export's resize method.
 
     Returns:
         float32 [image_size, image_size, 3] in [0, 255].
@@ -300,7 +316,7 @@ def tflite_input(image, image_size, crop_fraction=0.875):
     if isinstance(image, (bytes, str)) or (tf.is_tensor(image) and image.dtype == tf.string):
         image = data.decode_image(image)
     # mean 0 and std 1/255 turn the normalisation back into plain pixels.
-    return data.preprocess_eval(image, image_size, (0.0, 0.0, 0.0), (1 / 255,) * 3, crop_fraction)
+    return data.preprocess_eval(image, image_size, (0.0, 0.0, 0.0), (1 / 255,) * 3, crop_fraction, interpolation)
 
 
 def export_tflite(models, class_names, output_dir, *, preprocessing, model_weights=None, metadata=None):
@@ -308,7 +324,7 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
 
     The TFLite model takes `images`, float32 [batch, S, S, 3] RGB pixels in
     [0, 255] that are already resized (shorter side round(S / crop_fraction),
-    bilinear with antialiasing) and centre-cropped to S x S — what
+    antialiased, with the export's interpolation) and centre-cropped to S x S — what
     `tflite_input` computes — and returns `probabilities` [batch, classes]
     (normalisation, softmax and the ensemble average are inside). Decoding and
     resizing stay outside because the converter has no built-in kernels for
@@ -322,9 +338,9 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
         models: a Keras classifier returning logits, or a list of them.
         class_names: breed names in class-index order.
         output_dir: folder to write into (created if needed).
-        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`,
-            or one such dict per model; all must share `image_size` and
-            `crop_fraction`, since the file has one input.
+        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`
+            and `interpolation` (default bilinear), or one such dict per model;
+            all must share size, crop and interpolation, since the file has one input.
         model_weights: optional ensemble weights (normalised to sum to 1).
         metadata: extra JSON-serialisable facts for `tfdogs.json`.
 
@@ -336,12 +352,13 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
     models = list(models)
     if isinstance(preprocessing, dict):
         preprocessing = [preprocessing] * len(models)
-    inputs = {(int(settings["image_size"]), float(settings["crop_fraction"])) for settings in preprocessing}
+    inputs = {(int(settings["image_size"]), float(settings["crop_fraction"]),
+               settings.get("interpolation", "bilinear")) for settings in preprocessing}
     if len(inputs) != 1:
         raise ValueError(
-            "A TFLite export has one input, but the members need different input sizes or crops "
-            f"(image_size, crop_fraction): {sorted(inputs)}. Export these members to TFLite separately.")
-    (image_size, crop_fraction), = inputs
+            "A TFLite export has one input, but the members need different input preprocessing "
+            f"(image_size, crop_fraction, interpolation): {sorted(inputs)}. Export them to TFLite separately.")
+    (image_size, crop_fraction, interpolation), = inputs
     if model_weights is None:
         model_weights = [1.0] * len(models)
     total = float(sum(model_weights))
@@ -375,8 +392,9 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
     os.replace(temporary, path)
     (output_dir / TFLITE_LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
     facts = {"class_names": list(class_names), "image_size": image_size, "crop_fraction": crop_fraction,
+             "interpolation": interpolation,
              "input": "float32 [batch, image_size, image_size, 3] RGB pixels in [0, 255], shorter side resized "
-                      "to round(image_size / crop_fraction) (bilinear, antialiased), then centre-cropped",
+                      "to round(image_size / crop_fraction) (antialiased, `interpolation`), then centre-cropped",
              "output": "probabilities [batch, classes], in labels.txt order",
              "members": [model.name for model in models], "member_weights": member_weights,
              "member_preprocessing": [dict(mean=list(settings["mean"]), std=list(settings["std"]))
@@ -384,3 +402,43 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
              **(metadata or {})}
     (output_dir / METADATA_FILE).write_text(json.dumps(facts, indent=2))
     return path
+
+
+def main(argv=None):
+    """Command-line entry point: exports a run or ensemble folder as a SavedModel or a TFLite file."""
+    from tfdogs import ensemble, evaluate  # noqa: PLC0415  (they import this module)
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tfdogs.export",
+        description="Exports a run folder or an ensemble folder as a SavedModel (TF Serving) or TFLite file.")
+    parser.add_argument("model", help="run folder (python -m tfdogs.train) or ensemble folder (tfdogs.ensemble)")
+    parser.add_argument("--format", choices=("saved_model", "tflite"), default="saved_model",
+                        help="saved_model: the next numeric version under --output; tflite: model.tflite, "
+                             "labels.txt and tfdogs.json in --output")
+    parser.add_argument("--output", help="default: saved_models/<folder name> (saved_model), "
+                                         "MODEL/tflite (tflite)")
+    args = parser.parse_args(argv)
+    folder = pathlib.Path(args.model)
+    try:
+        if (folder / ensemble.ENSEMBLE_FILE).is_file():
+            runs, member_weights = ensemble.load_ensemble(folder)
+        else:
+            runs, member_weights = [evaluate.load_run(folder)], None
+        models = [run.load_model() for run in runs]
+        preprocessing = [run.preprocessing for run in runs]
+        metadata = {"exported_from": str(folder.resolve())}
+        if args.format == "tflite":
+            path = export_tflite(models, runs[0].class_names, args.output or folder / "tflite",
+                                 preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
+        else:
+            path = export_ensemble(models, runs[0].class_names, args.output or pathlib.Path("saved_models") / folder.name,
+                                   preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
+    except (evaluate.RunFolderError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Exported {folder} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Figures: training curves per run, validation curves of several runs, breed confusions."""
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on training machines
@@ -41,8 +42,9 @@ def plot_validation_overlay(histories, path, *, reference_lines=None, title=None
             (`epoch`, `val_accuracy`, and `val_log_loss` or `val_loss`).
         path: output PNG path.
         reference_lines: optional mapping from a label to a dict with
-            `accuracy` and/or `log_loss`, drawn as horizontal dashed lines
-            (baselines, an ensemble's score).
+            `accuracy` and/or `log_loss` (and optionally a matplotlib `color`,
+            default grey), drawn as horizontal dashed lines: baselines, an
+            ensemble's score.
         title: optional figure title.
     """
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -56,9 +58,10 @@ def plot_validation_overlay(histories, path, *, reference_lines=None, title=None
         style = next(styles)
         for axes, key in ((accuracy_axes, "accuracy"), (loss_axes, "log_loss")):
             if values.get(key) is not None:
-                axes.axhline(values[key], linestyle=style, color="grey", linewidth=1,
+                axes.axhline(values[key], linestyle=style, color=values.get("color", "grey"), linewidth=1,
                              label=f"{label} ({values[key]:.3g})")
     for axes, label in ((accuracy_axes, "validation accuracy"), (loss_axes, "validation log loss")):
+        axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
