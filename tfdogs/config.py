@@ -21,6 +21,7 @@ DEFAULTS = {
     "model": "resnet18",
     "data": None,
     "data_dir": None,
+    "strict": False,
     "weights": "auto",
     "strategy": "auto",
     "epochs": 10,
@@ -101,6 +102,8 @@ HELP = {
     "data": "built-in data source: 'synthetic' (offline demo) or 'stanford_dogs' "
     "(tensorflow-datasets download); the default when no --data-dir is given",
     "data_dir": "labelled photos: Kaggle layout (labels.csv + train/) or one folder per breed",
+    "strict": "fail when the data check (python -m tfdogs.check) would skip any file or labels.csv row, "
+    "instead of skipping and listing them in problems.csv",
     "weights": "auto (imagenet for ResNets, none for LeNet-5), none (random init), imagenet "
     "(torchvision), timm (timm a1_in1k) or a .pth/.safetensors/.weights.h5 path",
     "strategy": "auto (scratch without weights, else fine-tune), scratch, feature-extract "

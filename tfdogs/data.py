@@ -102,12 +102,46 @@ class Records:
 # ----------------------------------------------------------------------------- layouts
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a data file or a labels.csv row, and what tfdogs does about it.
+
+    Attributes:
+        file: The file, relative to the data directory ("train/abc.jpg",
+            "labels.csv", "pug/1.jpg").
+        line: The labels.csv line the problem comes from, or None.
+        kind: Short slug of the problem ("missing", "unsafe-id", "corrupt", ...).
+        action: "skipped" (not used), "converted" (used through a converted
+            copy) or "kept" (used as it is; the reason says what to expect).
+        reason: What was found, in words.
+    """
+
+    file: str
+    line: int | None
+    kind: str
+    action: str
+    reason: str
+
+    @property
+    def where(self) -> str:
+        if self.line is None:
+            return self.file
+        if self.file == "labels.csv":
+            return f"labels.csv line {self.line}"
+        return f"{self.file} (labels.csv line {self.line})"
+
+    def __str__(self):
+        return f"{self.where}: {self.action}, {self.reason}"
+
+
 def find_records(data_dir) -> Records:
     """Lists the labelled images of a Kaggle-layout or class-folder directory.
 
     Class-folder names that start with a WordNet id (Stanford Dogs'
     `n02085620-Chihuahua`) lose the id and are lower-cased (`chihuahua`), which
     makes them the Kaggle breed names; other folder names are kept as they are.
+    This is the strict listing: any labelling problem is an error. Training
+    goes through `tfdogs.check`, which skips and lists bad rows and files instead.
 
     Args:
         data_dir: The dataset directory.
@@ -117,7 +151,41 @@ def find_records(data_dir) -> Records:
         (class folders).
 
     Raises:
-        DataError: The directory is missing, malformed or fits neither layout.
+        DataError: The directory is missing, malformed, fits neither layout or
+            has a labelling problem (see `scan_records`).
+    """
+    records, problems = scan_records(data_dir)
+    if not problems:
+        return records
+    if all(problem.kind == "missing" for problem in problems):
+        missing = [str(pathlib.Path(records.root) / problem.file) for problem in problems]
+        raise DataError(
+            f"{len(missing)} of {len(missing) + len(records.paths)} images listed in "
+            f"{pathlib.Path(records.root) / 'labels.csv'} are missing: {_preview(missing)}")
+    raise DataError(
+        f"{len(problems)} problems in {records.root}: {_preview([str(p) for p in problems], 3)}. "
+        f"python -m tfdogs.check --data-dir {records.root} lists them all.")
+
+
+def scan_records(data_dir) -> tuple[Records, list[Problem]]:
+    """Lists the labelled images of a data directory, setting aside what cannot be used.
+
+    Rows and files that cannot be used are left out and described: missing
+    images, images without a row, duplicate or conflicting ids, empty breeds,
+    ids that are paths (`../../etc/passwd`: refused without being looked at),
+    and symbolic links that lead out of the data directory. Nothing outside
+    the data directory is ever opened. The images' contents are not read here
+    (see `tfdogs.check`).
+
+    Args:
+        data_dir: The dataset directory.
+
+    Returns:
+        (records of the usable rows and files, problems); the records may be empty.
+
+    Raises:
+        DataError: The directory is missing or empty, fits neither layout, or
+            its labels.csv cannot be read as 'id,breed' rows.
     """
     root = pathlib.Path(data_dir).expanduser().resolve()
     if not root.exists():
@@ -129,31 +197,107 @@ def find_records(data_dir) -> Records:
     return _folder_records(root, _find_class_root(root))
 
 
+def _read_labels_csv(csv_path):
+    """[(line number, stripped cells)] of the non-blank lines of labels.csv."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            return [(reader.line_num, [cell.strip() for cell in row]) for row in reader if any(row)]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{csv_path} is not UTF-8 text ({error}); expected 'id,breed' rows") from None
+    except csv.Error as error:
+        raise DataError(f"{csv_path} is not a readable CSV file ({error}); expected 'id,breed' rows") from None
+
+
+def _unsafe_id_reason(image_id):
+    """Why an id cannot name a file in train/, or None: ids are bare file names."""
+    if any(character in image_id for character in "/\\\0"):
+        return f"id {image_id!r} is a path, not a file name; refused, nothing was read"
+    if image_id in (".", ".."):
+        return f"id {image_id!r} is not a file name; refused, nothing was read"
+    return None
+
+
 def _kaggle_records(root):
-    csv_path = root / "labels.csv"
-    with open(csv_path, newline="") as file:
-        rows = [[cell.strip() for cell in row] for row in csv.reader(file) if row]
-    if not rows or rows[0] != ["id", "breed"]:
-        found = ",".join(rows[0]) if rows else "an empty file"
-        raise DataError(f"{csv_path}: header is {found!r}; expected 'id,breed'")
-    for line_number, row in enumerate(rows[1:], start=2):
-        if len(row) != 2 or not all(row):
-            raise DataError(f"{csv_path}, line {line_number}: found {row}; expected '<id>,<breed>'")
+    csv_path, train_dir = root / "labels.csv", root / "train"
+    rows = _read_labels_csv(csv_path)
+    if not rows:
+        raise DataError(f"{csv_path} is empty; expected a header 'id,breed' and one row per image")
+    header_line, header = rows[0]
+    columns = [cell.lower() for cell in header]
+    if "id" not in columns or "breed" not in columns:
+        raise DataError(
+            f"{csv_path}: header is {','.join(header)!r}; expected 'id,breed' "
+            f"(the first line names the columns)")
+    id_column, breed_column = columns.index("id"), columns.index("breed")
     if len(rows) == 1:
         raise DataError(f"{csv_path} has a header but no images")
-    ids, breeds = zip(*rows[1:])
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{csv_path} lists some ids more than once")
-    paths = [root / "train" / f"{image_id}.jpg" for image_id in ids]
-    missing = [str(path) for path in paths if not path.is_file()]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(paths)} images listed in {csv_path} are missing "
-            f"from {root / 'train'}: {_preview(missing)}"
-        )
+    if not train_dir.is_dir():
+        raise DataError(f"{root} has labels.csv but no train/ folder; expected train/<id>.jpg beside it")
+
+    problems = []
+
+    def problem(file, line, kind, reason):
+        problems.append(Problem(file, line, kind, "skipped", reason))
+
+    rows_by_id = {}  # id -> [(line, breed)], in file order
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            problem("labels.csv", line, "bad-row",
+                    f"has {len(row)} fields {row}; expected {len(header)} ({','.join(header)})")
+            continue
+        image_id, breed = row[id_column], row[breed_column]
+        unsafe = _unsafe_id_reason(image_id) if image_id else "empty id"
+        if unsafe:
+            problem("labels.csv", line, "unsafe-id" if image_id else "empty-id", unsafe)
+            continue
+        rows_by_id.setdefault(image_id, []).append((line, breed))
+
+    paths, breeds = [], []
+    for image_id, id_rows in rows_by_id.items():
+        file = f"train/{image_id}.jpg"
+        (line, breed), *repeats = id_rows
+        if len({b for _, b in id_rows}) > 1:
+            listed = ", ".join(f"{b!r} on line {n}" for n, b in id_rows)
+            for repeat_line, _ in id_rows:
+                problem(file, repeat_line, "conflicting-id", f"id {image_id!r} has different breeds: {listed}")
+            continue
+        for repeat_line, _ in repeats:
+            problem(file, repeat_line, "duplicate-id",
+                    f"id {image_id!r} is listed again (first on line {line}); the repeat is ignored")
+        if not breed:
+            problem(file, line, "empty-breed", "the breed is empty")
+            continue
+        path = train_dir / f"{image_id}.jpg"
+        outside = _outside_reason(path, root)
+        if outside:
+            problem(file, line, "outside", outside)
+        elif not path.is_file():
+            problem(file, line, "missing", f"listed in labels.csv but {file} does not exist")
+        else:
+            paths.append(str(path))
+            breeds.append(breed)
+
+    listed = {f"{image_id}.jpg" for image_id in rows_by_id}
+    for path in sorted(train_dir.iterdir()):
+        if path.name not in listed and not path.name.startswith(".") and not path.is_dir():
+            problem(f"train/{path.name}", None, "unlabelled", "has no row in labels.csv; not used")
     class_names = sorted(set(breeds))
     index = {name: i for i, name in enumerate(class_names)}
-    return Records([str(p) for p in paths], [index[b] for b in breeds], class_names, "kaggle", str(root))
+    records = Records(paths, [index[b] for b in breeds], class_names, "kaggle", str(root))
+    return records, sorted(problems, key=_problem_order)
+
+
+def _problem_order(problem):
+    return (problem.line is None, problem.line or 0, problem.file)
+
+
+def _outside_reason(path, root):
+    """Why `path` (inside `root` by name) must not be read, or None: links out of `root` are refused."""
+    real = pathlib.Path(os.path.realpath(path))
+    if real == root or root in real.parents:
+        return None
+    return f"symbolic link to {real}, outside the data directory; refused, nothing was read"
 
 
 def _find_class_root(root):
@@ -190,13 +334,18 @@ def _folder_records(root, class_root):
                 f"class folders {folders_by_name[name]} and {folder} both give the breed name {name!r}"
             )
         folders_by_name[name] = folder
-    class_names = sorted(folders_by_name)
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        images = sorted(str(p) for p in folders_by_name[name].iterdir() if _is_image(p))
-        paths += images
-        labels += [label] * len(images)
-    return Records(paths, labels, class_names, "folders", str(root))
+    paths, breeds, problems = [], [], []
+    for name in sorted(folders_by_name):
+        for path in sorted(p for p in folders_by_name[name].iterdir() if _is_image(p)):
+            outside = _outside_reason(path, root)
+            if outside:
+                problems.append(Problem(path.relative_to(root).as_posix(), None, "outside", "skipped", outside))
+            else:
+                paths.append(str(path))
+                breeds.append(name)
+    class_names = sorted(set(breeds))
+    index = {name: i for i, name in enumerate(class_names)}
+    return Records(paths, [index[b] for b in breeds], class_names, "folders", str(root)), problems
 
 
 def _breed_name(folder_name):
@@ -272,15 +421,18 @@ def make_synthetic(directory, num_classes=6, images_per_class=30, image_size=64,
     train_ids = write_images("train", train_labels)
     test_ids = write_images("test", rng.integers(0, num_classes, size=2 * num_classes))
 
-    with open(directory / "labels.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["id", "breed"])
-        writer.writerows((image_id, class_names[label]) for image_id, label in zip(train_ids, train_labels))
     with open(directory / "sample_submission.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["id", *class_names])
         uniform = repr(1 / num_classes)
         writer.writerows([image_id] + [uniform] * num_classes for image_id in test_ids)
+    # labels.csv is written last and renamed into place: its presence means the data is complete.
+    temporary = directory / f".partial-{os.getpid()}-labels.csv"
+    with open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "breed"])
+        writer.writerows((image_id, class_names[label]) for image_id, label in zip(train_ids, train_labels))
+    os.replace(temporary, directory / "labels.csv")
     return directory
 
 
@@ -370,13 +522,16 @@ def write_split(path, records, train_indices, val_indices) -> None:
     subset_of.update({int(i): "val" for i in val_indices})
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
+    # Written under a temporary name and renamed: a resumed run must never read half a split.
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    with open(temporary, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(_SPLIT_COLUMNS)
         for index in sorted(subset_of):
             relative = pathlib.Path(os.path.relpath(records.paths[index], records.root)).as_posix()
             label = int(records.labels[index])
             writer.writerow([relative, label, records.class_names[label], subset_of[index]])
+    os.replace(temporary, path)
 
 
 def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
@@ -391,13 +546,14 @@ def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
         (records, train_indices, val_indices), indices into records.paths.
 
     Raises:
-        DataError: The CSV is missing or malformed, or a listed image is missing.
+        DataError: The CSV is missing or malformed, a listed image is missing,
+            or a path leads out of `root` (such a file is never read).
     """
     path = pathlib.Path(path)
     root = pathlib.Path(root).expanduser().resolve()
     if not path.is_file():
         raise DataError(f"split file {path} does not exist")
-    with open(path, newline="") as file:
+    with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         if reader.fieldnames != _SPLIT_COLUMNS:
             raise DataError(f"{path}: header is {reader.fieldnames}; expected {','.join(_SPLIT_COLUMNS)}")
@@ -423,6 +579,9 @@ def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
         raise DataError(
             f"{path}: labels must number breeds 0..K-1 one-to-one; found {sorted(breed_of_label.items())}")
     paths = [str(root / row["path"]) for row in rows]
+    escaping = [p for p in paths if _outside_reason(p, root)]
+    if escaping:
+        raise DataError(f"{path} lists files outside the data directory {root}; refused: {_preview(escaping)}")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(

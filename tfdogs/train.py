@@ -4,6 +4,8 @@ Loads labelled dog photos, splits them (stratified, seeded), trains LeNet-5 or
 ResNet-18/34 with a transfer strategy, and writes a run folder:
 
     config.yaml    the resolved settings (re-run with --config RUN/config.yaml)
+    problems.csv   every bad file or labels.csv row, and whether it was skipped,
+                   converted (the copy is in converted/) or kept (see tfdogs.check)
     split.csv      which photo went to training and which to validation
     history.csv    per-epoch loss, accuracy, top-5, log loss, learning rate
     metrics.json   validation scores of the best epoch, the trivial baselines
@@ -19,8 +21,10 @@ Examples:
     python -m tfdogs.train --config configs/lenet5.yaml --epochs 3 --output runs/lenet
     python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --image-size 64
 
-Running the same command (same --output) after an interruption resumes from
-the last finished epoch.
+Running the same command (same --output) after an interruption, even kill -9,
+resumes from the last finished epoch; checkpoints, the model and the export
+are written under temporary names and renamed, so a kill never leaves a
+corrupt file where a good one was.
 """
 
 import argparse
@@ -39,7 +43,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import augment, config as config_lib, data, export, metrics, models, plots, weights, zeroshot
+from tfdogs import augment, check, config as config_lib, data, export, metrics, models, plots, weights, zeroshot
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -172,6 +176,34 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
         self.epoch = epoch
 
 
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that writes a temporary file and renames it over the previous best.
+
+    Keras writes the file in place, so a kill mid-save would leave a corrupt
+    best.weights.h5 where a good one was.
+    """
+
+    def _save_model(self, epoch, batch, logs):  # Keras 3 ModelCheckpoint's single point of writing
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            _replace_into(filepath, self.model.save_weights if self.save_weights_only else self.model.save)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose weights and epoch counter are each replaced by a rename.
+
+    Keras writes both in place: a kill mid-save leaves a backup that cannot be
+    loaded, and the run cannot resume. Weights go first, so a kill between the
+    two renames redoes one epoch from later weights rather than losing it.
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        _replace_into(self._weights_path, self.model.save_weights)
+        state = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
+        _replace_into(self._training_metadata_path, lambda temporary: pathlib.Path(temporary).write_text(state))
+
+
 def read_history(path):
     """Reads `history.csv`, keeping the last row of any epoch written twice by a resumed run."""
     if not pathlib.Path(path).is_file() or pathlib.Path(path).stat().st_size == 0:
@@ -222,7 +254,16 @@ def prepare_output(config):
 
 
 def load_data(config, run_dir):
-    """Finds the photos and the split (re-using the run's `split.csv` when resuming)."""
+    """Checks the photos, then finds the split (re-using the run's `split.csv` when resuming).
+
+    The check (`tfdogs.check`) lists every problem in `problems.csv`, skips
+    unusable files and converts the ones TensorFlow cannot decode into
+    `converted/`; with config `strict` anything skipped is an error.
+
+    Returns:
+        (records, train_indices, val_indices); the records' paths are the files
+        the pipeline reads, and `split.csv` names the original files.
+    """
     if config["data"] == "synthetic":
         data_dir = run_dir / "synthetic_data"
         if not (data_dir / "labels.csv").is_file():
@@ -233,13 +274,27 @@ def load_data(config, run_dir):
         data_dir = config["data_dir"]
     else:
         data_dir = data.load_stanford_dogs()
+    report = check.check_data(data_dir, converted_dir=run_dir / "converted")
+    report.write_csv(run_dir / "problems.csv")
+    if report.problems:
+        print(f"Data check: {report.summary()}. Every problem is listed in {run_dir / 'problems.csv'}.")
+    if config["strict"]:
+        report.require_clean()
     split_path = run_dir / "split.csv"
     if split_path.is_file():
-        return data.read_split(split_path, data.find_records(data_dir).root)
-    records = data.find_records(data_dir)
-    train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"])
-    data.write_split(split_path, records, train_indices, val_indices)
-    return records, train_indices, val_indices
+        records, train_indices, val_indices = data.read_split(split_path, report.records.root)
+    else:
+        records = report.records
+        train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"])
+        data.write_split(split_path, records, train_indices, val_indices)
+    # The pipeline reads converted copies where TensorFlow cannot decode the original correctly.
+    source_of = dict(zip(report.records.paths, report.sources))
+    rejected = [path for path in records.paths if path not in source_of]
+    if rejected:
+        raise data.DataError(
+            f"{split_path} lists {len(rejected)} files that the data check now rejects "
+            f"({', '.join(rejected[:3])}); see {run_dir / 'problems.csv'}, or start a new run (--output).")
+    return dataclasses.replace(records, paths=[source_of[path] for path in records.paths]), train_indices, val_indices
 
 
 def build_datasets(config, records, train_indices, val_indices, preprocessing):
@@ -268,7 +323,7 @@ def predict_probabilities(model, dataset):
 
 def _callbacks(config, run_dir, phase, history):
     best_value, best_epoch = best_so_far(history)
-    checkpoint = keras.callbacks.ModelCheckpoint(
+    checkpoint = AtomicModelCheckpoint(
         run_dir / "best.weights.h5", monitor="val_accuracy", mode="max",
         save_best_only=True, save_weights_only=True)
     if best_value is not None:
@@ -279,8 +334,10 @@ def _callbacks(config, run_dir, phase, history):
         non_finite,
         checkpoint,
         keras.callbacks.TensorBoard(run_dir / "tensorboard", write_graph=False),
-        keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name),
+        # The history row goes before the backup: a kill between them redoes the epoch and
+        # `read_history` keeps its last row, where the other order would lose the row.
         keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
+        AtomicBackupAndRestore(run_dir / "backup" / phase.name),
     ]
     if config["early_stopping_patience"]:
         callbacks.append(keras.callbacks.EarlyStopping(
@@ -366,7 +423,7 @@ def train(config, extra_callbacks=()):
     train_seconds = time.time() - started
 
     history = read_history(run_dir / "history.csv")
-    history.to_csv(run_dir / "history.csv", index=False)
+    _replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         model.load_weights(best_weights)
@@ -426,7 +483,11 @@ def _replace_into(path, write):
     """Writes through `write(temporary_path)` then renames over `path`, so a kill never leaves half a file."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    write(temporary)
+    try:
+        write(temporary)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
 
 

@@ -1,0 +1,359 @@
+"""`python -m tfdogs.check`: the validation pass over a photo directory.
+
+Real photo collections are messy: PNGs named `.jpg`, CMYK JPEGs, truncated
+downloads, empty files, labels.csv rows without an image. Every training run
+passes its data through `check_data` first, and the same pass runs alone:
+
+    python -m tfdogs.check --data-dir path/to/dog-breed-identification
+    python -m tfdogs.check --data-dir path/to/class-folders --strict --report problems.csv
+
+Each file ends in one of three states, and every problem is listed with the
+file, the labels.csv line where there is one, and the reason:
+
+- kept: TensorFlow decodes it correctly as it is (any JPEG, PNG, GIF, BMP or
+  WebP, whatever its extension says); odd but harmless traits are noted
+  (grayscale, alpha dropped, wrong extension, tiny).
+- converted: Pillow decodes it but TensorFlow cannot, or not correctly (CMYK
+  JPEG, palette BMP, TIFF named .jpg, anything TensorFlow fails on), or it is
+  larger than `MAX_SIDE` pixels a side (a 10,000 x 8,000 photo costs 240 MB
+  decoded and about 1 GB to resize, per parallel reader). A training run
+  writes one RGB copy per such file to `<run>/converted/` (PNG, or JPEG
+  quality 95 when shrunk) and trains on it, so the tf.data pipeline only
+  ever reads files TensorFlow decodes.
+- skipped: empty, not an image, truncated or corrupt, too large even for
+  Pillow's decompression-bomb guard, unreadable, or a labels.csv problem
+  (see `tfdogs.data.scan_records`).
+
+A run fails only when nothing usable remains, or with `--strict` when
+anything would be skipped. Nothing outside the data directory is opened.
+Cost: every kept image is decoded once by TensorFlow (in parallel, a few
+milliseconds per photo), which is what guarantees that a long run never stops
+at a bad file in its tenth hour.
+"""
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import os
+import pathlib
+import sys
+from concurrent import futures
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from tfdogs import data
+
+# Larger images are shrunk on conversion to this many pixels on their longer side.
+MAX_SIDE = 4096
+# Images with a side below this are kept but noted: the resize enlarges them a lot.
+SMALL_SIDE = 32
+# Modes TensorFlow decodes correctly, per format (None: all). Palette and 1-bit
+# BMPs decode as grey palette indices; CMYK JPEG decoding depends on the Adobe
+# marker, so Pillow converts it.
+_TENSORFLOW_MODES = {"JPEG": {"L", "RGB"}, "PNG": None, "GIF": None, "WEBP": None, "BMP": {"L", "RGB", "RGBA"}}
+_EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP"}
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+_PROBLEMS_COLUMNS = ["file", "line", "kind", "action", "reason"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Report:
+    """What the validation pass found.
+
+    Attributes:
+        records: The usable images, as their original files.
+        sources: Per record, the file the pipeline reads: the original, or its
+            converted copy (when `check_data` was given a folder for them).
+        problems: Every problem found, in data-directory order.
+    """
+
+    records: data.Records
+    sources: list[str]
+    problems: list[data.Problem]
+
+    @property
+    def skipped(self) -> list[data.Problem]:
+        return [problem for problem in self.problems if problem.action == "skipped"]
+
+    def decodable_records(self) -> data.Records:
+        """The usable records with each path replaced by the file the pipeline should read."""
+        return dataclasses.replace(self.records, paths=list(self.sources))
+
+    def summary(self) -> str:
+        files = {action: len({p.where for p in self.problems if p.action == action})
+                 for action in ("skipped", "converted", "kept")}
+        return (f"{len(self.records.paths)} usable images in {len(self.records.class_names)} breeds; "
+                f"{files['skipped']} files or rows skipped, {files['converted']} converted, "
+                f"{files['kept']} kept with a note")
+
+    def write_csv(self, path) -> None:
+        """Writes the problems as CSV (file, line, kind, action, reason), atomically."""
+        path = pathlib.Path(path)
+        temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+        with open(temporary, "w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(_PROBLEMS_COLUMNS)
+            writer.writerows([p.file, "" if p.line is None else p.line, p.kind, p.action, p.reason]
+                             for p in self.problems)
+        os.replace(temporary, path)
+
+    def require_clean(self) -> None:
+        """Raises DataError listing what would be skipped, if anything (the --strict rule)."""
+        if self.skipped:
+            raise data.DataError(
+                f"strict: {len(self.skipped)} problems would skip data in {self.records.root}: "
+                f"{_listing(self.skipped)}")
+
+
+def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
+    """Validates a data directory: labels, then every image's content.
+
+    Args:
+        data_dir: Kaggle-layout or class-folder directory (see `tfdogs.data`).
+        converted_dir: Where to write RGB copies of the files TensorFlow cannot
+            decode correctly; None only checks that Pillow can decode them.
+            Copies are named by the file's path, size and modification time,
+            so a resumed run reuses them.
+        max_side: Longer-side limit above which images are shrunk.
+
+    Returns:
+        The report: usable records, the file to read for each, every problem.
+
+    Raises:
+        DataError: The directory cannot be read as a data set, or no usable
+            image remains (the message lists the problems).
+    """
+    records, problems = data.scan_records(data_dir)
+    root = pathlib.Path(records.root)
+    inspections = [_inspect(pathlib.Path(path), max_side) for path in records.paths]
+
+    # TensorFlow must decode every file the pipeline will read as it is, with the size Pillow reports.
+    candidates = [i for i, inspection in enumerate(inspections) if inspection.action == "kept"]
+    shapes = _tensorflow_shapes([records.paths[i] for i in candidates])
+    for position, index in enumerate(candidates):
+        inspection = inspections[index]
+        if position not in shapes:
+            inspection.convert("tensorflow-fails",
+                               f"TensorFlow cannot decode it ({_tensorflow_error(records.paths[index])})")
+        elif shapes[position] != inspection.shape:
+            inspection.convert("tensorflow-disagrees",
+                               f"TensorFlow decodes it as {shapes[position]} pixels, Pillow as {inspection.shape}")
+
+    to_convert = [i for i, inspection in enumerate(inspections) if inspection.action == "converted"]
+    with futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        converted = pool.map(lambda i: _convert(pathlib.Path(records.paths[i]), root, converted_dir, max_side),
+                             to_convert)
+        sources = list(records.paths)
+        for index, (target, error) in zip(to_convert, converted):
+            if error is None:
+                sources[index] = target or sources[index]
+            else:
+                inspections[index].skip("corrupt", f"cannot be decoded, so it is probably truncated or corrupt ({error})")
+
+    usable = []
+    for index, (path, inspection) in enumerate(zip(records.paths, inspections)):
+        file = pathlib.Path(path).relative_to(root).as_posix()
+        problems += [data.Problem(file, None, kind, inspection.action, reason) for kind, reason in inspection.notes]
+        if inspection.action != "skipped":
+            usable.append(index)
+    records, sources, class_problems = _keep(records, sources, usable)
+    problems += class_problems
+    report = Report(records, sources, sorted(problems, key=_order))
+    if not records.paths:
+        raise data.DataError(
+            f"no usable image in {root}: {len(report.skipped)} problems, {_listing(report.skipped)}")
+    return report
+
+
+def _order(problem):
+    return (problem.file != "labels.csv", problem.file, problem.line or 0)
+
+
+def _keep(records, sources, usable):
+    """Records restricted to `usable`, breeds left without images dropped and reported."""
+    kept_labels = records.labels[usable]
+    present = sorted(set(kept_labels.tolist()))
+    problems = []
+    for label, name in enumerate(records.class_names):
+        if label not in present:
+            first = next(p for p, l in zip(records.paths, records.labels) if l == label)
+            where = ("labels.csv" if records.layout == "kaggle"
+                     else pathlib.Path(first).parent.relative_to(records.root).as_posix())
+            problems.append(data.Problem(where, None, "breed-without-images", "skipped",
+                                         f"breed {name!r} has no usable image; left out of the classes"))
+    relabel = {old: new for new, old in enumerate(present)}
+    kept = data.Records([records.paths[i] for i in usable], [relabel[label] for label in kept_labels.tolist()],
+                        [records.class_names[label] for label in present], records.layout, records.root)
+    return kept, [sources[i] for i in usable], problems
+
+
+class _Inspection:
+    """The verdict on one file: an action and the reasons behind it."""
+
+    def __init__(self, shape=None):
+        self.action, self.notes, self.shape = "kept", [], shape
+
+    def note(self, kind, reason):
+        self.notes.append((kind, reason))
+
+    def convert(self, kind, reason):
+        self.action = "converted"
+        self.notes.append((kind, reason))
+
+    def skip(self, kind, reason):
+        self.action = "skipped"
+        self.notes = [(kind, reason)]
+
+
+def _inspect(path, max_side):
+    """Reads the file's header with Pillow (no decoding) and decides how to use it."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        inspection = _Inspection()
+        inspection.skip("unreadable", f"cannot be read ({error.strerror})")
+        return inspection
+    inspection = _Inspection()
+    if size == 0:
+        inspection.skip("empty-file", "empty file (0 bytes)")
+        return inspection
+    try:
+        with Image.open(path) as image:
+            format, mode, (width, height) = image.format, image.mode, image.size
+            transparent = "transparency" in image.info
+    except Image.DecompressionBombError as error:
+        inspection.skip("too-large", f"too large to decode safely ({error})")
+        return inspection
+    except UnidentifiedImageError:
+        inspection.skip("not-an-image", f"not an image: no image format matches its {size} bytes")
+        return inspection
+    except OSError as error:
+        if error.errno is not None:  # the file system refused, e.g. PermissionError
+            inspection.skip("unreadable", f"cannot be read ({error.strerror})")
+        else:
+            inspection.skip("corrupt", f"cannot be decoded, so it is probably truncated or corrupt ({error})")
+        return inspection
+    inspection.shape = (height, width)
+    expected = _EXTENSION_FORMATS.get(path.suffix.lower())
+    if format != expected:
+        inspection.note("wrong-extension", f"{format} data in a {path.suffix} file; decoded as {format}")
+    if format not in _TENSORFLOW_MODES:
+        inspection.convert("format", f"{format} format, which TensorFlow cannot decode; converted to RGB")
+    elif _TENSORFLOW_MODES[format] is not None and mode not in _TENSORFLOW_MODES[format]:
+        inspection.convert("colour-mode", f"{mode} {format}, which TensorFlow does not decode reliably; "
+                                          "converted to RGB")
+    if max(width, height) > max_side:
+        inspection.convert("oversized", f"{width}x{height} px, larger than {max_side} px a side; shrunk to "
+                                        f"{max_side} px on the longer side")
+    if inspection.action == "kept":
+        if mode in _GREY_MODES or mode == "LA":
+            inspection.note("grayscale", f"grayscale ({mode}); its grey is used for red, green and blue")
+        if mode in ("RGBA", "LA", "PA") or transparent:
+            inspection.note("alpha", "has transparency; the alpha channel is dropped")
+    if min(width, height) < SMALL_SIDE:
+        inspection.note("tiny", f"only {width}x{height} px; the resize enlarges it")
+    return inspection
+
+
+def _tensorflow_shapes(paths):
+    """{position in paths: (height, width)} of the files TensorFlow decodes; failures are absent."""
+    if not paths:
+        return {}
+    files = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    decoded = files.map(lambda index, path: (index, tf.shape(data.decode_image(tf.io.read_file(path)))[:2]),
+                        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    return {int(index): tuple(int(side) for side in shape) for index, shape in decoded.as_numpy_iterator()}
+
+
+def _tensorflow_error(path):
+    try:
+        data.decode_image(tf.io.read_file(path))
+    except tf.errors.OpError as error:
+        return error.message.split("}}")[-1].strip().splitlines()[0]
+    return "it failed inside tf.data only"
+
+
+def _converted_name(path, root):
+    stat = path.stat()
+    key = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+def _convert(path, root, folder, max_side):
+    """Decodes with Pillow to RGB (shrunk to max_side) and, given a folder, saves a copy.
+
+    Returns:
+        (path of the copy or None, None) or (None, the decoding error).
+    """
+    if folder is not None:
+        folder = pathlib.Path(folder)
+        stem = folder / _converted_name(path, root)
+        for existing in (stem.with_suffix(".png"), stem.with_suffix(".jpg")):
+            if existing.is_file():
+                return str(existing), None
+    try:
+        with Image.open(path) as image:
+            shrunk = max(image.size) > max_side
+            if shrunk:
+                # JPEGs decode at 1/2, 1/4 or 1/8 scale: a 10,000 px photo costs a fraction of its full size.
+                image.draft(None, _fitted(image.size, max_side))
+            image.load()
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return None, str(error) or type(error).__name__
+    if max(rgb.size) > max_side:
+        rgb = rgb.resize(_fitted(rgb.size, max_side), Image.Resampling.LANCZOS)
+    if folder is None:
+        return None, None
+    folder.mkdir(parents=True, exist_ok=True)
+    target = stem.with_suffix(".jpg" if shrunk else ".png")
+    temporary = target.with_name(f".partial-{os.getpid()}-{target.name}")
+    rgb.save(temporary, format="JPEG" if shrunk else "PNG", quality=95)
+    os.replace(temporary, target)
+    return str(target), None
+
+
+def _fitted(size, max_side):
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _listing(problems, limit=10):
+    shown = "; ".join(str(problem) for problem in problems[:limit])
+    more = f"; ... and {len(problems) - limit} more (python -m tfdogs.check lists them all)" \
+        if len(problems) > limit else ""
+    return shown + more
+
+
+def main(argv=None):
+    """Command-line entry point: prints every problem, exits 2 when the data cannot be used."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="Kaggle layout (labels.csv + train/) or class folders")
+    parser.add_argument("--strict", action="store_true", help="fail if any file or row would be skipped")
+    parser.add_argument("--report", help="also write the problems to this CSV file")
+    args = parser.parse_args(argv)
+    try:
+        report = check_data(args.data_dir)
+    except data.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    if args.report:
+        report.write_csv(args.report)
+    if args.strict:
+        try:
+            report.require_clean()
+        except data.DataError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
