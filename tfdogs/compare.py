@@ -282,21 +282,33 @@ def parse_overrides(assignments):
         key = key.strip().replace("-", "_")
         if key in ("output", "export_dir"):
             raise config_lib.ConfigError(
-                f"--set {key}: every config gets its own runs/<name>/<config name> folder; use --runs-dir.")
+                f"--set {key}: every config gets its own folder under --runs-dir and --exports-dir; use those.")
         overrides[key] = yaml.safe_load(value)
     return overrides
 
 
-def train_configs(config_files, overrides, runs_dir):
-    """Trains each config file (with `overrides`) into `runs_dir/<config file stem>`; returns the run folders."""
+def train_configs(config_files, overrides, runs_dir, exports_dir=None):
+    """Trains config files one after the other, as `python -m tfdogs.train --config FILE` would.
+
+    Args:
+        config_files: YAML config files.
+        overrides: config values applied on top of every file.
+        runs_dir: each run goes to `runs_dir/<config file stem>`.
+        exports_dir: each SavedModel goes to `exports_dir/<config file stem>`;
+            default `saved_models/<config file stem>`.
+
+    Returns:
+        The run folders.
+    """
     from tfdogs import train  # noqa: PLC0415  (the training stack is needed only here)
 
     run_dirs = []
     for path in config_files:
         path = pathlib.Path(path)
         output = pathlib.Path(runs_dir) / path.stem
+        export_dir = str(pathlib.Path(exports_dir) / path.stem) if exports_dir else None
         config = config_lib.validate({**config_lib.DEFAULTS, **config_lib.load_yaml(path), **overrides,
-                                      "output": str(output)})
+                                      "output": str(output), "export_dir": export_dir})
         print(f"Training {path} into {output} ...", flush=True)
         run_dirs.append(train.train(config))
     return run_dirs
@@ -314,6 +326,7 @@ def main(argv=None):
     parser.add_argument("--name", default="comparison", help="report name: reports/<name>/")
     parser.add_argument("--output", help="report folder (default reports/<name>)")
     parser.add_argument("--runs-dir", help="where --configs runs go (default runs/<name>)")
+    parser.add_argument("--exports-dir", help="where --configs SavedModels go (default saved_models)")
     parser.add_argument("--zeroshot", nargs="+", default=[], metavar="FILE",
                         help="zero-shot result files (python -m tfdogs.zeroshot) to add as baselines")
     args = parser.parse_args(argv)
@@ -325,7 +338,7 @@ def main(argv=None):
 
             try:
                 folders += train_configs(args.configs, parse_overrides(args.overrides),
-                                         args.runs_dir or pathlib.Path("runs") / args.name)
+                                         args.runs_dir or pathlib.Path("runs") / args.name, args.exports_dir)
             except (weights.WeightsError, train.TrainingError) as error:
                 raise evaluate.RunFolderError(str(error)) from None
         table = compare(folders, output, zeroshot_files=args.zeroshot, title=args.name)

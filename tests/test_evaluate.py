@@ -1,0 +1,105 @@
+import json
+import struct
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from tfdogs import config as config_lib, data, evaluate, metrics, train
+
+
+def assert_png(path, min_bytes=10_000, min_width=600):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", header[16:24])
+    assert width >= min_width and height >= 300 and path.stat().st_size > min_bytes, (path, width, height)
+
+
+def val_set(run_dir):
+    config = config_lib.load_yaml(run_dir / "config.yaml")
+    records, _, val_indices = data.read_split(run_dir / "split.csv", config["data_dir"])
+    return records, [records.paths[i] for i in val_indices], records.labels[val_indices]
+
+
+def test_confusion_tables_on_a_known_example():
+    names = ["a", "b", "c"]
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 1, 1, 0, 1, 2, 2, 0])
+    probabilities = np.eye(3)[predicted] * 0.8 + 0.2 / 3
+    counts = evaluate.confusion_matrix(probabilities, labels, 3)
+    assert counts.tolist() == [[1, 2, 0], [1, 1, 0], [1, 0, 2]]
+
+    breeds = evaluate.per_breed_accuracy(counts, names)
+    assert breeds["breed"].tolist() == ["a", "b", "c"]  # worst first: 1/3, 1/2, 2/3
+    assert breeds["accuracy"].tolist() == pytest.approx([1 / 3, 1 / 2, 2 / 3])
+    assert breeds["images"].tolist() == [3, 2, 3] and breeds["correct"].tolist() == [1, 1, 2]
+    assert breeds["most_predicted_instead"].tolist() == ["b", "a", "a"]
+
+    pairs = evaluate.most_confused_pairs(counts, names, top=5)
+    assert pairs.values.tolist() == [["a", "b", 2, 1, 3], ["a", "c", 0, 1, 1]]  # b and c never confused
+
+
+def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path):
+    result = evaluate.evaluate(lenet_run, output=tmp_path / "evaluation")
+    summary = json.loads((lenet_run / "metrics.json").read_text())
+    assert result["scores"] == pytest.approx(summary["val"], abs=1e-6)
+    assert json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())["scores"] == result["scores"]
+    assert result["num_images"] == summary["num_val"] and result["tta"] is False
+
+    _, _, labels = val_set(lenet_run)
+    breeds = pd.read_csv(tmp_path / "evaluation" / "per_breed.csv", keep_default_na=False)
+    assert sorted(breeds["breed"]) == ["beagle", "boxer", "chihuahua", "golden_retriever"]
+    assert dict(zip(breeds["breed"], breeds["images"])) == {
+        name: int(np.sum(labels == i)) for i, name in enumerate(sorted(breeds["breed"]))}
+    assert breeds["correct"].sum() / breeds["images"].sum() == pytest.approx(summary["val"]["accuracy"])
+    pairs = pd.read_csv(tmp_path / "evaluation" / "confused_pairs.csv")
+    wrong = int(breeds["images"].sum() - breeds["correct"].sum())
+    assert pairs["total"].sum() == wrong  # every mistake is in one of the (at most 6) pairs
+    assert (pairs["a_as_b"] + pairs["b_as_a"] == pairs["total"]).all()
+    assert_png(tmp_path / "evaluation" / "confusions.png")
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(lenet_run, tmp_path):
+    result = evaluate.evaluate(lenet_run, tta=True, output=tmp_path / "tta")
+    _, paths, labels = val_set(lenet_run)
+    dataset = data.make_dataset(paths, labels, image_size=32, batch_size=8, training=False,
+                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    images = np.concatenate([batch.numpy() for batch, _ in dataset])
+    model = keras.saving.load_model(lenet_run / "model.keras")
+    plain = keras.ops.softmax(model.predict(images, verbose=0)).numpy()
+    mirrored = keras.ops.softmax(model.predict(images[:, :, ::-1, :], verbose=0)).numpy()
+    assert not np.allclose(plain, mirrored, atol=1e-3)  # the mirror really is another input
+    assert result["scores"] == pytest.approx(metrics.scores((plain + mirrored) / 2, labels), abs=1e-6)
+
+
+def test_evaluate_on_another_labelled_set_maps_breeds_by_name(lenet_run, tmp_path):
+    other = data.make_synthetic(tmp_path / "other", num_classes=4, images_per_class=3, image_size=64, seed=7)
+    result = evaluate.evaluate(lenet_run, data_dir=other)
+    assert result["output"] == str(lenet_run / "evaluation-other")
+    assert result["num_images"] == 12 and "all 12 labelled images" in result["data"]
+    records = data.find_records(other)
+    model = keras.saving.load_model(lenet_run / "model.keras")
+    dataset = data.make_dataset(records.paths, records.labels, image_size=32, batch_size=8, training=False,
+                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    expected = metrics.scores(train.predict_probabilities(model, dataset), records.labels)
+    assert result["scores"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_set_with_breeds_the_model_does_not_know_is_refused_by_name(lenet_run, tmp_path):
+    other = data.make_synthetic(tmp_path / "five", num_classes=5, images_per_class=2, image_size=64, seed=1)
+    with pytest.raises(evaluate.RunFolderError, match="1 breed.*does not know: pug"):
+        evaluate.evaluate(lenet_run, data_dir=other, output=tmp_path / "out")
+
+
+def test_cli_prints_scores_and_names_missing_files(lenet_run, tmp_path, capsys):
+    assert evaluate.main([str(lenet_run), "--output", str(tmp_path / "cli"), "--top-pairs", "3"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((lenet_run / "metrics.json").read_text())
+    assert f"accuracy {summary['val']['accuracy']:.4f}" in printed and "Hardest breeds" in printed
+
+    assert evaluate.main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    (tmp_path / "not_a_run").mkdir()
+    assert evaluate.main([str(tmp_path / "not_a_run")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
