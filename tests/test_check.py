@@ -241,6 +241,9 @@ def test_training_over_the_mixed_corpus_uses_the_good_files_and_lists_every_bad_
     records, train_indices, val_indices = train.load_data(config, run_dir)
     assert len(records.paths) == len(split) and all(pathlib.Path(p).is_file() for p in records.paths)
     assert sum(str(run_dir / "converted") in path for path in records.paths) == 4
+    # tools re-reading the run's split (evaluate, predict) find the same copies
+    original, _, _ = data.read_split(run_dir / "split.csv", root)
+    assert check.with_converted_copies(original, run_dir / "converted").paths == records.paths
 
 
 def test_strict_training_stops_before_any_work_and_names_the_problems(corpus, tmp_path):

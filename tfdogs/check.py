@@ -276,6 +276,26 @@ def _tensorflow_error(path):
     return "it failed inside tf.data only"
 
 
+def with_converted_copies(records, converted_dir) -> data.Records:
+    """The records with each file a training run converted replaced by its copy.
+
+    For tools that re-read a run's photos from its `split.csv` (evaluation,
+    prediction): they then read what training read. Copies are found by name
+    (path, size and modification time of the original); other files stay.
+
+    Args:
+        records: Records whose paths are original files under records.root.
+        converted_dir: The run's `converted/` folder.
+    """
+    root, folder = pathlib.Path(records.root), pathlib.Path(converted_dir)
+    paths = []
+    for path in map(pathlib.Path, records.paths):
+        stem = folder / _converted_name(path, root)
+        copies = [copy for copy in (stem.with_suffix(".png"), stem.with_suffix(".jpg")) if copy.is_file()]
+        paths.append(str(copies[0]) if copies else str(path))
+    return dataclasses.replace(records, paths=paths)
+
+
 def _converted_name(path, root):
     stat = path.stat()
     key = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}"

@@ -1,0 +1,218 @@
+"""Interruption: kill -9 mid-run resumes where it stopped, and a kill mid-save never corrupts a good file."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfdogs import export, models, train
+
+# `python -m tfdogs.train`, with each epoch printed as it begins and followed by a pause, so the
+# test can kill it between epochs and tell where the next process starts.
+TRAIN_WITH_PAUSES = """
+import sys, time, keras
+from tfdogs import train
+
+class PauseAfterEachEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        print(f"epoch-begins {epoch}", flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(float(sys.argv[1]))
+
+run = train.train
+train.train = lambda config, extra_callbacks=(): run(config, [*extra_callbacks, PauseAfterEachEpoch()])
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def wait_for(condition, timeout, process):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"training exited early with {process.returncode}"
+        assert time.monotonic() < deadline, "training did not finish an epoch in time"
+        time.sleep(0.05)
+
+
+def finished_epochs(run_dir):
+    """Epochs both logged and backed up: the state a kill leaves behind."""
+    metadata = run_dir / "backup" / "all" / "training_metadata.json"
+    history = run_dir / "history.csv"
+    if not metadata.is_file() or not history.is_file() or history.stat().st_size == 0:
+        return None
+    return json.loads(metadata.read_text())["epoch"]
+
+
+def test_kill_9_then_the_same_command_resumes_from_the_last_finished_epoch(tmp_path):
+    run_dir, export_dir = tmp_path / "run", tmp_path / "export"
+    command = [sys.executable, "-c", TRAIN_WITH_PAUSES, "1",
+               "--model", "lenet5", "--weights", "none", "--strategy", "scratch", "--data", "synthetic",
+               "--synthetic-classes", "4", "--synthetic-images-per-class", "20", "--image-size", "32",
+               "--batch-size", "16", "--epochs", "3", "--early-stopping-patience", "0", "--verbose", "0",
+               "--output", str(run_dir), "--export-dir", str(export_dir)]
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            wait_for(lambda: finished_epochs(run_dir), timeout=180, process=first)
+        finally:
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == -signal.SIGKILL
+    resume_epoch = finished_epochs(run_dir)
+    assert 1 <= resume_epoch < 3
+    assert not (run_dir / "metrics.json").exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    begun = [int(line.split()[1]) for line in second.stdout.splitlines() if line.startswith("epoch-begins")]
+    assert begun == list(range(resume_epoch, 3)), second.stdout  # not from zero
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2]  # complete, each epoch once
+
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    serve = tf.saved_model.load(summary["export"]).signatures["serving_default"]
+    photo = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 60)).save(photo, format="JPEG")
+    probabilities = serve(image_bytes=tf.constant([photo.getvalue()]))["probabilities"].numpy()
+    assert probabilities.shape == (1, 4) and np.isclose(probabilities.sum(), 1, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- kills mid-save
+
+
+class KilledMidWrite(Exception):
+    """Stands for a kill: the writer stops after putting half a file on disk."""
+
+
+def half_writer(path, *args, **kwargs):
+    path = str(path)
+    if path.endswith(".keras") or path.endswith(".h5"):
+        with open(path, "wb") as file:
+            file.write(b"\x89HDF\r\n\x1a\n half a file")
+    else:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "saved_model.pb"), "wb") as file:
+            file.write(b"half a protobuf")
+    raise KilledMidWrite(path)
+
+
+def tiny_model():
+    return models.build("lenet5", 4, input_shape=(32, 32, 3))
+
+
+def same_weights(first, second):
+    return all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def loads(path):
+    try:
+        tiny_model().load_weights(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("callback, survives", [
+    (keras.callbacks.ModelCheckpoint, False),  # Keras writes in place: the kill corrupts the best weights
+    (train.AtomicModelCheckpoint, True),
+])
+def test_kill_while_saving_the_best_checkpoint(tmp_path, monkeypatch, callback, survives):
+    path = tmp_path / "best.weights.h5"
+    model = tiny_model()
+    checkpoint = callback(path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_accuracy": 0.5})
+    good = model.get_weights()
+
+    model.set_weights([np.zeros_like(w) for w in good])
+    monkeypatch.setattr(model, "save_weights", half_writer)
+    with pytest.raises(KilledMidWrite):
+        checkpoint.on_epoch_end(1, {"val_accuracy": 0.9})
+    assert loads(path) == survives
+    if survives:
+        kept = tiny_model()
+        kept.load_weights(path)
+        assert same_weights(kept.get_weights(), good)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5"]  # no half file left over
+
+
+def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = tiny_model()
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    backup = train.AtomicBackupAndRestore(tmp_path / "backup")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    good = model.get_weights()
+
+    model.set_weights([np.zeros_like(w) for w in good])
+    monkeypatch.setattr(model, "save_weights", half_writer)
+    with pytest.raises(KilledMidWrite):
+        backup.on_epoch_end(1)
+    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text()) == {"epoch": 1, "batch": 0}
+    monkeypatch.undo()
+    # a new run restores the epoch-0 state and would resume at epoch 1
+    restored = tiny_model()
+    restored.compile(optimizer="sgd", loss="mse")
+    resume = train.AtomicBackupAndRestore(tmp_path / "backup")
+    resume.set_model(restored)
+    resume.on_train_begin()
+    assert restored._initial_epoch == 1
+    assert same_weights(restored.get_weights(), good)
+
+
+def test_kill_while_saving_model_keras_keeps_the_previous_model(tmp_path, monkeypatch):
+    path = tmp_path / "model.keras"
+    model = tiny_model()
+    train.save_model_atomically(model, path)
+    good = model.get_weights()
+    monkeypatch.setattr(model, "save", half_writer)
+    with pytest.raises(KilledMidWrite):
+        train.save_model_atomically(model, path)
+    assert same_weights(keras.saving.load_model(path).get_weights(), good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+
+def test_history_rewrite_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "history.csv"
+    pd.DataFrame({"epoch": [0, 1], "loss": [2.0, 1.0]}).to_csv(path, index=False)
+
+    def half_csv(self, target, **kwargs):
+        with open(target, "w") as file:
+            file.write("epoch,lo")
+        raise KilledMidWrite(target)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_csv)
+    with pytest.raises(KilledMidWrite):
+        train._replace_into(path, lambda temporary: pd.DataFrame({"epoch": [0]}).to_csv(temporary))
+    monkeypatch.undo()
+    assert list(train.read_history(path)["epoch"]) == [0, 1]
+
+
+def test_kill_during_export_keeps_the_previous_version_servable(tmp_path, monkeypatch):
+    model = tiny_model()
+    options = dict(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    first = export.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
+    backend_archive = type(keras.export.ExportArchive())  # ExportArchive() builds the backend's subclass
+    monkeypatch.setattr(backend_archive, "write_out", lambda self, path, **kwargs: half_writer(path))
+    with pytest.raises(KilledMidWrite):
+        export.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
+    monkeypatch.undo()
+    # TF Serving loads numbered folders only: the half-written one is hidden, version 1 still serves
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["1"]
+    assert export.latest_version(tmp_path) == first
+    serve = tf.saved_model.load(str(first)).signatures["serving_images"]
+    out = serve(images=tf.zeros([1, 40, 40, 3]))
+    assert out["probabilities"].shape == (1, 4)
+
