@@ -1,4 +1,5 @@
 import json
+import shutil
 import struct
 
 import keras
@@ -103,3 +104,33 @@ def test_cli_prints_scores_and_names_missing_files(lenet_run, tmp_path, capsys):
     (tmp_path / "not_a_run").mkdir()
     assert evaluate.main([str(tmp_path / "not_a_run")]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
+
+
+def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
+    from PIL import Image
+
+    from tfdogs import check
+
+    data_dir = shutil.copytree(lenet_run / "synthetic_data", tmp_path / "data")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("split.csv", "model.keras"):
+        shutil.copy(lenet_run / name, run_dir / name)
+    config_lib.write({**config_lib.load_yaml(lenet_run / "config.yaml"), "data_dir": str(data_dir)},
+                     run_dir / "config.yaml")
+    records, _, val_indices = data.read_split(run_dir / "split.csv", data_dir)
+    victim = records.paths[val_indices[0]]
+    Image.open(victim).convert("CMYK").save(victim, format="JPEG")  # TensorFlow misreads CMYK JPEGs
+    check.check_data(data_dir, converted_dir=run_dir / "converted")  # what training does first
+
+    converted, _, _ = evaluate.load_run(run_dir).split()
+    copy = converted.paths[val_indices[0]]
+    assert copy.startswith(str(run_dir / "converted"))
+    assert converted.paths[val_indices[1]] == records.paths[val_indices[1]]  # only the victim is replaced
+    result = evaluate.evaluate(run_dir, output=tmp_path / "evaluation")
+    model = keras.saving.load_model(run_dir / "model.keras")
+    paths = [converted.paths[i] for i in val_indices]
+    dataset = data.make_dataset(paths, records.labels[val_indices], image_size=32, batch_size=8, training=False,
+                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    expected = metrics.scores(train.predict_probabilities(model, dataset), records.labels[val_indices])
+    assert result["scores"] == pytest.approx(expected, abs=1e-6)

@@ -62,7 +62,8 @@ def run_row(run_dir, name):
     with _naming_the_file(run.run_dir / "metrics.json"):
         return {
             "name": name, "kind": "run", "model": summary.get("model", run.config["model"]),
-            "weights": summary.get("weights") or "none", "strategy": summary.get("strategy", run.config.get("strategy")),
+            "weights": summary.get("weights") or "none",
+            "strategy": summary.get("strategy", run.config.get("strategy")),
             "val_accuracy": summary["val"]["accuracy"], "val_top5_accuracy": summary["val"]["top5_accuracy"],
             "val_log_loss": summary["val"]["log_loss"], "peak_val_accuracy": summary["peak_val_accuracy"],
             "final_val_accuracy": summary["final_val_accuracy"], "peak_epoch": summary["best_epoch"],
@@ -134,8 +135,12 @@ def baseline_rows(folders, names, zeroshot_files=()):
 
 
 def _zeroshot_title(result):
-    model = result.get("model", "")
-    return f"ImageNet zero-shot{' ' + model if model else ''}{' (' + result['weights'] + ')' if result.get('weights') else ''}"
+    title = "ImageNet zero-shot"
+    if result.get("model"):
+        title += f" {result['model']}"
+    if result.get("weights"):
+        title += f" ({result['weights']})"
+    return title
 
 
 def _zeroshot_values(result):

@@ -27,7 +27,6 @@ Examples:
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import sys
 
@@ -66,10 +65,11 @@ def common_validation_images(runs):
     Raises:
         RunFolderError: no image is held out by every member.
     """
-    held_out, trained = [], set()  # per member: {path relative to its data folder: (its own path, label)}
+    held_out, trained = [], set()  # per member: {path in split.csv: (the file it reads, label)}
     for position, run in enumerate(runs):
         records, train_indices, val_indices = run.split()
-        relative = [pathlib.Path(os.path.relpath(path, records.root)).as_posix() for path in records.paths]
+        # split.csv names the original files, row for row with records.paths (which may be converted copies)
+        relative = pd.read_csv(run.run_dir / "split.csv", dtype=str, keep_default_na=False)["path"].tolist()
         held_out.append({relative[i]: (records.paths[i], records.labels[i]) for i in val_indices})
         trained |= {relative[i] for i in train_indices}
         if position == 0:

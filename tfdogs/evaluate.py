@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import config as config_lib, data, metrics, plots, weights
+from tfdogs import check, config as config_lib, data, metrics, plots, weights
 
 
 class RunFolderError(ValueError):
@@ -89,8 +89,17 @@ class Run:
             "pass --data-dir to point at the photos.")
 
     def split(self, data_dir=None):
-        """The run's photos and split: (records, train_indices, val_indices), see `data.read_split`."""
-        return data.read_split(self.run_dir / "split.csv", data_dir or self.data_dir())
+        """The run's photos and split: (records, train_indices, val_indices), see `data.read_split`.
+
+        Photos the training converted because TensorFlow cannot decode them
+        (`RUN/converted/`, see `tfdogs.check`) are read from those copies, so
+        evaluation sees what training saw. `records.paths` follow the rows of
+        `split.csv`.
+        """
+        records, train_indices, val_indices = data.read_split(self.run_dir / "split.csv", data_dir or self.data_dir())
+        if (self.run_dir / "converted").is_dir():
+            records = check.with_converted_copies(records, self.run_dir / "converted")
+        return records, train_indices, val_indices
 
 
 def read_json(path):
@@ -287,7 +296,8 @@ def main(argv=None):
     """Command-line entry point: evaluates one run and prints the scores and worst breeds."""
     parser = argparse.ArgumentParser(prog="python -m tfdogs.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run folder written by python -m tfdogs.train")
-    parser.add_argument("--data-dir", help="another labelled data set to score on (default: the run's validation split)")
+    parser.add_argument("--data-dir",
+                        help="another labelled data set to score on (default: the run's validation split)")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally mirrored image")
     parser.add_argument("--output", help="results folder (default RUN/evaluation)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

@@ -431,8 +431,9 @@ def main(argv=None):
             path = export_tflite(models, runs[0].class_names, args.output or folder / "tflite",
                                  preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
         else:
-            path = export_ensemble(models, runs[0].class_names, args.output or pathlib.Path("saved_models") / folder.name,
-                                   preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
+            export_base = args.output or pathlib.Path("saved_models") / folder.name
+            path = export_ensemble(models, runs[0].class_names, export_base, preprocessing=preprocessing,
+                                   model_weights=member_weights, metadata=metadata)
     except (evaluate.RunFolderError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -52,7 +52,8 @@ def read_sample_submission(data_dir):
     with open(sample, newline="") as file:
         rows = [row for row in csv.reader(file) if row]
     if not rows or rows[0][:1] != ["id"] or len(rows[0]) < 3:
-        raise SubmissionError(f"{sample}: expected a header 'id,<breed>,<breed>,...'; found {rows[0][:4] if rows else 'nothing'}.")
+        found = rows[0][:4] if rows else "nothing"
+        raise SubmissionError(f"{sample}: expected a header 'id,<breed>,<breed>,...'; found {found}.")
     header = rows[0]
     ids = [row[0] for row in rows[1:]]
     if not ids:
