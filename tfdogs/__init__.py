@@ -7,7 +7,11 @@ Modules:
     weights, port: ImageNet checkpoint registry and PyTorch-to-Keras conversion.
     config: YAML configs, command-line overrides and validation.
     train: `python -m tfdogs.train`, the end-to-end experiment.
-    export: SavedModel export for TF Serving.
+    export: SavedModel export for TF Serving (ensembles too), TFLite export, `python -m tfdogs.export`.
+    evaluate: `python -m tfdogs.evaluate`, scores per breed, confused pairs; reads run folders.
+    compare, report: `python -m tfdogs.compare`, the runs' table, curves and index.html.
+    ensemble: `python -m tfdogs.ensemble`, runs averaged into one model and one SavedModel.
+    predict, submit: `python -m tfdogs.predict` (top-5 per photo), `python -m tfdogs.submit` (Kaggle CSV).
 """
 
 import os

@@ -37,12 +37,12 @@ import sys
 import pandas as pd
 import yaml
 
-from tfdogs import config as config_lib, data, ensemble, evaluate, plots, report
+from tfdogs import config as config_lib, data, ensemble, evaluate, plots, report, train, weights
 
 COLUMNS = ["name", "kind", "model", "weights", "strategy", "val_accuracy", "val_top5_accuracy", "val_log_loss",
            "peak_val_accuracy", "final_val_accuracy", "peak_epoch", "epochs_run", "train_seconds", "parameters"]
-DISPLAY = ["name", "model", "accuracy", "top-5", "log loss", "peak val acc", "final val acc", "peak epoch",
-           "epochs", "training time", "parameters"]
+DISPLAY = ["name", "model", "val accuracy", "val top-5", "val log loss", "peak val acc", "final val acc",
+           "peak epoch", "epochs", "training time", "parameters"]
 NUMERIC = set(DISPLAY[2:])
 BASELINE_TITLES = {"random_guess": "random guess", "most_frequent": "most frequent breed",
                    "class_prior": "class prior (training frequencies)"}
@@ -76,8 +76,9 @@ def ensemble_row(folder, name):
     """The table row of an ensemble folder; training time and parameters are the members' sums."""
     summary = evaluate.read_json(folder / ensemble.ENSEMBLE_FILE)
     with _naming_the_file(folder / ensemble.ENSEMBLE_FILE):
-        member_seconds = [evaluate.read_json(pathlib.Path(member["run"]) / "metrics.json").get("train_seconds")
-                          for member in summary["members"]]
+        member_metrics = [pathlib.Path(member["run"]) / "metrics.json" for member in summary["members"]]
+        member_seconds = [evaluate.read_json(path).get("train_seconds") if path.is_file() else None
+                          for path in member_metrics]
         return {
             "name": name, "kind": "ensemble",
             "model": " + ".join(f"{member['name']} ×{member['weight']:.2g}" for member in summary["members"]),
@@ -305,8 +306,6 @@ def train_configs(config_files, overrides, runs_dir, exports_dir=None):
     Returns:
         The run folders.
     """
-    from tfdogs import train  # noqa: PLC0415  (the training stack is needed only here)
-
     run_dirs = []
     for path in config_files:
         path = pathlib.Path(path)
@@ -339,8 +338,6 @@ def main(argv=None):
     try:
         folders = list(args.folders)
         if args.configs:
-            from tfdogs import train, weights  # noqa: PLC0415
-
             try:
                 folders += train_configs(args.configs, parse_overrides(args.overrides),
                                          args.runs_dir or pathlib.Path("runs") / args.name, args.exports_dir)

@@ -30,11 +30,12 @@ import json
 import pathlib
 import sys
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import check, config as config_lib, data, metrics, plots, weights
+from tfdogs import check, config as config_lib, data, metrics, plots, train, weights
 
 
 class RunFolderError(ValueError):
@@ -66,8 +67,6 @@ class Run:
 
     def load_model(self):
         """The run's best model (plain Keras, returns logits)."""
-        import keras  # noqa: PLC0415  (only the tools that predict pay for it)
-
         path = self.run_dir / "model.keras"
         if not path.is_file():
             raise RunFolderError(f"{path} is missing: the run in {self.run_dir} has not finished training.")
@@ -171,8 +170,6 @@ def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
     Returns:
         float32 [len(paths), classes].
     """
-    from tfdogs import train  # noqa: PLC0415  (train imports the whole training stack)
-
     dataset = data.make_dataset(list(paths), np.zeros(len(paths), np.int64), training=False,
                                 batch_size=batch_size, **preprocessing)
     probabilities = train.predict_probabilities(model, dataset)
