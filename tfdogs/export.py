@@ -130,27 +130,10 @@ def export_saved_model(models, class_names, export_base, *, image_size, mean, st
     """
     if isinstance(models, keras.Model):
         models = [models]
-    export_base = pathlib.Path(export_base)
-    export_base.mkdir(parents=True, exist_ok=True)
     module = ServingModule(
         models, class_names, image_size=image_size, mean=mean, std=std,
         crop_fraction=crop_fraction, interpolation=interpolation, model_weights=model_weights,
     )
-    archive = keras.export.ExportArchive()
-    for model in models:
-        archive.track(model)
-    archive.add_endpoint(
-        "serving_default", module.from_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-    )
-    archive.add_endpoint(
-        "serving_images", module.from_images,
-        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")],
-    )
-    version = next_version(export_base)
-    temporary = export_base / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    archive.write_out(str(temporary), verbose=False)
     facts = {
         "class_names": list(class_names),
         "image_size": image_size,
@@ -162,6 +145,29 @@ def export_saved_model(models, class_names, export_base, *, image_size, mean, st
         "member_weights": module.model_weights,
         **(metadata or {}),
     }
+    return _write_version(_serving_archive(module), export_base, facts)
+
+
+def _serving_archive(module):
+    """An ExportArchive of the module's models with the two serving signatures."""
+    archive = keras.export.ExportArchive()
+    for model in module.models:
+        archive.track(model)
+    archive.add_endpoint("serving_default", module.from_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("serving_images", module.from_images,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    return archive
+
+
+def _write_version(archive, export_base, facts):
+    """Writes an ExportArchive as the next numeric version, atomically, with `tfdogs.json` facts."""
+    export_base = pathlib.Path(export_base)
+    export_base.mkdir(parents=True, exist_ok=True)
+    version = next_version(export_base)
+    temporary = export_base / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    archive.write_out(str(temporary), verbose=False)
     (temporary / METADATA_FILE).write_text(json.dumps(facts, indent=2))
     final = export_base / str(version)
     os.replace(temporary, final)
@@ -240,20 +246,6 @@ class MemberServingModule(ServingModule):
         return self._outputs(self._map(self._preprocess_all, images))
 
 
-def _write_version(archive, export_base, facts):
-    """Writes an ExportArchive as the next numeric version, atomically, with `tfdogs.json` facts."""
-    export_base = pathlib.Path(export_base)
-    export_base.mkdir(parents=True, exist_ok=True)
-    version = next_version(export_base)
-    temporary = export_base / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    archive.write_out(str(temporary), verbose=False)
-    (temporary / METADATA_FILE).write_text(json.dumps(facts, indent=2))
-    final = export_base / str(version)
-    os.replace(temporary, final)
-    return final
-
-
 def export_ensemble(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None):
     """Exports models as one SavedModel ensemble whose members may differ in input preprocessing.
 
@@ -282,16 +274,9 @@ def export_ensemble(models, class_names, export_base, *, preprocessing, model_we
         return export_saved_model(models, class_names, export_base, **first, model_weights=model_weights,
                                   metadata={**member_facts, **(metadata or {})})
     module = MemberServingModule(models, class_names, preprocessing, model_weights)
-    archive = keras.export.ExportArchive()
-    for model in models:
-        archive.track(model)
-    archive.add_endpoint("serving_default", module.from_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint("serving_images", module.from_images,
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
     facts = {"class_names": list(class_names), "image_size": None, "members": [model.name for model in models],
              "member_weights": module.model_weights, **member_facts, **(metadata or {})}
-    return _write_version(archive, export_base, facts)
+    return _write_version(_serving_archive(module), export_base, facts)
 
 
 TFLITE_FILE = "model.tflite"
