@@ -43,7 +43,7 @@ def encode(image, format, **options):
 
 
 def solid(colour, size=(24, 20), mode="RGB"):
-    return Image.new("RGB", size, colour).convert(mode) if mode != "RGB" else Image.new("RGB", size, colour)
+    return Image.new("RGB", size, colour).convert(mode)
 
 
 def noisy(colour, rng, size=40):
@@ -119,7 +119,7 @@ def write_kaggle_corpus(root, good_per_breed=8, huge=True, seed=0):
     odd = {}
     for index, (name, (content, kinds, action)) in enumerate(odd_files(huge).items()):
         (train / f"{name}.jpg").write_bytes(content)
-        line = add_row(name, GOOD_BREEDS[index % len(GOOD_BREEDS)])
+        add_row(name, GOOD_BREEDS[index % len(GOOD_BREEDS)])
         odd[name] = f"train/{name}.jpg"
         expected += [Expected(f"train/{name}.jpg", None, kind, action) for kind in kinds]
 

@@ -151,7 +151,8 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
             if error is None:
                 sources[index] = target or sources[index]
             else:
-                inspections[index].skip("corrupt", f"cannot be decoded, so it is probably truncated or corrupt ({error})")
+                inspections[index].skip("corrupt", f"cannot be decoded, so it is probably truncated or corrupt "
+                                                   f"({error})")
 
     usable = []
     for index, (path, inspection) in enumerate(zip(records.paths, inspections)):
