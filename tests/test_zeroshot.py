@@ -84,3 +84,16 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
     config_records, _, val_indices = data.read_split(run_dir / "split.csv", str(run_dir / "synthetic_data"))
     expected = zeroshot.evaluate_zero_shot("resnet18", config_records, val_indices, image_size=64)
     assert zero_shot["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
+
+
+def test_zero_shot_of_a_run_uses_its_validation_split(tmp_path, monkeypatch):
+    from conftest import small_config
+    from tfdogs import train
+
+    run_dir = train.train(small_config(model="resnet18", image_size=64, epochs=1, output=str(tmp_path / "run"),
+                                       export_dir=str(tmp_path / "export")))
+    checkpoint = tmp_path / "imagenet-like.weights.h5"
+    models.build("resnet18", 1000, input_shape=(64, 64, 3)).save_weights(checkpoint)
+    assert zeroshot.main(["--run", str(run_dir), "--weights", str(checkpoint), "--image-size", "64"]) == 0
+    result = json.loads((run_dir / "zeroshot.json").read_text())
+    assert result["num_images"] == json.loads((run_dir / "metrics.json").read_text())["num_val"]

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tfdogs import breeds, config as config_lib, data, metrics, models, weights
+from tfdogs import breeds, data, metrics, models, weights
 
 
 def breed_columns(class_names):
@@ -86,10 +86,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.run:
-            run_dir = pathlib.Path(args.run)
-            config = config_lib.load_yaml(run_dir / "config.yaml")
-            records, _, indices = data.read_split(run_dir / "split.csv", args.data_dir or config["data_dir"])
-            output = pathlib.Path(args.output or run_dir / "zeroshot.json")
+            from tfdogs import evaluate  # here: evaluate imports train, which imports this module
+
+            # the run's own split, reading converted copies where training did (see tfdogs.check)
+            records, _, indices = evaluate.load_run(args.run).split(args.data_dir)
+            output = pathlib.Path(args.output or pathlib.Path(args.run) / "zeroshot.json")
         elif args.data_dir:
             records = data.find_records(args.data_dir)
             indices = (data.stratified_split(records.labels)[1] if args.subset == "val"
