@@ -1,4 +1,5 @@
 import json
+import pathlib
 import struct
 
 import keras
@@ -179,3 +180,28 @@ def test_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(values[10:], values[11:])) and values[-1] < 0.01
     later_phase = train.WarmupCosine(1.0, total_steps=100, warmup_steps=10, offset_steps=50)
     assert float(later_phase(0)) == pytest.approx(values[50])
+
+
+def test_real_photos_in_the_kaggle_layout_train_end_to_end(tmp_path, dogs10_dir):
+    """The shared dog photos, laid out as Kaggle's labels.csv + train/<id>.jpg."""
+    import shutil
+
+    data_dir = tmp_path / "dog-breed-identification"
+    (data_dir / "train").mkdir(parents=True)
+    rows = ["id,breed"]
+    for breed_dir in sorted(path for path in dogs10_dir.iterdir() if path.is_dir()):
+        for photo in sorted(breed_dir.glob("*.jpg"))[:8]:
+            shutil.copy(photo, data_dir / "train" / photo.name)
+            rows.append(f"{photo.stem},{breed_dir.name}")
+    (data_dir / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    config = small_config(data=None, data_dir=str(data_dir), epochs=2, image_size=48,
+                          output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
+    run_dir = train.train(config)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["num_classes"] == 10 and summary["num_train"] + summary["num_val"] == len(rows) - 1
+    assert summary["num_val"] == 20  # 2 of each breed's 8 photos
+    assert summary["baselines"]["random_guess"]["accuracy"] == pytest.approx(0.1)
+    assert 0 <= summary["val"]["accuracy"] <= 1 and np.isfinite(summary["val"]["log_loss"])
+    assert len(pd.read_csv(run_dir / "problems.csv")) == 0  # real photos, all readable
+    assert (pathlib.Path(summary["export"]) / "saved_model.pb").is_file()
