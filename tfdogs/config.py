@@ -51,6 +51,7 @@ DEFAULTS = {
     "early_stopping_patience": 5,
     "jit_compile": "auto",
     "precision": "auto",
+    "distribute": "auto",
     "output": None,
     "export_dir": None,
     "synthetic_classes": 6,
@@ -67,6 +68,7 @@ CHOICES = {
     "schedule": ("cosine", "constant"),
     "jit_compile": ("auto", "on", "off"),
     "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "distribute": ("auto", "none", "mirrored", "multi-worker"),
     "verbose": ("auto", 0, 1, 2),
 }
 
@@ -135,6 +137,9 @@ HELP = {
     "early_stopping_patience": "epochs without validation-accuracy gain before stopping (0: never)",
     "jit_compile": "XLA compilation: auto (on with a GPU, off on CPU), on, off",
     "precision": "auto (mixed_float16 on GPU, float32 on CPU), float32, mixed_float16, mixed_bfloat16",
+    "distribute": "devices: auto (multi-worker with a TF_CONFIG cluster, mirrored with several GPUs, "
+    "else none), none, mirrored (all local GPUs), multi-worker (TF_CONFIG); --batch-size is per "
+    "replica and the learning rate scales with the replicas",
     "output": "run folder (default runs/<model>-<timestamp>)",
     "export_dir": "SavedModel base folder (default saved_models/<run name>)",
     "synthetic_classes": "--data synthetic: number of classes",

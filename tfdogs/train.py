@@ -43,7 +43,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import augment, check, config as config_lib, data, export, metrics, models, plots, weights, zeroshot
+from tfdogs import (augment, check, config as config_lib, data, distribute, export, metrics, models, plots,
+                    weights, zeroshot)
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -361,17 +362,20 @@ def train(config, extra_callbacks=()):
     config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
     runtime = resolve_runtime(config)
     try:
+        strategy = distribute.make_strategy(config["distribute"])  # first: multi-worker precedes other TF work
+        runtime.update(distribute.replica_facts(strategy, config["batch_size"], config["learning_rate"]))
         records, train_indices, val_indices = load_data(config, run_dir)
-        if len(train_indices) < config["batch_size"]:
+        if len(train_indices) < runtime["global_batch_size"]:
             raise config_lib.ConfigError(
-                f"Config key 'batch_size' is {config['batch_size']}, larger than the {len(train_indices)} "
-                "training images; lower it.")
+                f"Config key 'batch_size' is {config['batch_size']} per replica ({runtime['replicas']} "
+                f"replicas), larger than the {len(train_indices)} training images; lower it.")
         keras.utils.set_random_seed(config["seed"])
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
-            model = models.build(config["model"], len(records.class_names), weights=config["weights"],
-                                 input_shape=(config["image_size"], config["image_size"], 3),
-                                 dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+            with strategy.scope():
+                model = models.build(config["model"], len(records.class_names), weights=config["weights"],
+                                     input_shape=(config["image_size"], config["image_size"], 3),
+                                     dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
     except Exception:
@@ -383,8 +387,10 @@ def train(config, extra_callbacks=()):
     config_lib.write(config, run_dir / "config.yaml")
     num_classes = len(records.class_names)
     preprocessing = weights.preprocessing_for(config["weights"], config["model"])
-    train_dataset, val_dataset = build_datasets(config, records, train_indices, val_indices, preprocessing)
-    steps = len(train_indices) // config["batch_size"]
+    global_config = {**config, "batch_size": runtime["global_batch_size"]}
+    train_dataset, val_dataset = (distribute.shard_by_data(dataset) for dataset in build_datasets(
+        global_config, records, train_indices, val_indices, preprocessing))
+    steps = len(train_indices) // runtime["global_batch_size"]
     if config["steps_per_epoch"]:
         steps = min(steps, config["steps_per_epoch"])
         train_dataset = train_dataset.repeat()
@@ -396,17 +402,18 @@ def train(config, extra_callbacks=()):
             model.load_weights(done)
             continue
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
-        schedule = WarmupCosine(config["learning_rate"], config["epochs"] * steps,
+        schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
-        model.compile(
-            optimizer=make_optimizer(config["optimizer"], schedule, config["momentum"], factors),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                     keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-                     keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="log_loss")],
-            jit_compile=runtime["jit_compile"],
-        )
+        with strategy.scope():  # metrics and optimizer variables are mirrored too
+            model.compile(
+                optimizer=make_optimizer(config["optimizer"], schedule, config["momentum"], factors),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                         keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+                         keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="log_loss")],
+                jit_compile=runtime["jit_compile"],
+            )
         callbacks, non_finite = _callbacks(config, run_dir, phase, read_history(run_dir / "history.csv"))
         model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
                   initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,

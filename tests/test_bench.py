@@ -1,0 +1,108 @@
+"""python -m tfdogs.bench: runs at tiny sizes and writes a well-formed table.
+
+The PyTorch side runs in its own environment (torchvision is not in the test
+extra), so these tests stand in for it: once with fixed PyTorch results, once
+with PyTorch absent.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfdogs import bench
+
+TINY = ["--models", "lenet5", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1",
+        "--window-steps", "2", "--windows", "2", "--in-process"]
+TORCH_RATE = 50.0
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """PyTorch 'present', answering every measurement with TORCH_RATE img/s."""
+    calls = []
+
+    def run_torch(torch_python, job):
+        calls.append(job)
+        return {"images_per_second": TORCH_RATE, "spread_percent": 1.0, "windows": [TORCH_RATE] * 2,
+                "peak_rss_mb": 300.0}
+
+    monkeypatch.setattr(bench, "probe_torch", lambda torch_python: ("torch 9.9, torchvision 9.9", None))
+    monkeypatch.setattr(bench, "run_torch", run_torch)
+    return calls
+
+
+def read_table(output):
+    with open(output.with_suffix(".csv"), newline="") as file:
+        rows = list(csv.DictReader(file))
+    return rows, json.loads(output.with_suffix(".json").read_text())
+
+
+def test_full_table_with_pytorch_has_every_part_and_ratio(tmp_path, dogs10_dir, fake_torch, capsys):
+    output = tmp_path / "bench"
+    bench.main(TINY + ["--data-dir", str(dogs10_dir), "--output", str(output)])
+    rows, report = read_table(output)
+    assert list(rows[0]) == list(bench.COLUMNS)
+    expected = {("pipeline", "", "torch", "dataloader"), ("pipeline", "", "tfdogs", "decode-and-crop"),
+                ("pipeline", "", "tfdogs", "cache (memory)")}
+    for part in ("train", "inference"):
+        expected |= {(part, "lenet5", "torch", "fp32"), (part, "lenet5", "torch", "tuned"),
+                     (part, "lenet5", "tfdogs", "float32")}
+    assert expected <= {(row["part"], row["model"], row["framework"], row["setting"]) for row in rows}
+    for row in rows:
+        assert float(row["images_per_second"]) > 0 and float(row["peak_rss_mb"]) > 0, row
+        if row["framework"] == "tfdogs":
+            ratio = float(row["images_per_second"]) / TORCH_RATE
+            assert float(row["ratio_vs_torch"]) == pytest.approx(ratio)
+            if row["part"] != "pipeline":
+                assert float(row["ratio_vs_torch_tuned"]) == pytest.approx(ratio)
+    pipeline = [row for row in rows if row["part"] == "pipeline" and row["framework"] == "tfdogs"]
+    assert all(row["target"] == ">= 3x torch dataloader" and row["target_met"] in ("True", "False")
+               for row in pipeline)
+    # The PyTorch side gets the same files, workers, sizes and timing.
+    dataloader_job = next(job for job in fake_torch if job["part"] == "pipeline")
+    assert (dataloader_job["workers"], dataloader_job["image_size"], dataloader_job["batch_size"]) == (2, 32, 4)
+    assert report["torch"] == "torch 9.9, torchvision 9.9"
+    assert report["environment"]["tensorflow"] and len(report["rows"]) == len(rows)
+    printed = capsys.readouterr().out
+    assert "PyTorch: torch 9.9" in printed and "x tuned" in printed
+
+
+def test_without_pytorch_measures_tfdogs_alone_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "probe_torch", lambda torch_python: (None, "No module named 'torchvision'"))
+    output = tmp_path / "alone"
+    bench.main(TINY + ["--parts", "train", "--output", str(output)])
+    rows, report = read_table(output)
+    assert {row["framework"] for row in rows} == {"tfdogs"}
+    assert all(row["ratio_vs_torch"] == "" and float(row["images_per_second"]) > 0 for row in rows)
+    assert report["torch"].startswith("PyTorch absent")
+    assert "PyTorch absent (No module named 'torchvision')" in capsys.readouterr().out
+
+
+def test_targets_apply_to_resnet18_at_224_against_tuned_pytorch():
+    rows = [
+        {"part": "train", "model": "resnet18", "framework": "torch", "setting": "fp32", "image_size": 224,
+         "images_per_second": 10.0},
+        {"part": "train", "model": "resnet18", "framework": "torch", "setting": "tuned", "image_size": 224,
+         "images_per_second": 40.0},
+        {"part": "train", "model": "resnet18", "framework": "tfdogs", "setting": "x", "image_size": 224,
+         "images_per_second": 50.0},
+        {"part": "train", "model": "resnet18", "framework": "tfdogs", "setting": "x", "image_size": 64,
+         "images_per_second": 50.0},
+    ]
+    rows = bench.add_ratios(rows)
+    assert rows[2]["ratio_vs_torch"] == pytest.approx(5.0) and rows[2]["ratio_vs_torch_tuned"] == 1.25
+    assert rows[2]["target"] == ">= 1.2x torch tuned" and rows[2]["target_met"] is True
+    assert rows[3]["target"] is None  # other sizes are measured but carry no target
+    assert rows[0]["ratio_vs_torch"] is None  # PyTorch rows are the reference
+
+
+def test_generated_photos_have_the_kaggle_median_size(tmp_path):
+    paths = bench.make_photo_like_jpegs(tmp_path, count=3)
+    assert len(paths) == 3
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.size == bench.PHOTO_SIZE
+            assert np.asarray(image).std() > 10  # not a flat image: decoding costs what a photo does

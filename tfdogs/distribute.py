@@ -1,0 +1,116 @@
+"""Training on several devices or machines with TensorFlow's own `tf.distribute`.
+
+`--distribute` picks the strategy:
+
+    none          one device (TensorFlow's default strategy).
+    mirrored      `tf.distribute.MirroredStrategy`: one replica per local GPU
+                  (without GPUs, per logical CPU device when several are set up).
+    multi-worker  `tf.distribute.MultiWorkerMirroredStrategy` across machines
+                  described by the `TF_CONFIG` environment variable (TensorFlow's
+                  distributed runtime; without TF_CONFIG it runs as one worker).
+    auto          multi-worker when TF_CONFIG names several workers, mirrored
+                  with more than one local GPU, otherwise none.
+
+`--batch-size` is per replica: the global batch is `batch_size * replicas`,
+and the learning rate grows by the same factor (the linear scaling rule of
+Goyal et al. 2017, https://arxiv.org/abs/1706.02677), so one step sees
+`replicas` times as many images at a proportionally larger rate.
+
+Multi-worker example (run on each machine with its own index):
+
+    TF_CONFIG='{"cluster": {"worker": ["host1:12345", "host2:12345"]},
+                "task": {"type": "worker", "index": 0}}' \\
+        python -m tfdogs.train --distribute multi-worker --model resnet18 --data-dir DATA --output runs/w0
+
+Each worker writes its own run folder: on a shared file system give each a
+different `--output`.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("auto", "none", "mirrored", "multi-worker")
+
+
+def workers_in_tf_config():
+    """Number of worker (and chief) tasks named by the TF_CONFIG environment variable; 0 without it."""
+    text = os.environ.get("TF_CONFIG", "")
+    if not text.strip():
+        return 0
+    try:
+        cluster = json.loads(text).get("cluster", {})
+    except (ValueError, AttributeError):
+        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster' mapping: {text[:200]!r}") from None
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def resolve_name(name):
+    """Turns `auto` into the strategy that fits this machine, without starting TensorFlow's runtime."""
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown distribution strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+    if name != "auto":
+        return name
+    if workers_in_tf_config() > 1:
+        return "multi-worker"
+    return "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
+
+
+def make_strategy(name):
+    """The `tf.distribute.Strategy` for a `--distribute` value.
+
+    Call it before other TensorFlow work: MultiWorkerMirroredStrategy must
+    configure collective ops before the runtime starts.
+
+    Args:
+        name: one of `STRATEGIES`.
+
+    Returns:
+        A strategy; `strategy.scope()` is where the model is built and compiled.
+    """
+    name = resolve_name(name)
+    if name == "multi-worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    return tf.distribute.get_strategy()
+
+
+def scale_for_replicas(batch_size, learning_rate, replicas):
+    """Global batch and learning rate for `replicas` replicas.
+
+    Args:
+        batch_size: images per replica and step.
+        learning_rate: the rate for one replica's batch.
+        replicas: `strategy.num_replicas_in_sync`.
+
+    Returns:
+        (global batch size, scaled learning rate).
+    """
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1; got {replicas}")
+    return batch_size * replicas, learning_rate * replicas
+
+
+def replica_facts(strategy, batch_size, learning_rate):
+    """What a run records about its devices: strategy, replicas, global batch and scaled rate."""
+    replicas = strategy.num_replicas_in_sync
+    global_batch_size, scaled_rate = scale_for_replicas(batch_size, learning_rate, replicas)
+    name = {"MirroredStrategy": "mirrored", "MultiWorkerMirroredStrategy": "multi-worker"}.get(
+        type(strategy).__name__, "none")
+    return {"distribute": name, "replicas": replicas,
+            "global_batch_size": global_batch_size, "learning_rate": scaled_rate}
+
+
+def shard_by_data(dataset):
+    """Lets each worker keep its share of the pipeline's elements.
+
+    tf.data's default policy first tries to shard by input files, which fails
+    for a pipeline that reads files named in a tensor and warns; sharding the
+    elements is what it then falls back to anyway.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
