@@ -106,3 +106,43 @@ def test_generated_photos_have_the_kaggle_median_size(tmp_path):
         with Image.open(path) as image:
             assert image.format == "JPEG" and image.size == bench.PHOTO_SIZE
             assert np.asarray(image).std() > 10  # not a flat image: decoding costs what a photo does
+
+
+# The pipeline options the benchmark measures (tfdogs.data.make_dataset).
+
+def pipeline(paths, **options):
+    from tfdogs import data
+
+    return data.make_dataset(paths, np.zeros(len(paths), np.int64), image_size=32, batch_size=8, training=True,
+                             mean=bench.IMAGENET_MEAN, std=bench.IMAGENET_STD, seed=3, **options)
+
+
+def test_per_image_flip_mirrors_some_crops_and_keeps_the_others(dogs10_dir):
+    paths = sorted(str(path) for path in dogs10_dir.glob("*/*.jpg"))[:16]
+    plain = next(iter(pipeline(paths)))[0].numpy()
+    flipped = next(iter(pipeline(paths, flip=True)))[0].numpy()
+    mirrored = [np.allclose(f, p[:, ::-1], atol=1e-5) for f, p in zip(flipped, plain)]
+    unchanged = [np.allclose(f, p, atol=1e-5) for f, p in zip(flipped, plain)]
+    assert all(m or u for m, u in zip(mirrored, unchanged)) and any(mirrored) and any(unchanged)
+    again = next(iter(pipeline(paths, flip=True)))[0].numpy()
+    np.testing.assert_array_equal(flipped, again)  # seeded: the same flips for the same seed
+
+
+def test_normalising_each_image_equals_normalising_the_batch(dogs10_dir):
+    import keras
+
+    paths = sorted(str(path) for path in dogs10_dir.glob("*/*.jpg"))[:16]
+    per_image = next(iter(pipeline(paths)))[0].numpy()
+    # any augmentation block moves normalisation to the batch map, after it
+    per_batch = next(iter(pipeline(paths, augmentation=keras.layers.Identity())))[0].numpy()
+    np.testing.assert_allclose(per_image, per_batch, atol=2e-6)
+
+
+def test_cache_size_must_be_a_sensible_side(dogs10_dir):
+    from tfdogs import data
+
+    paths = sorted(str(path) for path in dogs10_dir.glob("*/*.jpg"))[:16]
+    with pytest.raises(data.DataError, match="cache_size"):
+        pipeline(paths, cache="memory", cache_size=4)
+    batch = next(iter(pipeline(paths, cache="memory", cache_size=40)))[0]
+    assert batch.shape == (8, 32, 32, 3)

@@ -11,8 +11,10 @@ windows after a warm-up) and peak resident memory of
     train      the training step (Adam, model only, a fixed random batch),
                against torchvision in float32 and tuned (channels-last +
                bfloat16 autocast on CPU, float16 AMP on GPU);
-    inference  a model-only SavedModel loaded with `tf.saved_model.load`,
-               against the same two PyTorch settings in inference mode;
+    inference  the model as training exports it (BatchNorms folded) in a
+               model-only SavedModel loaded with `tf.saved_model.load`, plain
+               and with TensorFlow's oneDNN bfloat16 rewrite, against the same
+               two PyTorch settings in inference mode;
 
 and prints one table with the ratios (tfdogs / PyTorch), also written as
 `<output>.csv` and `<output>.json`. Each measurement runs in a fresh process
@@ -44,7 +46,7 @@ import tempfile
 
 import numpy as np
 
-from tfdogs import measure
+from tfdogs import distribute, measure
 
 PARTS = ("pipeline", "train", "inference")
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
@@ -66,35 +68,36 @@ COLUMNS = ("part", "model", "framework", "setting", "batch_size", "image_size", 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One way of running tfdogs: a Keras dtype policy, XLA or not, and environment variables.
+    """One way of running tfdogs: a Keras dtype policy, XLA or not, serving options, environment variables.
 
-    `environment` is applied before TensorFlow starts, so it takes effect only
-    in a fresh (isolated) measurement process.
+    `bfloat16_rewrite` turns on TensorFlow's oneDNN bfloat16 graph rewrite
+    (`auto_mixed_precision_onednn_bfloat16`) in the process that loads a
+    float32 SavedModel. `environment` is applied before TensorFlow starts,
+    so it takes effect only in a fresh (isolated) measurement process.
     """
 
     name: str
     precision: str = "float32"
     jit_compile: bool = False
+    bfloat16_rewrite: bool = False
     environment: tuple = ()
 
 
-def tensorflow_settings(has_gpu, cpu_has_bfloat16):
-    """The settings worth measuring on this device."""
-    if has_gpu:
-        return [Setting("float32"), Setting("mixed_float16+xla", "mixed_float16", jit_compile=True)]
+def tensorflow_settings(part, has_gpu, bfloat16_cpu):
+    """The settings worth measuring for a part on this device.
+
+    Training: float32 and the mixed precision the device computes fast.
+    Inference: the float32 SavedModel that training exports, plain and, on a
+    CPU with native bfloat16, served with the bfloat16 rewrite.
+    """
+    if part == "train":
+        if has_gpu:
+            return [Setting("float32"), Setting("mixed_float16+xla", "mixed_float16", jit_compile=True)]
+        return [Setting("float32")] + ([Setting("mixed_bfloat16", "mixed_bfloat16")] if bfloat16_cpu else [])
     settings = [Setting("float32")]
-    if cpu_has_bfloat16:
-        settings.append(Setting("mixed_bfloat16", "mixed_bfloat16"))
+    if bfloat16_cpu and not has_gpu:
+        settings.append(Setting("float32+bf16 rewrite", bfloat16_rewrite=True))
     return settings
-
-
-def cpu_has_bfloat16():
-    """True when the CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,8 +106,9 @@ def cpu_has_bfloat16():
 def make_photo_like_jpegs(directory, count=256, size=PHOTO_SIZE, seed=0):
     """Writes `count` JPEGs of `size` (width, height) that decode like photos.
 
-    Smooth shapes on a noisy background at quality 90, about the bytes per
-    pixel of the Kaggle photos; returns the file paths.
+    Shapes on a noisy background, drawn at half resolution and enlarged (as
+    smooth as a photo), saved at quality 85: about 40 kB each, near the
+    Kaggle photos' 34 kB at 500x375. Returns the file paths.
     """
     from PIL import Image
 
@@ -114,12 +118,14 @@ def make_photo_like_jpegs(directory, count=256, size=PHOTO_SIZE, seed=0):
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     width, height = size
+    side = max(width, height)
     paths = []
     for index in range(count):
-        square = data._synthetic_image(rng, index % 8, 8, max(width, height))
-        top, left = (square.shape[0] - height) // 2, (square.shape[1] - width) // 2
+        square = Image.fromarray(data._synthetic_image(rng, index % 8, 8, side // 2)).resize(
+            (side, side), Image.BILINEAR)
+        top, left = (side - height) // 2, (side - width) // 2
         buffer = io.BytesIO()
-        Image.fromarray(square[top:top + height, left:left + width]).save(buffer, format="JPEG", quality=90)
+        square.crop((left, top, left + width, top + height)).save(buffer, format="JPEG", quality=85)
         path = directory / f"photo-{index:04d}.jpg"
         path.write_bytes(buffer.getvalue())
         paths.append(str(path))
@@ -129,7 +135,7 @@ def make_photo_like_jpegs(directory, count=256, size=PHOTO_SIZE, seed=0):
 def jpeg_files(data_dir, workdir):
     """JPEG paths from a Kaggle or class-folder directory, or generated stand-ins."""
     if data_dir is None:
-        return make_photo_like_jpegs(pathlib.Path(workdir) / "photos")
+        return make_photo_like_jpegs(pathlib.Path(workdir) / "photos", count=1024)
     from tfdogs import data
 
     return data.find_records(data_dir).paths
@@ -144,23 +150,25 @@ def measure_pipeline(paths, *, cache, image_size, batch_size, workers, crop_scal
     Without the cache the file list is repeated into one long epoch (as the
     DataLoader's is); with it, the cache is filled during the warm-up (one
     whole epoch) and the timed windows read decoded images from memory.
+    The flip is `make_dataset`'s per-image one (`flip=True`, no Keras block).
     """
     import tensorflow as tf
 
-    from tfdogs import augment, data
+    from tfdogs import data
 
     steps_needed = timing.warmup_steps + timing.window_steps * timing.windows + 1
+    # At least 1024 entries per epoch (the list repeated), so epoch boundaries cost what they cost in a
+    # real epoch of thousands of photos; the cache then holds each photo as often as it is listed.
+    files = list(paths) * max(1, math.ceil(1024 / len(paths)))
     if cache:
-        files = list(paths)
         timing = dataclasses.replace(
             timing, warmup_steps=max(timing.warmup_steps, math.ceil(len(files) / batch_size) + 1))
     else:
-        files = (list(paths) * (steps_needed * batch_size // len(paths) + 1))[:steps_needed * batch_size]
-    flip_only = augment.build_augmentation(flip=True, rotation=0, zoom=0, translation=0, contrast=0)
+        files = (files * (steps_needed * batch_size // len(files) + 1))[:max(steps_needed * batch_size, len(files))]
     dataset = data.make_dataset(
         files, np.zeros(len(files), np.int64), image_size=image_size, batch_size=batch_size, training=True,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, augmentation=flip_only, cache="memory" if cache else None,
-        shuffle_buffer=len(files), scale=(crop_scale_min, 1.0))
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, flip=True, cache="memory" if cache else None,
+        shuffle_buffer=min(len(files), 1024), scale=(crop_scale_min, 1.0))
     options = tf.data.Options()
     options.threading.private_threadpool_size = workers  # as many threads as the DataLoader has workers
     batches = iter(dataset.repeat().with_options(options))
@@ -214,22 +222,28 @@ def measure_training(model_name, setting, *, image_size, batch_size, num_classes
 
 
 def measure_inference(model_name, setting, *, image_size, batch_size, num_classes, timing, workdir):
-    """Throughput of a model-only SavedModel (`model.export`), loaded back with `tf.saved_model.load`.
+    """Throughput of the model as `tfdogs.train` exports it (BatchNorms folded), loaded back as a SavedModel.
 
-    The model is exported and dropped before the measurement starts, so the
-    memory peak is that of a serving process.
+    The SavedModel holds the model alone (`model.export`: no JPEG decoding
+    or resizing, as the PyTorch side does none); the model is exported and
+    dropped before the measurement starts, so the memory peak is that of a
+    serving process.
     """
     import gc
 
     import keras
     import tensorflow as tf
 
-    model = _build(model_name, setting, image_size=image_size, num_classes=num_classes)
-    export_dir = pathlib.Path(workdir) / f"savedmodel-{model_name}-{setting.name}"
+    from tfdogs import inference
+
+    model = inference.fold_batch_norms(_build(model_name, setting, image_size=image_size, num_classes=num_classes))
+    export_dir = pathlib.Path(workdir) / f"savedmodel-{model_name}-{setting.name}".replace(" ", "-")
     model.export(str(export_dir), format="tf_saved_model", verbose=False)
     del model
     keras.backend.clear_session()
     gc.collect()
+    if setting.bfloat16_rewrite:
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
     with measure.PeakMemory() as memory:
         loaded = tf.saved_model.load(str(export_dir))
         serve = loaded.serve  # `loaded` owns the variables; keep it alive
@@ -240,6 +254,7 @@ def measure_inference(model_name, setting, *, image_size, batch_size, num_classe
                 serve(images)
 
         result = measure.throughput(run_steps, batch_size, timing)
+    tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": False})
     result["peak_rss_mb"] = memory.peak_mb
     return result
 
@@ -322,7 +337,7 @@ def run_torch(torch_python, job):
 # ----------------------------------------------------------------------------- the table
 
 
-def plan(args, settings, workdir, paths, files_list):
+def plan(args, settings_for, workdir, paths, files_list):
     """The measurements to make, as (row key, framework, job) in the order they run."""
     base = dict(image_size=args.image_size, batch_size=args.batch_size, num_classes=args.num_classes,
                 timing=dataclasses.asdict(measure.Timing(args.warmup_steps, args.window_steps, args.windows)))
@@ -341,7 +356,7 @@ def plan(args, settings, workdir, paths, files_list):
         for model in args.models:
             job = dict(base, part=part, model=model, workdir=str(workdir))
             jobs += [("torch", dict(job, setting=name)) for name in ("fp32", "tuned")]
-            jobs += [("tfdogs", dict(job, setting=dataclasses.asdict(setting))) for setting in settings]
+            jobs += [("tfdogs", dict(job, setting=dataclasses.asdict(setting))) for setting in settings_for(part)]
     return jobs
 
 
@@ -451,8 +466,8 @@ def environment_report():
     except OSError:
         pass
     gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "cpu_bfloat16": cpu_has_bfloat16(),
-            "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus,
+            "cpu_bfloat16": distribute.cpu_has_native_bfloat16(), "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
 
 
 def parse_args(argv=None):
@@ -498,12 +513,16 @@ def main(argv=None):
                   else f"PyTorch absent ({reason}): tfdogs measured alone, no ratios.")
     report["torch"] = torch_versions or f"PyTorch absent: {reason}"
     print(torch_note, file=sys.stderr)
-    settings = tensorflow_settings(bool(tf.config.list_physical_devices("GPU")), cpu_has_bfloat16())
+    has_gpu, bfloat16 = bool(tf.config.list_physical_devices("GPU")), distribute.cpu_has_native_bfloat16()
+
+    def settings_for(part):
+        return tensorflow_settings(part, has_gpu, bfloat16)
+
     with tempfile.TemporaryDirectory(prefix="tfdogs-bench-") as workdir:
         paths = jpeg_files(args.data_dir, workdir) if "pipeline" in args.parts else []
         files_list = pathlib.Path(workdir) / "files.txt"
         files_list.write_text("\n".join(paths))
-        jobs = plan(args, settings, workdir, paths, str(files_list))
+        jobs = plan(args, settings_for, workdir, paths, str(files_list))
         if not torch_versions:
             jobs = [(framework, job) for framework, job in jobs if framework != "torch"]
         report["load_average_before"] = os.getloadavg()

@@ -34,6 +34,16 @@ import tensorflow as tf
 STRATEGIES = ("auto", "none", "mirrored", "multi-worker")
 
 
+def cpu_has_native_bfloat16():
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), as oneDNN then uses it."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def workers_in_tf_config():
     """Number of worker (and chief) tasks named by the TF_CONFIG environment variable; 0 without it."""
     text = os.environ.get("TF_CONFIG", "")

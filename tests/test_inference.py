@@ -1,0 +1,59 @@
+"""Inference rewrites: folded BatchNorms give the model's answers with fewer ops."""
+
+import keras
+import numpy as np
+import pytest
+
+from tfdogs import inference, models
+
+
+def with_trained_statistics(model, seed=0):
+    """Moves every BatchNorm away from its identity initialisation, as training would."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            shape = gamma.shape
+            layer.set_weights([gamma * rng.uniform(0.5, 1.5, shape), beta + rng.normal(0, 0.1, shape),
+                               mean + rng.normal(0, 0.1, shape), variance * rng.uniform(0.5, 2.0, shape)])
+    return model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_folded_resnet_answers_like_the_original_without_batch_norms(name):
+    keras.utils.set_random_seed(0)
+    model = with_trained_statistics(models.build(name, 10, input_shape=(64, 64, 3)))
+    folded = inference.fold_batch_norms(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert [layer.name for layer in folded.layers] == [layer.name for layer in model.layers]
+    assert folded.get_layer("conv1").use_bias and not model.get_layer("conv1").use_bias
+    images = np.random.default_rng(1).standard_normal((4, 64, 64, 3)).astype("float32")
+    expected = model(images, training=False).numpy()
+    np.testing.assert_allclose(folded(images, training=False).numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert model.count_params() > folded.count_params()  # 4 numbers per channel became 1 bias
+
+
+def test_folding_keeps_a_mixed_bfloat16_model_in_bfloat16():
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = with_trained_statistics(models.build("resnet18", 10, input_shape=(64, 64, 3)))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    folded = inference.fold_batch_norms(model)
+    assert folded.get_layer("layer1.0.conv1").compute_dtype == "bfloat16"
+    images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype("float32")
+    logits = folded(images, training=False).numpy()
+    assert logits.dtype == np.float32
+    reference = model(images, training=False).numpy()
+    # bfloat16 keeps 8 significant bits; the fold rounds the kernel once more
+    assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max() + 0.05
+
+
+def test_a_model_without_batch_norm_is_copied_unchanged():
+    keras.utils.set_random_seed(0)
+    model = models.build("lenet5", 4, input_shape=(32, 32, 3))
+    folded = inference.fold_batch_norms(model)
+    assert folded is not model
+    for original, copy in zip(model.get_weights(), folded.get_weights()):
+        np.testing.assert_array_equal(original, copy)

@@ -1,0 +1,76 @@
+"""Inference-time rewrites of a trained model: the same answers, less work.
+
+`fold_batch_norms` merges each BatchNormalization that follows a bias-free
+convolution into that convolution (Ioffe and Szegedy 2015 give the affine
+form, https://arxiv.org/abs/1502.03167): in inference BatchNorm is
+`gamma * (x - mean) / sqrt(variance + epsilon) + beta`, a per-channel scale
+and shift, so the kernel absorbs the scale and a bias the shift. Keras runs
+BatchNorm as separate multiply, add and (under mixed precision) cast ops over
+every activation; folded, a ResNet-18 SavedModel serves about 5 % faster in
+float32 and about 20 % faster in bfloat16 on a 2-core CPU (see the README's
+Performance section). In float32 the outputs agree to about 1e-6.
+
+Example:
+    serving_model = fold_batch_norms(model)
+    export.export_saved_model(serving_model, class_names, "saved_models/run", ...)
+"""
+
+import keras
+import numpy as np
+
+
+class PassThrough(keras.layers.Layer):
+    """Stands where a folded BatchNormalization stood, so layer names and wiring stay as they were."""
+
+    def call(self, inputs, mask=None, training=None):
+        return inputs
+
+
+def _folded_pairs(model):
+    """{convolution name: the BatchNormalization that only it feeds} for bias-free Conv2D layers."""
+    pairs = {}
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or layer.axis not in (-1, 3, [3], [-1]):
+            continue
+        producer = layer.input._keras_history.operation
+        if isinstance(producer, keras.layers.Conv2D) and not producer.use_bias and producer.data_format == (
+                "channels_last") and len(producer._outbound_nodes) == 1:
+            pairs[producer.name] = layer
+    return pairs
+
+
+def fold_batch_norms(model):
+    """A copy of a functional model with BatchNorms folded into the convolutions before them.
+
+    Only for inference: the copy has no batch statistics to train. Layers
+    keep their names and dtype policies (a mixed_bfloat16 model stays one);
+    BatchNorms that do not directly follow a bias-free convolution are kept.
+
+    Args:
+        model: a functional `keras.Model` (as `tfdogs.models.build` makes).
+
+    Returns:
+        A new `keras.Model` with the same inputs, outputs and answers.
+    """
+    pairs = _folded_pairs(model)
+    folded_norms = {norm.name for norm in pairs.values()}
+
+    def clone(layer):
+        if layer.name in pairs:
+            return keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
+        if layer.name in folded_norms:
+            return PassThrough(name=layer.name, dtype=layer.dtype_policy)
+        return layer.__class__.from_config(layer.get_config())
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        target = folded.get_layer(layer.name)
+        if layer.name in pairs:
+            norm = pairs[layer.name]
+            gamma, beta, mean, variance = (np.asarray(weight, np.float64) for weight in norm.get_weights())
+            scale = gamma / np.sqrt(variance + norm.epsilon)
+            kernel = np.asarray(layer.get_weights()[0], np.float64) * scale  # scales each output channel
+            target.set_weights([kernel.astype(np.float32), (beta - mean * scale).astype(np.float32)])
+        elif layer.name not in folded_norms and layer.weights:
+            target.set_weights(layer.get_weights())
+    return folded
