@@ -25,7 +25,7 @@ live in a virtual environment of their own; without them tfdogs is measured
 alone and the table says "PyTorch absent".
 
 Examples:
-    python -m tfdogs.bench --torch-python /work/venv-bench/bin/python
+    python -m tfdogs.bench --torch-python venv-bench/bin/python
     python -m tfdogs.bench --models resnet18 --parts train inference --repeats 3
     python -m tfdogs.bench --models lenet5 --image-size 32 --windows 2 --in-process   # seconds
 """
@@ -483,8 +483,8 @@ def parse_args(argv=None):
                         f"default: generated {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} photo-like JPEGs")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = tf.data threads")
     parser.add_argument("--crop-scale-min", type=float, default=0.25, help="random-resized-crop area range low")
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--window-steps", type=int, default=5)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--window-steps", type=int, default=3)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="run everything this often; report medians")
     parser.add_argument("--torch-python", default=os.environ.get("TFDOGS_TORCH_PYTHON", sys.executable),
