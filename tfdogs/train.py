@@ -354,6 +354,13 @@ def _callbacks(config, run_dir, phase, history):
     return callbacks, non_finite
 
 
+def build_model(config, num_classes, weights):
+    """The run's network at its input size and head regularisation."""
+    return models.build(config["model"], num_classes, weights=weights,
+                        input_shape=(config["image_size"], config["image_size"], 3),
+                        dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+
+
 def train(config, extra_callbacks=()):
     """Runs one experiment from a validated config (see `tfdogs.config`).
 
@@ -380,9 +387,7 @@ def train(config, extra_callbacks=()):
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
             with strategy.scope():
-                model = models.build(config["model"], len(records.class_names), weights=config["weights"],
-                                     input_shape=(config["image_size"], config["image_size"], 3),
-                                     dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+                model = build_model(config, len(records.class_names), config["weights"])
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
     except Exception:
@@ -441,9 +446,7 @@ def train(config, extra_callbacks=()):
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         model.load_weights(best_weights)
-    final_model = models.build(config["model"], num_classes, weights=None,
-                               input_shape=(config["image_size"], config["image_size"], 3),
-                               dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+    final_model = build_model(config, num_classes, weights=None)  # float32, all trainable, no optimizer
     final_model.set_weights(model.get_weights())
     save_model_atomically(final_model, run_dir / "model.keras")
 
