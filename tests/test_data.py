@@ -197,6 +197,33 @@ def test_stratified_split_is_stratified_disjoint_and_reproducible():
     assert not np.array_equal(val, other[1])
 
 
+def test_grouped_split_keeps_each_group_on_one_side_stratified_and_reproducible():
+    labels = np.repeat([0, 1, 2, 3], [12, 10, 6, 4])
+    # groups of byte-identical copies: pairs, a triple, and a conflict (labels 0 and 1) spanning two breeds
+    groups = np.arange(len(labels))
+    for copies in ([0, 1], [2, 3, 4], [12, 13], [22, 23], [28, 29], [5, 14]):
+        groups[copies] = copies[0]
+    for seed in range(10):
+        train, val = data.stratified_split(labels, val_fraction=0.5, seed=seed, groups=groups)
+        np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+        for group in np.unique(groups):
+            sides = {bool(np.isin(index, val)) for index in np.flatnonzero(groups == group)}
+            assert len(sides) == 1, f"seed {seed}: group {group} split across training and validation"
+        for label, count in zip(range(4), (12, 10, 6, 4)):
+            val_count = np.sum(labels[val] == label)
+            assert abs(val_count - 0.5 * count) <= 2 and 1 <= val_count <= count - 1, (seed, label, val_count)
+        again = data.stratified_split(labels, val_fraction=0.5, seed=seed, groups=groups)
+        np.testing.assert_array_equal(val, again[1])
+    other = data.stratified_split(labels, val_fraction=0.5, seed=1, groups=groups)[1]
+    assert not np.array_equal(data.stratified_split(labels, val_fraction=0.5, seed=0, groups=groups)[1], other)
+    # one image per group is the ungrouped split, so runs without copies keep their splits
+    singles = data.stratified_split(labels, val_fraction=0.3, seed=4, groups=np.arange(len(labels)) * 7)
+    for grouped, plain in zip(singles, data.stratified_split(labels, val_fraction=0.3, seed=4)):
+        np.testing.assert_array_equal(grouped, plain)
+    with pytest.raises(data.DataError, match="one id per image"):
+        data.stratified_split(labels, groups=groups[:-1])
+
+
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
 def test_stratified_split_rejects_fraction_outside_unit_interval(fraction):
     with pytest.raises(data.DataError, match="val_fraction"):

@@ -466,17 +466,28 @@ def _synthetic_image(rng, label, num_classes, image_size):
 # ----------------------------------------------------------------------------- splits
 
 
-def stratified_split(labels, val_fraction=0.2, seed=0) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels, val_fraction=0.2, seed=0, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """Splits image indices into training and validation, class by class.
 
     Each class with n >= 2 images puts round(n * val_fraction), clipped to
     [1, n - 1], randomly chosen images in validation; a single-image class goes
     to training.
 
+    With `groups`, the images of a group (byte-identical copies of one photo,
+    see `tfdogs.check`) always land on the same side, so a photo is never
+    validated on after being trained on. A group counts toward the class most
+    of its images have (the smallest label on a tie: copies labelled with
+    different breeds are a labelling conflict), and each class's groups, in
+    shuffled order, fill its validation share; a group larger than what is
+    left of the share goes to training. With every image in a group of its
+    own, the split is exactly the one without `groups`.
+
     Args:
         labels: Class label per image (any sortable values).
         val_fraction: Validation share of every class, in (0, 1).
         seed: Seed of the per-class shuffles; same seed, same split.
+        groups: Optional group id per image (any sortable values); images
+            with the same id go to the same subset. None: one group per image.
 
     Returns:
         Sorted int64 index arrays (train_indices, val_indices), disjoint and
@@ -487,16 +498,46 @@ def stratified_split(labels, val_fraction=0.2, seed=0) -> tuple[np.ndarray, np.n
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise DataError(f"labels must be a non-empty 1-D array; got shape {labels.shape}")
+    if groups is None:
+        groups = np.arange(labels.size)
+    groups = np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise DataError(f"groups must hold one id per image: {labels.size} labels but groups of shape "
+                        f"{groups.shape}")
+    members = _group_members(groups)
+    # Groups in order of their first image: with single-image groups, the shuffles below draw
+    # exactly the permutations of the ungrouped split.
+    members.sort(key=lambda indices: indices[0])
+    group_labels = np.array([_majority(labels[indices]) for indices in members])
+    sizes = np.array([len(indices) for indices in members])
     rng = np.random.default_rng(seed)
-    train_parts, val_parts = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        count = len(members)
+    val_groups = []
+    for label in np.unique(group_labels):
+        class_groups = np.flatnonzero(group_labels == label)
+        count = int(sizes[class_groups].sum())
         val_count = 0 if count < 2 else min(max(round(count * val_fraction), 1), count - 1)
-        val_parts.append(members[:val_count])
-        train_parts.append(members[val_count:])
-    return (np.sort(np.concatenate(train_parts)).astype(np.int64),
-            np.sort(np.concatenate(val_parts)).astype(np.int64))
+        filled = 0
+        for group in rng.permutation(class_groups):
+            if filled + sizes[group] <= val_count:
+                val_groups.append(group)
+                filled += sizes[group]
+    in_val = np.zeros(labels.size, dtype=bool)
+    for group in val_groups:
+        in_val[members[group]] = True
+    return np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64)
+
+
+def _group_members(groups):
+    """Sorted image indices of each distinct group id."""
+    _, group_of = np.unique(groups, return_inverse=True)
+    order = np.argsort(group_of.ravel(), kind="stable")
+    return np.split(order, np.cumsum(np.bincount(group_of.ravel()))[:-1])
+
+
+def _majority(labels):
+    """The most common label, the smallest one on a tie."""
+    values, counts = np.unique(labels, return_counts=True)
+    return values[np.argmax(counts)]
 
 
 _SPLIT_COLUMNS = ["path", "label", "breed", "subset"]
