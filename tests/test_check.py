@@ -214,6 +214,71 @@ def test_command_line_lists_every_problem_and_strict_fails(tmp_path, capsys):
     assert "strict: 2 problems would skip data" in err and "Great Dane/broken.jpeg" in err
 
 
+def write_copies_corpus(root):
+    """Class folders of distinct photos, one photo copied under another name, and one copied into another breed.
+
+    Returns:
+        (the same-breed pair, the conflicting pair), as files relative to root.
+    """
+    rng = np.random.default_rng(3)
+    for breed, colour in zip(("beagle", "pug"), bad_corpus.GOOD_COLOURS):
+        (root / breed).mkdir(parents=True)
+        for i in range(6):
+            bad_corpus.noisy(colour, rng).save(root / breed / f"{i}.jpg", format="JPEG")
+    (root / "beagle" / "copy-of-0.jpg").write_bytes((root / "beagle" / "0.jpg").read_bytes())
+    (root / "pug" / "beagle-1.jpg").write_bytes((root / "beagle" / "1.jpg").read_bytes())
+    return ("beagle/0.jpg", "beagle/copy-of-0.jpg"), ("beagle/1.jpg", "pug/beagle-1.jpg")
+
+
+def test_byte_identical_photos_form_one_group_listed_with_each_other(tmp_path, capsys):
+    pair, conflict = write_copies_corpus(tmp_path / "data")
+    report = check.check_data(tmp_path / "data")
+    files = [pathlib.Path(path).relative_to(tmp_path / "data").as_posix() for path in report.records.paths]
+    assert len(files) == 14  # copies are kept
+    groups = {file: group for file, group in zip(files, report.groups.tolist())}
+    assert groups[pair[0]] == groups[pair[1]] and groups[conflict[0]] == groups[conflict[1]]
+    assert len(set(groups.values())) == 12  # every other photo is alone in its group
+    assert sorted(sorted(files[i] for i in group) for group in report.duplicate_groups) == sorted(
+        sorted(group) for group in (pair, conflict))
+
+    listed = {(p.file, p.kind, p.action): p.reason for p in report.problems}
+    assert listed.keys() == {(pair[0], "duplicate-photo", "kept"), (pair[1], "duplicate-photo", "kept"),
+                             (conflict[0], "duplicate-photo-conflict", "kept"),
+                             (conflict[1], "duplicate-photo-conflict", "kept")}
+    # each names the other copy; the conflict names both breeds
+    assert pair[1] in listed[(pair[0], "duplicate-photo", "kept")]
+    assert pair[0] in listed[(pair[1], "duplicate-photo", "kept")]
+    conflict_reason = listed[(conflict[1], "duplicate-photo-conflict", "kept")]
+    assert conflict[0] in conflict_reason and "'beagle'" in conflict_reason and "'pug'" in conflict_reason
+
+    report_path = tmp_path / "problems.csv"
+    assert check.main(["--data-dir", str(tmp_path / "data"), "--report", str(report_path)]) == 0
+    assert "2 groups of byte-identical photos (4 files" in capsys.readouterr().out
+    written = pd.read_csv(report_path, keep_default_na=False)
+    assert set(zip(written["file"], written["kind"], written["action"])) == set(listed)
+
+
+def test_the_split_of_a_run_keeps_byte_identical_photos_on_one_side_for_every_seed(tmp_path):
+    pair, conflict = write_copies_corpus(tmp_path / "data")
+    sides = []
+    for seed in range(10):
+        run_dir = tmp_path / f"run-{seed}"
+        run_dir.mkdir()
+        config = small_config(data=None, data_dir=str(tmp_path / "data"), val_fraction=0.5, seed=seed,
+                              output=str(run_dir))
+        train.load_data(config, run_dir)
+        split = pd.read_csv(run_dir / "split.csv").set_index("path")["subset"]
+        assert len(split) == 14
+        for group in (pair, conflict):
+            assert split[group[0]] == split[group[1]], f"seed {seed}: {group} split across {list(split[list(group)])}"
+        # still stratified: half of each breed's 7 photos, give or take the copies moving together
+        assert all(2 <= count <= 5 for count in split[split == "val"].index.str.split("/").str[0].value_counts())
+        listed = pd.read_csv(run_dir / "problems.csv", keep_default_na=False)
+        assert set(listed["file"]) == set(pair + conflict)
+        sides.append(split[pair[0]])
+    assert set(sides) == {"train", "val"}  # the seeds do move the pair
+
+
 def test_training_over_the_mixed_corpus_uses_the_good_files_and_lists_every_bad_one(corpus, tmp_path):
     root, expected, odd, _ = corpus
     config = small_config(data=None, data_dir=str(root), batch_size=8, epochs=2,

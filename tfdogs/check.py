@@ -24,6 +24,11 @@ file, the labels.csv line where there is one, and the reason:
   Pillow's decompression-bomb guard, unreadable, or a labels.csv problem
   (see `tfdogs.data.scan_records`).
 
+Byte-identical files (the Kaggle and Stanford Dogs photos come from ImageNet,
+which holds exact copies under different names) are kept and listed as
+duplicate photos, or as a labelling conflict when their breeds differ; the
+report's `groups` lets the split keep each group on one side.
+
 A run fails only when nothing usable remains, or with `--strict` when
 anything would be skipped. Nothing outside the data directory is opened.
 Cost: every kept image is decoded once by TensorFlow (in parallel, a few
@@ -68,15 +73,28 @@ class Report:
         sources: Per record, the file the pipeline reads: the original, or its
             converted copy (when `check_data` was given a folder for them).
         problems: Every problem found, in data-directory order.
+        groups: Per record, the id of its group of byte-identical files: the
+            index of the group's first record (a file without a copy is alone
+            in its group). `data.stratified_split(..., groups=report.groups)`
+            keeps each group on one side of the split.
     """
 
     records: data.Records
     sources: list[str]
     problems: list[data.Problem]
+    groups: np.ndarray
 
     @property
     def skipped(self) -> list[data.Problem]:
         return [problem for problem in self.problems if problem.action == "skipped"]
+
+    @property
+    def duplicate_groups(self) -> list[list[int]]:
+        """Record indices of each group of two or more byte-identical files."""
+        members = {}
+        for index, group in enumerate(self.groups.tolist()):
+            members.setdefault(group, []).append(index)
+        return [indices for indices in members.values() if len(indices) > 1]
 
     def decodable_records(self) -> data.Records:
         """The usable records with each path replaced by the file the pipeline should read."""
@@ -85,9 +103,13 @@ class Report:
     def summary(self) -> str:
         files = {action: len({p.where for p in self.problems if p.action == action})
                  for action in ("skipped", "converted", "kept")}
+        duplicates = self.duplicate_groups
+        copies = f"{len(duplicates)} group{'' if len(duplicates) == 1 else 's'} of byte-identical photos"
+        if duplicates:
+            copies += f" ({sum(map(len, duplicates))} files, each group kept on one side of the split)"
         return (f"{len(self.records.paths)} usable images in {len(self.records.class_names)} breeds; "
                 f"{files['skipped']} files or rows skipped, {files['converted']} converted, "
-                f"{files['kept']} kept with a note")
+                f"{files['kept']} kept with a note; {copies}")
 
     def write_csv(self, path) -> None:
         """Writes the problems as CSV (file, line, kind, action, reason), atomically."""
@@ -162,7 +184,9 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
             usable.append(index)
     records, sources, class_problems = _keep(records, sources, usable)
     problems += class_problems
-    report = Report(records, sources, sorted(problems, key=_order))
+    groups, duplicate_problems = _duplicates(records)
+    problems += duplicate_problems
+    report = Report(records, sources, sorted(problems, key=_order), groups)
     if not records.paths:
         raise data.DataError(
             f"no usable image in {root}: {len(report.skipped)} problems, {_listing(report.skipped)}")
@@ -189,6 +213,47 @@ def _keep(records, sources, usable):
     kept = data.Records([records.paths[i] for i in usable], [relabel[label] for label in kept_labels.tolist()],
                         [records.class_names[label] for label in present], records.layout, records.root)
     return kept, [sources[i] for i in usable], problems
+
+
+def _duplicates(records):
+    """Groups byte-identical files (SHA-256 of their bytes) and lists each group of two or more.
+
+    Kaggle's and Stanford Dogs' photos come from ImageNet, which holds exact
+    copies under different names; a copy on each side of the split would be
+    validated on after being trained on.
+
+    Returns:
+        (group id per record: the index of the group's first record, problems).
+    """
+    with futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_digest, records.paths))
+    members_of = {}
+    for index, digest in enumerate(digests):
+        members_of.setdefault(digest, []).append(index)
+    groups = np.array([members_of[digest][0] for digest in digests], np.int64)
+    root = pathlib.Path(records.root)
+    files = [pathlib.Path(path).relative_to(root).as_posix() for path in records.paths]
+    problems = []
+    for members in (members for members in members_of.values() if len(members) > 1):
+        breeds = {index: records.class_names[records.labels[index]] for index in members}
+        for index in members:
+            others = [i for i in members if i != index]
+            if len(set(breeds.values())) == 1:
+                kind, reason = "duplicate-photo", (
+                    f"byte-identical to {', '.join(files[i] for i in others)}; all {len(members)} copies "
+                    "are kept and go to the same side of the split")
+            else:
+                kind, reason = "duplicate-photo-conflict", (
+                    f"labelled {breeds[index]!r}, but byte-identical to "
+                    f"{', '.join(f'{files[i]} ({breeds[i]!r})' for i in others)}: a labelling conflict; "
+                    f"all {len(members)} copies are kept as labelled and go to the same side of the split")
+            problems.append(data.Problem(files[index], None, kind, "kept", reason))
+    return groups, problems
+
+
+def _digest(path):
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").digest()
 
 
 class _Inspection:

@@ -293,7 +293,9 @@ def load_data(config, run_dir):
         records, train_indices, val_indices = data.read_split(split_path, report.records.root)
     else:
         records = report.records
-        train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"])
+        # Byte-identical copies (groups) go to one side: a photo is never validated on after training on it.
+        train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"],
+                                                           groups=report.groups)
         data.write_split(split_path, records, train_indices, val_indices)
     # The pipeline reads converted copies where TensorFlow cannot decode the original correctly.
     source_of = dict(zip(report.records.paths, report.sources))
