@@ -1,5 +1,7 @@
 """Transfer strategies: what each one trains, and that frozen parts provably stay put."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -40,12 +42,14 @@ def initial(pretrained_file):
 
 def test_feature_extract_trains_only_the_head(tmp_path, pretrained_file):
     before = initial(pretrained_file)
-    _, after = run(tmp_path, pretrained_file, strategy="feature-extract", epochs=2)
+    run_dir, after = run(tmp_path, pretrained_file, strategy="feature-extract", epochs=2)
     backbone = [name for name in before if models.stage_of(name) != "head"]
     assert len(backbone) == 40  # 20 convolutions, 20 BatchNorms
     for name in backbone:  # kernels, BatchNorm scales and running statistics alike
         assert not changed(before, after, name), name
     assert changed(before, after, "fc")
+    # a run from pretrained weights says that ImageNet weights may have seen its validation photos
+    assert "ImageNet images" in json.loads((run_dir / "metrics.json").read_text())["imagenet_overlap"]
 
 
 def test_fine_tune_trains_the_head_first_then_everything(tmp_path, pretrained_file):

@@ -51,6 +51,7 @@ def test_run_folder_holds_every_output_with_consistent_content(lenet_run):
 
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["epochs_run"] == 4
+    assert "imagenet_overlap" not in summary  # trained from scratch: no pretrained weights saw its photos
     assert summary["peak_val_accuracy"] == pytest.approx(history["val_accuracy"].max())
     assert summary["best_epoch"] == int(history["val_accuracy"].idxmax()) + 1
     # the saved model is the best epoch's: its accuracy equals the peak of the history

@@ -478,8 +478,17 @@ def train(config, extra_callbacks=()):
     if zero_shot is not None:
         summary["baselines"]["imagenet_zero_shot"] = zero_shot
         write_json_atomically(zero_shot, run_dir / "zeroshot.json")
+    if config["weights"] is not None:
+        summary["imagenet_overlap"] = IMAGENET_OVERLAP
     write_json_atomically(summary, run_dir / "metrics.json")
     return run_dir
+
+
+# Written into metrics.json beside the scores of every run that starts from pretrained weights.
+IMAGENET_OVERLAP = (
+    "The Kaggle dog-breed-identification and Stanford Dogs photos are ImageNet images, and ImageNet-pretrained "
+    "weights like this run's may have been trained on some of its validation photos: its validation scores and "
+    "the ImageNet zero-shot baseline may be higher than on dog photos from elsewhere.")
 
 
 def zero_shot_baseline(config, records, val_indices):
