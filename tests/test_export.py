@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfdogs import config as config_lib, data, export, train
+from tfdogs.preprocessing import Preprocessing
 
 # Runs in a fresh interpreter with TensorFlow alone: the export must not need tfdogs.
 FRESH_PROCESS_PREDICT = """
@@ -65,13 +66,13 @@ def test_float_image_signature_matches_bytes_signature(lenet_run):
 def test_export_metadata_and_next_version(lenet_run, tmp_path):
     version_dir = json.loads((lenet_run / "metrics.json").read_text())["export"]
     facts = export.read_metadata(version_dir)
-    assert facts["image_size"] == 32 and len(facts["class_names"]) == 4
+    record = Preprocessing.from_dict(facts["preprocessing"])
+    assert record == Preprocessing.load(lenet_run / "preprocessing.json") and record.image_size == 32
+    assert len(facts["class_names"]) == 4 and facts["member_preprocessing"] == [facts["preprocessing"]]
     model = keras.saving.load_model(lenet_run / "model.keras")
     base = tmp_path / "export"
-    first = export.export_saved_model(model, facts["class_names"], base, image_size=32,
-                                      mean=facts["mean"], std=facts["std"])
-    second = export.export_saved_model(model, facts["class_names"], base, image_size=32,
-                                       mean=facts["mean"], std=facts["std"])
+    first = export.export_saved_model(model, facts["class_names"], base, preprocessing=record)
+    second = export.export_saved_model(model, facts["class_names"], base, preprocessing=record)
     assert (first.name, second.name) == ("1", "2")
     assert export.latest_version(base) == second
     assert sorted(path.name for path in base.iterdir()) == ["1", "2"]  # no temporary folders left

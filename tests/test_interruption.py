@@ -16,6 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tfdogs import export, models, train
+from tfdogs.preprocessing import Preprocessing
 
 # `python -m tfdogs.train`, with each epoch printed as it begins and followed by a pause, so the
 # test can kill it between epochs and tell where the next process starts.
@@ -202,7 +203,8 @@ def test_history_rewrite_is_atomic(tmp_path, monkeypatch):
 
 def test_kill_during_export_keeps_the_previous_version_servable(tmp_path, monkeypatch):
     model = tiny_model()
-    options = dict(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    options = dict(preprocessing=Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                               crop_fraction=0.875))
     first = export.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
     backend_archive = type(keras.export.ExportArchive())  # ExportArchive() builds the backend's subclass
     monkeypatch.setattr(backend_archive, "write_out", lambda self, path, **kwargs: half_writer(path))

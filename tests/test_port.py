@@ -409,16 +409,6 @@ def test_imagenet_weights_load_through_the_registry_and_convert_once(ported, tmp
     assert np.array_equal(again.get_layer("layer4.1.bn2").gamma.numpy(), model.get_layer("layer4.1.bn2").gamma.numpy())
 
 
-def test_preprocessing_for():
-    assert weights.preprocessing_for("imagenet", "resnet18") == dict(
-        mean=weights.IMAGENET_MEAN, std=weights.IMAGENET_STD, crop_fraction=0.875, interpolation="bilinear"
-    )
-    timm = weights.preprocessing_for("timm", "resnet34")
-    assert timm["crop_fraction"] == 0.95 and timm["interpolation"] == "bicubic"
-    assert weights.preprocessing_for(None, "lenet5") == weights.preprocessing_for("/some/file.pth", "resnet18")
-    assert weights.preprocessing_for(None, "lenet5")["crop_fraction"] == 0.875
-
-
 def test_registry_entries_are_consistent():
     assert set(weights.REGISTRY) == {(a, s) for a in ("resnet18", "resnet34") for s in ("torchvision", "timm")}
     for (arch, source), spec in weights.REGISTRY.items():

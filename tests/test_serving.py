@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tfdogs import ensemble, evaluate, export, predict
+from tfdogs.preprocessing import Preprocessing
 
 # TFLite float32 against the SavedModel, probabilities in [0, 1]: both run float32 kernels, and
 # the TFLite input goes through the same resize and crop ops; what is left is summation order.
@@ -114,8 +115,8 @@ def test_tflite_export_matches_the_saved_model(lenet_run, twin_ensemble, tmp_pat
     facts = json.loads((tmp_path / "tflite" / "tfdogs.json").read_text())
     assert (tmp_path / "tflite" / "labels.txt").read_text().split() == facts["class_names"]
     images = val_paths(lenet_run)
-    pixels = np.stack([export.tflite_input(open(path, "rb").read(), facts["image_size"], facts["crop_fraction"],
-                                           facts["interpolation"]).numpy() for path in images])
+    record = Preprocessing.from_dict(facts["preprocessing"])
+    pixels = np.stack([export.tflite_input(open(path, "rb").read(), record).numpy() for path in images])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice that it moves to ai-edge-litert
         interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "tflite" / "model.tflite"))
@@ -133,4 +134,4 @@ def test_tflite_refuses_members_that_need_different_inputs(lenet_run):
     settings = evaluate.load_run(lenet_run).preprocessing
     with pytest.raises(ValueError, match=r"different input preprocessing.*32.*40"):
         export.export_tflite([model, model], ["a", "b", "c", "d"], "unused",
-                             preprocessing=[settings, {**settings, "image_size": 40}])
+                             preprocessing=[settings, settings.replace(image_size=40)])

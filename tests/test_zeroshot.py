@@ -82,18 +82,39 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
 
     # the figure in the run folder is reproduced by the zero-shot command on the same split
     config_records, _, val_indices = data.read_split(run_dir / "split.csv", str(run_dir / "synthetic_data"))
-    expected = zeroshot.evaluate_zero_shot("resnet18", config_records, val_indices, image_size=64)
+    expected = zeroshot.evaluate_zero_shot("resnet18", config_records, val_indices, weights_source="imagenet",
+                                           preprocessing=weights.REGISTRY[("resnet18", "torchvision")].preprocessing(64))
     assert zero_shot["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
 
 
-def test_zero_shot_of_a_run_uses_its_validation_split(tmp_path, monkeypatch):
+def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_file(tmp_path):
+    """A run from a local 1000-class checkpoint records the baseline, and `--run` redoes it with the run's settings.
+
+    Training at 64 px, `--run` alone must use the run's model, weights, size and preprocessing record
+    and give metrics.json's numbers; the command's own defaults (224 px) give others.
+    """
     from conftest import small_config
     from tfdogs import train
 
-    run_dir = train.train(small_config(model="resnet18", image_size=64, epochs=1, output=str(tmp_path / "run"),
-                                       export_dir=str(tmp_path / "export")))
+    keras.utils.set_random_seed(7)
     checkpoint = tmp_path / "imagenet-like.weights.h5"
     models.build("resnet18", 1000, input_shape=(64, 64, 3)).save_weights(checkpoint)
-    assert zeroshot.main(["--run", str(run_dir), "--weights", str(checkpoint), "--image-size", "64"]) == 0
-    result = json.loads((run_dir / "zeroshot.json").read_text())
-    assert result["num_images"] == json.loads((run_dir / "metrics.json").read_text())["num_val"]
+    run_dir = train.train(small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract",
+                                       image_size=64, epochs=1, output=str(tmp_path / "run"),
+                                       export_dir=str(tmp_path / "export")))
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    recorded = summary["baselines"]["imagenet_zero_shot"]
+    assert recorded["num_images"] == summary["num_val"] and recorded["weights"] == str(checkpoint)
+    assert recorded["preprocessing"] == json.loads((run_dir / "preprocessing.json").read_text())
+    assert recorded["preprocessing"]["image_size"] == 64
+
+    (run_dir / "zeroshot.json").unlink()
+    assert zeroshot.main(["--run", str(run_dir)]) == 0
+    again = json.loads((run_dir / "zeroshot.json").read_text())
+    assert again == recorded
+
+    at_224 = tmp_path / "zeroshot-224.json"
+    assert zeroshot.main(["--run", str(run_dir), "--image-size", "224", "--output", str(at_224)]) == 0
+    other = json.loads(at_224.read_text())
+    assert other["preprocessing"]["image_size"] == 224 and other["num_images"] == recorded["num_images"]
+    assert other["log_loss"] != pytest.approx(recorded["log_loss"], rel=1e-3)

@@ -23,6 +23,7 @@ DEFAULTS = {
     "data_dir": None,
     "strict": False,
     "weights": "auto",
+    "weights_preprocessing": "auto",
     "strategy": "auto",
     "epochs": 10,
     "head_epochs": 2,
@@ -63,6 +64,7 @@ DEFAULTS = {
 CHOICES = {
     "model": MODEL_NAMES,
     "data": (None, "synthetic", "stanford_dogs"),
+    "weights_preprocessing": ("auto", "torchvision", "timm"),
     "strategy": ("auto", "scratch", "feature-extract", "fine-tune", "discriminative"),
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "constant"),
@@ -108,6 +110,9 @@ HELP = {
     "instead of skipping and listing them in problems.csv",
     "weights": "auto (imagenet for ResNets, none for LeNet-5), none (random init), imagenet "
     "(torchvision), timm (timm a1_in1k) or a .pth/.safetensors/.weights.h5 path",
+    "weights_preprocessing": "input preprocessing of a --weights file the registry does not know (by SHA-256): "
+    "auto (torchvision's, said in the output), torchvision (bilinear, crop 0.875) or timm (bicubic, crop 0.95, "
+    "floor rounding); registry weights always bring their own",
     "strategy": "auto (scratch without weights, else fine-tune), scratch, feature-extract "
     "(frozen backbone), fine-tune (head first, then all) or discriminative (per-stage rates)",
     "epochs": "total training epochs",

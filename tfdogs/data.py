@@ -33,6 +33,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tfdogs.breeds import KAGGLE_BREEDS
+from tfdogs.preprocessing import resize_size
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 
@@ -733,41 +734,107 @@ def decode_image(image_bytes) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear") -> tf.Tensor:
+def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear",
+                    resize_rounding="round") -> tf.Tensor:
     """Validation and serving preprocessing of one image.
 
-    Resizes (antialiased, `interpolation` as the weights were trained with) so the shorter side is
-    round(image_size / crop_fraction), centre-crops image_size x image_size,
-    scales to [0, 1] and normalises with mean/std. Sizes and offsets follow
-    torchvision's Resize + CenterCrop. Pure TF with dynamic shapes: the
-    SavedModel export reuses it.
+    Resizes so the shorter side is image_size / crop_fraction (rounded as
+    `resize_rounding` says), centre-crops image_size x image_size, scales to
+    [0, 1] and normalises with mean/std. Sizes and offsets follow
+    torchvision's Resize + CenterCrop, and the resize is Pillow's, which
+    torchvision's and timm's eval transforms run on PIL images (see
+    `_resize_shorter_side`). Pure TF with dynamic shapes: the SavedModel
+    export reuses it.
 
     Args:
-        image: [h, w, 3] uint8, or float in [0, 255].
+        image: [h, w, 3] uint8, or float in [0, 255] (rounded to whole values, as an 8-bit image).
         image_size: Output side in pixels.
         mean: 3 RGB means for images in [0, 1].
         std: 3 RGB standard deviations for images in [0, 1].
         crop_fraction: Share of the resized shorter side kept by the crop, in (0, 1].
         interpolation: "bilinear" (torchvision weights) or "bicubic" (timm weights).
+        resize_rounding: "round" (torchvision) or "floor" (timm's math.floor(img_size / crop_pct)).
 
     Returns:
         float32 [image_size, image_size, 3].
     """
     if not 0 < crop_fraction <= 1:
         raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
-    image = _resize_shorter_side(image, round(image_size / crop_fraction), interpolation)
+    image = _resize_shorter_side(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
     return _normalize(_centre_crop(image, image_size), mean, std)
 
 
 def _resize_shorter_side(image, size, interpolation="bilinear"):
+    """Pillow's `Image.resize` of the shorter side to `size`, exactly, as float32 whole values in [0, 255].
+
+    torchvision's `Resize(size)` and timm's eval transform resize PIL images,
+    so what the weights were evaluated with is Pillow's resampling: antialiased
+    (the filter widens with the downscale factor), horizontal pass first, each
+    pass in 22-bit fixed point and rounded to 8 bits. `tf.image.resize` differs
+    by up to 16 levels with bicubic (its overshoot is not clipped) and up to 7
+    after clipping and rounding; this reproduces Pillow bit for bit.
+    """
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     shorter, longer = tf.minimum(height, width), tf.maximum(height, width)
     # torchvision truncates the longer side: int(size * longer / shorter); float64 keeps exact ratios exact.
     new_longer = tf.cast(size * tf.cast(longer, tf.float64) / tf.cast(shorter, tf.float64), tf.int32)
     portrait = height > width
-    new_shape = tf.stack([tf.where(portrait, new_longer, size), tf.where(portrait, size, new_longer)])
-    return tf.image.resize(image, new_shape, method=interpolation, antialias=True)
+    new_height, new_width = tf.where(portrait, new_longer, size), tf.where(portrait, size, new_longer)
+    pixels = tf.clip_by_value(tf.round(tf.cast(image, tf.float64)), 0.0, 255.0)
+    # Rows are gathered faster than columns, so the horizontal pass runs on the transposed image.
+    pixels = tf.transpose(_pillow_resample(tf.transpose(pixels, [1, 0, 2]), new_width, interpolation), [1, 0, 2])
+    return tf.cast(_pillow_resample(pixels, new_height, interpolation), tf.float32)
+
+
+# Pillow's fixed point: 32-bit sums with 8 bits for the pixel and 2 for filter overshoot (Resample.c).
+_PILLOW_PRECISION_BITS = 22
+_PILLOW_FILTER_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+
+
+def _pillow_filter(x, interpolation):
+    x = tf.abs(x)
+    if interpolation == "bilinear":
+        return tf.where(x < 1.0, 1.0 - x, 0.0)
+    a = -0.5  # Keys' cubic convolution, as Pillow
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return tf.where(x < 1.0, near, tf.where(x < 2.0, far, 0.0))
+
+
+def _pillow_resample(pixels, out_size, interpolation):
+    """One of Pillow's two resampling passes: float64 whole pixel values [h, w, 3] to [out_size, w, 3]."""
+    if interpolation not in _PILLOW_FILTER_SUPPORT:
+        raise DataError(f"interpolation must be one of {sorted(_PILLOW_FILTER_SUPPORT)}; got {interpolation!r}")
+    in_size = tf.shape(pixels)[0]
+    # Pillow's precompute_coeffs, step by step in float64 like its C doubles.
+    scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+    filter_scale = tf.maximum(scale, 1.0)
+    support = _PILLOW_FILTER_SUPPORT[interpolation] * filter_scale
+    taps = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+    centre = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
+    first = tf.maximum(tf.cast(centre - support + 0.5, tf.int32), 0)  # C's (int) truncates, as tf.cast
+    count = tf.minimum(tf.cast(centre + support + 0.5, tf.int32), in_size) - first
+    offsets = tf.range(taps)[None, :]
+    source = first[:, None] + offsets
+    weights = _pillow_filter((tf.cast(source, tf.float64) - centre[:, None] + 0.5) * (1.0 / filter_scale),
+                             interpolation)
+    weights = tf.where(offsets < count[:, None], weights, 0.0)
+    total = tf.reduce_sum(weights, axis=1, keepdims=True)
+    weights = tf.math.divide_no_nan(weights, total)
+    fixed = weights * (1 << _PILLOW_PRECISION_BITS)
+    fixed = tf.where(fixed < 0, tf.math.ceil(fixed - 0.5), tf.floor(fixed + 0.5))  # C's (int)(x -/+ 0.5)
+    source = tf.minimum(source, in_size - 1)  # taps past the edge have weight 0
+
+    # One tap at a time: gathering all taps at once would hold [out, taps, w, 3] doubles, over 1 GB for
+    # a 12-megapixel photo. Integer sums below 2^31 are exact in float64, so the order cannot matter.
+    def add_tap(tap, sums):
+        return tap + 1, sums + tf.gather(pixels, source[:, tap]) * fixed[:, tap, None, None]
+
+    out_shape = tf.concat([[out_size], tf.shape(pixels)[1:]], 0)
+    rounding = tf.fill(out_shape, tf.constant(1 << (_PILLOW_PRECISION_BITS - 1), tf.float64))
+    _, sums = tf.while_loop(lambda tap, _: tap < taps, add_tap, (tf.constant(0), rounding))
+    return tf.clip_by_value(tf.floor(sums / (1 << _PILLOW_PRECISION_BITS)), 0.0, 255.0)
 
 
 def _centre_crop(image, size):
@@ -830,7 +897,9 @@ def _random_crop_bytes(image_bytes, seed, scale):
 
 
 def _resize_square(image, size, interpolation="bilinear"):
-    return tf.image.resize(image, [size, size], method=interpolation, antialias=True)
+    # Clipped and rounded as the 8-bit PIL images torchvision and timm train on: bicubic overshoots [0, 255].
+    resized = tf.image.resize(image, [size, size], method=interpolation, antialias=True)
+    return tf.round(tf.clip_by_value(resized, 0.0, 255.0))
 
 
 def _shrink_for_cache(image, shorter_side):
@@ -852,7 +921,8 @@ def _shrink_for_cache(image, shorter_side):
 def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, seed=0,
                  augmentation=None, cache=None, shuffle_buffer=1024, crop_fraction=0.875,
                  scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
-                 interpolation="bilinear", flip=False, cache_size=None) -> tf.data.Dataset:
+                 interpolation="bilinear", flip=False, cache_size=None,
+                 resize_rounding="round") -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
     Training: shuffle the file list (seeded, reshuffled every epoch), read in
@@ -904,6 +974,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         scale: Area range of the training random crop, within (0, 1].
         num_parallel_calls: Parallelism of the per-image maps.
         interpolation: Resize method, "bilinear" or "bicubic", as the weights were trained with.
+        resize_rounding: Eval: "round" or "floor" of image_size / crop_fraction, see `preprocess_eval`.
         flip: Training: mirror each image left-right with probability 1/2
             (stateless, seeded like its crop) inside the parallel map.
         cache_size: Training cache: shorter side S of the cached images
@@ -929,14 +1000,17 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     _rgb_constant(mean, "mean")
     _rgb_constant(std, "std")
     files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
-    cache_settings = dict(paths=paths, image_size=image_size, crop_fraction=crop_fraction, training=training)
+    cache_settings = dict(paths=paths, image_size=image_size, crop_fraction=crop_fraction, training=training,
+                          mean=[float(v) for v in mean], std=[float(v) for v in std], interpolation=interpolation,
+                          resize_rounding=resize_rounding)
     if cache_size:
         cache_settings["cache_size"] = cache_size
 
     if not training:
         def load_eval(path, label):
             image = decode_image(tf.io.read_file(path))
-            return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation), label
+            return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation,
+                                   resize_rounding), label
 
         dataset = _maybe_cache(files.map(load_eval, num_parallel_calls), cache, cache_settings)
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -138,11 +138,10 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
     combined = weighted_mean(probabilities, member_weights)
     class_names = runs[0].class_names
     members = [{"run": str(run.run_dir.resolve()), "name": run.name, "model": run.config["model"],
-                "weight": weight, "preprocessing": {**run.preprocessing, "mean": list(run.preprocessing["mean"]),
-                                                    "std": list(run.preprocessing["std"])},
+                "weight": weight, "preprocessing": run.preprocessing.as_dict(),
                 "val": metrics.scores(member, labels)}
                for run, weight, member in zip(runs, member_weights, probabilities)]
-    version_dir = export.export_ensemble(
+    version_dir = export.export_saved_model(
         models, class_names, export_dir, preprocessing=[run.preprocessing for run in runs],
         model_weights=member_weights,
         metadata={"ensemble": str(output.resolve()), "member_runs": [member["run"] for member in members]})

@@ -36,6 +36,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdogs import check, config as config_lib, data, metrics, plots, train, weights
+from tfdogs.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing, PreprocessingError
 
 
 class RunFolderError(ValueError):
@@ -51,14 +52,14 @@ class Run:
         name: the folder's name.
         config: the resolved config (`config.yaml`).
         class_names: breed names in class-index order (from `split.csv`).
-        preprocessing: `image_size`, `mean`, `std`, `crop_fraction`, `interpolation` of its validation pipeline.
+        preprocessing: the `Preprocessing` training resolved and wrote to `RUN/preprocessing.json`.
     """
 
     run_dir: pathlib.Path
     name: str
     config: dict
     class_names: list
-    preprocessing: dict
+    preprocessing: Preprocessing
 
     @property
     def summary(self):
@@ -150,11 +151,33 @@ def load_run(run_dir):
     for key in ("model", "image_size"):
         if key not in config:
             raise RunFolderError(f"{config_path} has no '{key}'.")
-    settings = weights.preprocessing_for(config.get("weights"), config["model"])
-    preprocessing = {"image_size": int(config["image_size"]), "mean": tuple(settings["mean"]),
-                     "std": tuple(settings["std"]), "crop_fraction": float(settings["crop_fraction"]),
-                     "interpolation": settings["interpolation"]}
-    return Run(run_dir, run_dir.name, config, split_class_names(run_dir / "split.csv"), preprocessing)
+    return Run(run_dir, run_dir.name, config, split_class_names(run_dir / "split.csv"),
+               read_preprocessing(run_dir, config))
+
+
+def read_preprocessing(run_dir, config):
+    """The run's `Preprocessing`, read from `RUN/preprocessing.json`.
+
+    A run folder from before that file existed, trained from registry weights
+    or from scratch, gets the record training resolves for its config now;
+    one trained from a checkpoint file cannot be told apart and is refused.
+
+    Raises:
+        RunFolderError: naming the missing or malformed file.
+    """
+    path = pathlib.Path(run_dir) / PREPROCESSING_FILE
+    if path.is_file():
+        try:
+            return Preprocessing.load(path)
+        except PreprocessingError as error:
+            raise RunFolderError(str(error)) from None
+    source = config.get("weights")
+    if source not in (None, "imagenet", "timm"):
+        raise RunFolderError(
+            f"{path} is missing: the run started from the file {source!r}, whose preprocessing only training "
+            "resolved; write that file (fields of tfdogs.preprocessing.Preprocessing) or train again.")
+    return weights.resolve_preprocessing(source, config["model"], int(config["image_size"]),
+                                         config.get("weights_preprocessing", "auto"))
 
 
 def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
@@ -163,7 +186,7 @@ def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
     Args:
         model: Keras classifier returning logits.
         paths: image file paths.
-        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`, `interpolation`.
+        preprocessing: the model's `Preprocessing`.
         batch_size: images per forward pass.
         tta: also predict the mirror images and average the two.
 
@@ -171,7 +194,7 @@ def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
         float32 [len(paths), classes].
     """
     dataset = data.make_dataset(list(paths), np.zeros(len(paths), np.int64), training=False,
-                                batch_size=batch_size, **preprocessing)
+                                batch_size=batch_size, **preprocessing.as_dict())
     probabilities = train.predict_probabilities(model, dataset)
     if tta:
         # Normalisation is per channel, so mirroring the normalised batch equals normalising the mirror image.

@@ -12,9 +12,12 @@ two signatures with the same outputs:
 
 Outputs: `probabilities` `[batch, classes]` (float32, rows sum to 1),
 `top5_breeds` `[batch, k]` (strings) and `top5_probabilities` `[batch, k]`,
-with k = min(5, classes). Several models export as one ensemble that averages
-their probabilities (`export_ensemble` lets each member keep its own input
-size and normalisation). Loading the export needs TensorFlow alone.
+with k = min(5, classes). `export_saved_model` is the one export: of a
+trained run, of `python -m tfdogs.export` and of an ensemble (which averages
+its members' probabilities, each member with its own input preprocessing).
+BatchNorms are folded into the convolutions, and each member's
+`tfdogs.preprocessing.Preprocessing` record is applied inside the graph and
+written to `tfdogs.json`. Loading the export needs TensorFlow alone.
 
 `export_tflite` writes a float32 TFLite file instead, for phones: it takes
 already resized and centre-cropped pixels (see its docstring for why).
@@ -39,7 +42,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from tfdogs import data
+from tfdogs import data, inference
+from tfdogs.preprocessing import Preprocessing
 
 METADATA_FILE = "tfdogs.json"
 
@@ -52,14 +56,21 @@ def next_version(export_base):
 
 
 class ServingModule:
-    """Builds the serving functions around one or more trained classifiers."""
+    """Builds the serving functions around one or more trained classifiers.
 
-    def __init__(self, models, class_names, *, image_size, mean, std, crop_fraction, interpolation="bilinear",
-                 model_weights=None):
+    Each member keeps its own `Preprocessing`: every image is decoded once and
+    preprocessed once per distinct record among the members (a LeNet-5 at
+    64 px and a ResNet at 224 px can vote on the same request), exactly as
+    each member's validation pipeline does, and the members' softmax
+    probabilities are averaged with `model_weights`.
+    """
+
+    def __init__(self, models, class_names, preprocessing, model_weights=None):
         self.models = list(models)
         self.class_names = tf.constant(list(class_names))
-        self.image_size = image_size
-        self.mean, self.std, self.crop_fraction, self.interpolation = mean, std, crop_fraction, interpolation
+        records = _records(preprocessing, len(self.models))
+        self.pipelines = list(dict.fromkeys(records))  # distinct records, first-seen order
+        self.pipeline_of_member = [self.pipelines.index(record) for record in records]
         if model_weights is None:
             model_weights = [1.0] * len(self.models)
         if len(model_weights) != len(self.models):
@@ -68,16 +79,16 @@ class ServingModule:
         self.model_weights = [float(weight) / total for weight in model_weights]
         self.top_k = min(5, len(class_names))
 
-    def probabilities(self, normalised_images):
+    def probabilities(self, images_per_pipeline):
         """Weighted mean of the members' softmax probabilities, float32."""
         probabilities = 0.0
-        for model, weight in zip(self.models, self.model_weights):
-            logits = tf.cast(model(normalised_images, training=False), tf.float32)
+        for model, weight, pipeline in zip(self.models, self.model_weights, self.pipeline_of_member):
+            logits = tf.cast(model(images_per_pipeline[pipeline], training=False), tf.float32)
             probabilities += weight * tf.nn.softmax(logits, axis=-1)
         return probabilities
 
-    def _outputs(self, normalised_images):
-        probabilities = self.probabilities(normalised_images)
+    def _outputs(self, images_per_pipeline):
+        probabilities = self.probabilities(images_per_pipeline)
         top_probabilities, top_indices = tf.math.top_k(probabilities, k=self.top_k)
         return {
             "probabilities": probabilities,
@@ -85,64 +96,86 @@ class ServingModule:
             "top5_probabilities": top_probabilities,
         }
 
-    def _preprocess(self, image):
-        return data.preprocess_eval(image, self.image_size, self.mean, self.std, self.crop_fraction,
-                                    self.interpolation)
+    def _preprocess_all(self, image):
+        return tuple(data.preprocess_eval(image, **record.as_dict()) for record in self.pipelines)
+
+    def _map(self, function, batch):
+        return tf.map_fn(function, batch, fn_output_signature=tuple(
+            tf.TensorSpec([record.image_size, record.image_size, 3], tf.float32) for record in self.pipelines))
 
     def from_bytes(self, image_bytes):
-        images = tf.map_fn(
-            lambda encoded: self._preprocess(data.decode_image(encoded)),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32),
-        )
-        return self._outputs(images)
+        return self._outputs(self._map(lambda encoded: self._preprocess_all(data.decode_image(encoded)), image_bytes))
 
     def from_images(self, images):
-        images = tf.map_fn(
-            self._preprocess,
-            images,
-            fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32),
-        )
-        return self._outputs(images)
+        return self._outputs(self._map(self._preprocess_all, images))
 
 
-def export_saved_model(models, class_names, export_base, *, image_size, mean, std, crop_fraction=0.875,
-                       interpolation="bilinear", model_weights=None, metadata=None):
-    """Writes the next numeric version of a SavedModel under `export_base`.
+def _records(preprocessing, count):
+    """One `Preprocessing` per member from one record or a list of them."""
+    records = [preprocessing] * count if isinstance(preprocessing, Preprocessing) else list(preprocessing)
+    if len(records) != count:
+        raise ValueError(f"{len(records)} preprocessing records given for {count} models.")
+    for record in records:
+        if not isinstance(record, Preprocessing):
+            raise TypeError(f"preprocessing must be tfdogs.preprocessing.Preprocessing records; got {record!r}.")
+    return records
 
-    The version is written to a hidden temporary folder and renamed into place,
-    so an interrupted export never leaves a half-written version that TF
-    Serving would try to load; earlier versions stay untouched.
+
+def serving_module(models, class_names, preprocessing, model_weights=None):
+    """The `ServingModule` every export and in-process prediction serves: BatchNorms folded.
+
+    Folding (`tfdogs.inference.fold_batch_norms`) changes float32 outputs by
+    about 1e-6 and serves faster; doing it here, in one place, means the
+    training export, `python -m tfdogs.export`, ensembles and `tfdogs.predict`
+    answer alike.
+
+    Args:
+        models: a Keras classifier returning logits, or a list of them (an ensemble).
+        class_names: breed names in class-index order.
+        preprocessing: one `Preprocessing` for all models, or one per model.
+        model_weights: optional ensemble weights (normalised to sum to 1).
+
+    Returns:
+        A `ServingModule`.
+    """
+    models = [models] if isinstance(models, keras.Model) else list(models)
+    return ServingModule([inference.fold_batch_norms(model) for model in models], class_names, preprocessing,
+                         model_weights)
+
+
+def export_saved_model(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None):
+    """Writes the next numeric version of a SavedModel under `export_base`: the one export of tfdogs.
+
+    Training, `python -m tfdogs.export` and `tfdogs.ensemble` all call this: a
+    single model or an ensemble, BatchNorms folded (see `serving_module`),
+    each member with its own `Preprocessing`. The version is written to a
+    hidden temporary folder and renamed into place, so an interrupted export
+    never leaves a half-written version that TF Serving would try to load;
+    earlier versions stay untouched. `tfdogs.json` beside it records the
+    breeds, the members and their preprocessing records.
 
     Args:
         models: a Keras classifier returning logits, or a list of them (an ensemble).
         class_names: breed names in class-index order.
         export_base: folder holding the numbered versions.
-        image_size: the models' square input size.
-        mean, std: RGB normalisation for images scaled to [0, 1].
-        crop_fraction: centre-crop fraction of the validation preprocessing.
-        interpolation: resize method of the validation preprocessing.
+        preprocessing: one `Preprocessing` for all models, or one per model.
         model_weights: optional ensemble weights (normalised to sum to 1).
         metadata: extra JSON-serialisable facts to store in `tfdogs.json`.
 
     Returns:
         The path of the new version folder.
     """
-    if isinstance(models, keras.Model):
-        models = [models]
-    module = ServingModule(
-        models, class_names, image_size=image_size, mean=mean, std=std,
-        crop_fraction=crop_fraction, interpolation=interpolation, model_weights=model_weights,
-    )
+    models = [models] if isinstance(models, keras.Model) else list(models)
+    records = _records(preprocessing, len(models))
+    module = serving_module(models, class_names, records, model_weights)
     facts = {
         "class_names": list(class_names),
-        "image_size": image_size,
-        "mean": list(mean),
-        "std": list(std),
-        "crop_fraction": crop_fraction,
-        "interpolation": interpolation,
+        # the record every member shares, or null when members differ (see member_preprocessing)
+        "preprocessing": module.pipelines[0].as_dict() if len(module.pipelines) == 1 else None,
+        "member_preprocessing": [record.as_dict() for record in records],
         "members": [model.name for model in models],
         "member_weights": module.model_weights,
+        "batch_norms_folded": True,
         **(metadata or {}),
     }
     return _write_version(_serving_archive(module), export_base, facts)
@@ -193,97 +226,14 @@ def latest_version(export_base):
     return versions[-1]
 
 
-# ----------------------------------------------------------------------------- ensembles, TFLite, CLI
-
-
-PREPROCESSING_KEYS = ("image_size", "mean", "std", "crop_fraction", "interpolation")
-
-
-def _preprocessing_key(preprocessing):
-    return (int(preprocessing["image_size"]), tuple(map(float, preprocessing["mean"])),
-            tuple(map(float, preprocessing["std"])), float(preprocessing["crop_fraction"]),
-            preprocessing.get("interpolation", "bilinear"))
-
-
-class MemberServingModule(ServingModule):
-    """Serving functions for an ensemble whose members each keep their own preprocessing.
-
-    A LeNet-5 at 64 px and a ResNet at 224 px can then vote on the same
-    request: each image is decoded once and preprocessed once per distinct
-    (size, mean, std, crop, interpolation) among the members, exactly as each member's own
-    validation pipeline does. Outputs are those of `ServingModule`.
-    """
-
-    def __init__(self, models, class_names, preprocessing, model_weights=None):
-        first = preprocessing[0]
-        super().__init__(models, class_names, image_size=first["image_size"], mean=first["mean"],
-                         std=first["std"], crop_fraction=first["crop_fraction"],
-                         interpolation=first.get("interpolation", "bilinear"), model_weights=model_weights)
-        if len(preprocessing) != len(self.models):
-            raise ValueError(f"{len(preprocessing)} preprocessing settings given for {len(self.models)} models.")
-        keys = [_preprocessing_key(settings) for settings in preprocessing]
-        self.pipelines = list(dict.fromkeys(keys))  # distinct settings, first-seen order
-        self.pipeline_of_member = [self.pipelines.index(key) for key in keys]
-
-    def probabilities(self, images_per_pipeline):
-        probabilities = 0.0
-        for model, weight, pipeline in zip(self.models, self.model_weights, self.pipeline_of_member):
-            logits = tf.cast(model(images_per_pipeline[pipeline], training=False), tf.float32)
-            probabilities += weight * tf.nn.softmax(logits, axis=-1)
-        return probabilities
-
-    def _preprocess_all(self, image):
-        return tuple(data.preprocess_eval(image, *settings) for settings in self.pipelines)
-
-    def _map(self, function, batch):
-        return tf.map_fn(function, batch, fn_output_signature=tuple(
-            tf.TensorSpec([size, size, 3], tf.float32) for size, *_ in self.pipelines))
-
-    def from_bytes(self, image_bytes):
-        return self._outputs(self._map(lambda encoded: self._preprocess_all(data.decode_image(encoded)), image_bytes))
-
-    def from_images(self, images):
-        return self._outputs(self._map(self._preprocess_all, images))
-
-
-def export_ensemble(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None):
-    """Exports models as one SavedModel ensemble whose members may differ in input preprocessing.
-
-    Same layout and signatures as `export_saved_model` (which it calls when
-    every member shares one preprocessing); otherwise each member gets its own
-    resize, crop and normalisation inside the graph.
-
-    Args:
-        models: Keras classifiers returning logits over the same classes.
-        class_names: breed names in class-index order.
-        export_base: folder holding the numbered versions.
-        preprocessing: per member, a dict with `image_size`, `mean`, `std`,
-            `crop_fraction` and `interpolation` (default bilinear).
-        model_weights: optional member weights (normalised to sum to 1).
-        metadata: extra JSON-serialisable facts for `tfdogs.json`.
-
-    Returns:
-        The path of the new version folder.
-    """
-    models = list(models)
-    member_facts = {"member_preprocessing": [
-        dict(zip(PREPROCESSING_KEYS, _preprocessing_key(settings)))
-        for settings in preprocessing]}
-    if len({_preprocessing_key(settings) for settings in preprocessing}) == 1:
-        first = member_facts["member_preprocessing"][0]
-        return export_saved_model(models, class_names, export_base, **first, model_weights=model_weights,
-                                  metadata={**member_facts, **(metadata or {})})
-    module = MemberServingModule(models, class_names, preprocessing, model_weights)
-    facts = {"class_names": list(class_names), "image_size": None, "members": [model.name for model in models],
-             "member_weights": module.model_weights, **member_facts, **(metadata or {})}
-    return _write_version(_serving_archive(module), export_base, facts)
+# ----------------------------------------------------------------------------- TFLite, CLI
 
 
 TFLITE_FILE = "model.tflite"
 TFLITE_LABELS_FILE = "labels.txt"
 
 
-def tflite_input(image, image_size, crop_fraction=0.875, interpolation="bilinear"):
+def tflite_input(image, preprocessing):
     """The pixels a TFLite export expects for one image: resized and centre-cropped, not normalised.
 
     This is `data.preprocess_eval` without its last step, so that feeding these
@@ -291,9 +241,7 @@ def tflite_input(image, image_size, crop_fraction=0.875, interpolation="bilinear
 
     Args:
         image: [h, w, 3] uint8 or float RGB in [0, 255], or encoded image bytes.
-        image_size: the export's input side.
-        crop_fraction: the export's centre-crop fraction.
-        interpolation: the export's resize method.
+        preprocessing: the export's `Preprocessing` (in its `tfdogs.json`; `Preprocessing.from_dict`).
 
     Returns:
         float32 [image_size, image_size, 3] in [0, 255].
@@ -301,15 +249,16 @@ def tflite_input(image, image_size, crop_fraction=0.875, interpolation="bilinear
     if isinstance(image, (bytes, str)) or (tf.is_tensor(image) and image.dtype == tf.string):
         image = data.decode_image(image)
     # mean 0 and std 1/255 turn the normalisation back into plain pixels.
-    return data.preprocess_eval(image, image_size, (0.0, 0.0, 0.0), (1 / 255,) * 3, crop_fraction, interpolation)
+    pixels = preprocessing.replace(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
+    return data.preprocess_eval(image, **pixels.as_dict())
 
 
 def export_tflite(models, class_names, output_dir, *, preprocessing, model_weights=None, metadata=None):
     """Converts a model or an ensemble to a float32 TFLite file for on-device use.
 
     The TFLite model takes `images`, float32 [batch, S, S, 3] RGB pixels in
-    [0, 255] that are already resized (shorter side round(S / crop_fraction),
-    antialiased, with the export's interpolation) and centre-cropped to S x S — what
+    [0, 255] that are already resized (shorter side `Preprocessing.resize_size`,
+    Pillow's resampling with the record's interpolation) and centre-cropped to S x S — what
     `tflite_input` computes — and returns `probabilities` [batch, classes]
     (normalisation, softmax and the ensemble average are inside). Decoding and
     resizing stay outside because the converter has no built-in kernels for
@@ -317,39 +266,37 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
     their own image APIs anyway.
 
     Writes `model.tflite`, `labels.txt` (one breed per line, in output order)
-    and `tfdogs.json` (input size, crop fraction, class names) to `output_dir`.
+    and `tfdogs.json` (class names and the preprocessing records) to `output_dir`.
 
     Args:
         models: a Keras classifier returning logits, or a list of them.
         class_names: breed names in class-index order.
         output_dir: folder to write into (created if needed).
-        preprocessing: dict with `image_size`, `mean`, `std`, `crop_fraction`
-            and `interpolation` (default bilinear), or one such dict per model;
-            all must share size, crop and interpolation, since the file has one input.
+        preprocessing: one `Preprocessing`, or one per model; all must share
+            everything but mean and std, since the file has one input.
         model_weights: optional ensemble weights (normalised to sum to 1).
         metadata: extra JSON-serialisable facts for `tfdogs.json`.
 
     Returns:
         The path of `model.tflite`.
     """
-    if isinstance(models, keras.Model):
-        models = [models]
-    models = list(models)
-    if isinstance(preprocessing, dict):
-        preprocessing = [preprocessing] * len(models)
-    inputs = {(int(settings["image_size"]), float(settings["crop_fraction"]),
-               settings.get("interpolation", "bilinear")) for settings in preprocessing}
+    models = [models] if isinstance(models, keras.Model) else list(models)
+    preprocessing = _records(preprocessing, len(models))
+    inputs = {(record.image_size, record.crop_fraction, record.interpolation, record.resize_rounding)
+              for record in preprocessing}
     if len(inputs) != 1:
         raise ValueError(
             "A TFLite export has one input, but the members need different input preprocessing "
-            f"(image_size, crop_fraction, interpolation): {sorted(inputs)}. Export them to TFLite separately.")
-    (image_size, crop_fraction, interpolation), = inputs
+            f"(image_size, crop_fraction, interpolation, resize_rounding): {sorted(inputs)}. "
+            "Export them to TFLite separately.")
+    image_size = preprocessing[0].image_size
+    models = [inference.fold_batch_norms(model) for model in models]
     if model_weights is None:
         model_weights = [1.0] * len(models)
     total = float(sum(model_weights))
     member_weights = [float(weight) / total for weight in model_weights]
-    means = [tf.constant(settings["mean"], tf.float32) for settings in preprocessing]
-    stds = [tf.constant(settings["std"], tf.float32) for settings in preprocessing]
+    means = [tf.constant(record.mean, tf.float32) for record in preprocessing]
+    stds = [tf.constant(record.std, tf.float32) for record in preprocessing]
 
     def classify(images):
         probabilities = 0.0
@@ -376,15 +323,15 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
     temporary.write_bytes(flatbuffer)
     os.replace(temporary, path)
     (output_dir / TFLITE_LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
-    facts = {"class_names": list(class_names), "image_size": image_size, "crop_fraction": crop_fraction,
-             "interpolation": interpolation,
+    facts = {"class_names": list(class_names),
+             "preprocessing": preprocessing[0].as_dict() if len(set(preprocessing)) == 1 else None,
+             "member_preprocessing": [record.as_dict() for record in preprocessing],
              "input": "float32 [batch, image_size, image_size, 3] RGB pixels in [0, 255], shorter side resized "
-                      "to round(image_size / crop_fraction) (antialiased, `interpolation`), then centre-cropped",
+                      "to the record's resize_size (Pillow's resampling, its interpolation), then centre-cropped "
+                      "(tfdogs.export.tflite_input)",
              "output": "probabilities [batch, classes], in labels.txt order",
              "members": [model.name for model in models], "member_weights": member_weights,
-             "member_preprocessing": [dict(mean=list(settings["mean"]), std=list(settings["std"]))
-                                      for settings in preprocessing],
-             **(metadata or {})}
+             "batch_norms_folded": True, **(metadata or {})}
     (output_dir / METADATA_FILE).write_text(json.dumps(facts, indent=2))
     return path
 
@@ -417,8 +364,8 @@ def main(argv=None):
                                  preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
         else:
             export_base = args.output or pathlib.Path("saved_models") / folder.name
-            path = export_ensemble(models, runs[0].class_names, export_base, preprocessing=preprocessing,
-                                   model_weights=member_weights, metadata=metadata)
+            path = export_saved_model(models, runs[0].class_names, export_base, preprocessing=preprocessing,
+                                      model_weights=member_weights, metadata=metadata)
     except (evaluate.RunFolderError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -55,8 +55,8 @@ class Predictor:
 
 def _in_process(runs, member_weights, description):
     models = [run.load_model() for run in runs]
-    module = export.MemberServingModule(models, runs[0].class_names, [run.preprocessing for run in runs],
-                                        model_weights=member_weights)
+    module = export.serving_module(models, runs[0].class_names, [run.preprocessing for run in runs],
+                                   model_weights=member_weights)
     function = tf.function(module.from_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
     return Predictor(function, runs[0].class_names, description)
 

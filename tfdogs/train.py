@@ -43,8 +43,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import (augment, check, config as config_lib, data, distribute, export, inference, metrics, models,
-                    plots, weights, zeroshot)
+from tfdogs import (augment, check, config as config_lib, data, distribute, export, metrics, models, plots, weights,
+                    zeroshot)
+from tfdogs.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -311,8 +312,8 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing):
     """The training and validation `tf.data` pipelines of a run."""
     paths = np.asarray(records.paths)
     common = dict(image_size=config["image_size"], batch_size=config["batch_size"],
-                  mean=preprocessing["mean"], std=preprocessing["std"],
-                  crop_fraction=preprocessing["crop_fraction"], interpolation=preprocessing["interpolation"],
+                  mean=preprocessing.mean, std=preprocessing.std, crop_fraction=preprocessing.crop_fraction,
+                  interpolation=preprocessing.interpolation, resize_rounding=preprocessing.resize_rounding,
                   seed=config["seed"], cache=config["cache"])
     augmentation = augment.build_augmentation(
         flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
@@ -400,7 +401,9 @@ def train(config, extra_callbacks=()):
         config["data_dir"] = str(run_dir / "synthetic_data")
     config_lib.write(config, run_dir / "config.yaml")
     num_classes = len(records.class_names)
-    preprocessing = weights.preprocessing_for(config["weights"], config["model"])
+    preprocessing = weights.resolve_preprocessing(config["weights"], config["model"], config["image_size"],
+                                                  config["weights_preprocessing"])
+    preprocessing.save(run_dir / PREPROCESSING_FILE)  # evaluation, ensembles and predict read it back
     global_config = {**config, "batch_size": runtime["global_batch_size"]}
     train_dataset, val_dataset = (distribute.shard_by_data(dataset) for dataset in build_datasets(
         global_config, records, train_indices, val_indices, preprocessing))
@@ -469,10 +472,8 @@ def train(config, extra_callbacks=()):
         **runtime,
     }
     plots.plot_curves(history, run_dir / "curves.png", title=run_dir.name)
-    version_dir = export.export_saved_model(
-        inference.fold_batch_norms(final_model), records.class_names, export_dir, image_size=config["image_size"],
-        mean=preprocessing["mean"], std=preprocessing["std"], crop_fraction=preprocessing["crop_fraction"],
-        interpolation=preprocessing["interpolation"], metadata={"run": str(run_dir.resolve()), "config": config})
+    version_dir = export.export_saved_model(final_model, records.class_names, export_dir, preprocessing=preprocessing,
+                                            metadata={"run": str(run_dir.resolve()), "config": config})
     summary["export"] = str(version_dir)
     zero_shot = zero_shot_baseline(config, records, val_indices)
     if zero_shot is not None:
@@ -494,17 +495,19 @@ IMAGENET_OVERLAP = (
 def zero_shot_baseline(config, records, val_indices):
     """The untrained ImageNet classifier's scores on the run's validation split.
 
-    Computed for runs starting from ImageNet weights when every breed of the
-    data set is an ImageNet class; None otherwise.
+    Computed for runs starting from any checkpoint with a 1000-class ImageNet
+    head (registry weights or a file) when every breed of the data set is an
+    ImageNet class, with the run's own preprocessing record; None otherwise.
     """
-    if config["weights"] not in ("imagenet", "timm"):
+    if not weights.imagenet_head(config["weights"], config["model"]):
         return None
     try:
         zeroshot.breed_columns(records.class_names)
     except ValueError:
         return None
+    preprocessing = Preprocessing.load(pathlib.Path(config["output"]) / PREPROCESSING_FILE)
     return zeroshot.evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],
-                                       image_size=config["image_size"], batch_size=config["batch_size"])
+                                       preprocessing=preprocessing, batch_size=config["batch_size"])
 
 
 def _replace_into(path, write):

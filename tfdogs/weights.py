@@ -27,8 +27,7 @@ import pathlib
 
 import keras
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from tfdogs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 CACHE_SUBDIR = "models/tfdogs"
 SOURCES = {"imagenet": "torchvision", "timm": "timm"}
@@ -53,6 +52,8 @@ class WeightSpec:
         input_size: evaluation image side in pixels.
         crop_fraction: centre-crop side / resized side at evaluation.
         interpolation: resize filter, ``"bilinear"`` or ``"bicubic"``.
+        resize_rounding: how input_size / crop_fraction becomes the resized side, ``"round"``
+            (torchvision names 256 for 224) or ``"floor"`` (timm: ``math.floor(img_size / crop_pct)``).
         num_classes: classifier width (ImageNet-1k: 1000).
         top1: published ImageNet-1k top-1 accuracy in percent at ``input_size``.
         license: licence of the weights.
@@ -68,9 +69,16 @@ class WeightSpec:
     input_size: int
     crop_fraction: float
     interpolation: str
+    resize_rounding: str
     num_classes: int
     top1: float
     license: str
+
+    def preprocessing(self, image_size=None):
+        """This checkpoint's `Preprocessing` at `image_size` (default its own `input_size`)."""
+        return Preprocessing(image_size=image_size or self.input_size, mean=self.mean, std=self.std,
+                             crop_fraction=self.crop_fraction, interpolation=self.interpolation,
+                             resize_rounding=self.resize_rounding)
 
 
 def _torchvision(arch, file_name, sha256, top1):
@@ -86,6 +94,7 @@ def _torchvision(arch, file_name, sha256, top1):
         input_size=224,
         crop_fraction=0.875,
         interpolation="bilinear",
+        resize_rounding="round",
         num_classes=1000,
         top1=top1,
         license="BSD-3-Clause (torchvision)",
@@ -107,6 +116,7 @@ def _timm(arch, sha256, top1):
         input_size=224,
         crop_fraction=0.95,
         interpolation="bicubic",
+        resize_rounding="floor",  # timm's transforms_imagenet_eval: math.floor(224 / 0.95) = 235
         num_classes=1000,
         top1=top1,
         license="Apache-2.0 (timm)",
@@ -125,21 +135,89 @@ REGISTRY = {
 }
 
 
-def preprocessing_for(weights, arch):
-    """The input preprocessing that matches a choice of weights.
+# What `weights_preprocessing` declares for a checkpoint the registry does not know.
+CONVENTIONS = ("torchvision", "timm")
+
+
+def resolve_preprocessing(weights, arch, image_size, declared="auto"):
+    """The one `Preprocessing` a run's weights call for, resolved once at the start of training.
+
+    Registry weights (``"imagenet"``, ``"timm"``) bring their entry's record. A
+    ``.pth``/``.safetensors`` file whose SHA-256 is a registry entry's gets that
+    entry's record, wherever it lies and whatever its name. Any other file
+    (and random initialisation) follows `declared`: ``"torchvision"`` or
+    ``"timm"`` take that family's record (resnet18's entry), ``"auto"``
+    assumes torchvision's and prints a line saying so for a checkpoint.
 
     Args:
-        weights: None, ``"imagenet"``, ``"timm"`` or a file path.
+        weights: None, ``"imagenet"``, ``"timm"`` or a checkpoint path.
         arch: a model name from `tfdogs.models.MODEL_NAMES`.
+        image_size: the run's input side; the record's `image_size`.
+        declared: config ``weights_preprocessing``: ``"auto"``, ``"torchvision"`` or ``"timm"``.
 
     Returns:
-        ``dict(mean=..., std=..., crop_fraction=..., interpolation=...)``. Random
-        init, LeNet-5 and local files get ImageNet mean/std, 0.875 and bilinear.
+        A `Preprocessing`.
+
+    Raises:
+        WeightsError: `declared` contradicts the checkpoint's registry entry (the field is named).
     """
-    if weights in SOURCES and (arch, SOURCES[weights]) in REGISTRY:
-        spec = REGISTRY[(arch, SOURCES[weights])]
-        return dict(mean=spec.mean, std=spec.std, crop_fraction=spec.crop_fraction, interpolation=spec.interpolation)
-    return dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_fraction=0.875, interpolation="bilinear")
+    if declared not in ("auto", *CONVENTIONS):
+        raise WeightsError(f"weights_preprocessing is {declared!r}; allowed: auto, {', '.join(CONVENTIONS)}.")
+    spec = _registry_entry(weights, arch)
+    if spec is not None:
+        if declared not in ("auto", spec.source):
+            raise WeightsError(
+                f"weights_preprocessing is {declared!r}, but the weights {weights!r} are {spec.source}'s "
+                f"{spec.file_name} (resize_rounding {spec.resize_rounding!r}, interpolation "
+                f"{spec.interpolation!r}); leave weights_preprocessing at auto.")
+        return spec.preprocessing(image_size)
+    convention = "torchvision" if declared == "auto" else declared
+    record = REGISTRY[("resnet18", convention)].preprocessing(image_size)
+    if weights is not None and declared == "auto":
+        print(f"Preprocessing: {weights} matches no checkpoint in the registry; assuming {convention}'s "
+              f"({record.interpolation}, crop {record.crop_fraction}, resize_rounding {record.resize_rounding}). "
+              "For a timm checkpoint pass --weights-preprocessing timm.")
+    return record
+
+
+def _registry_entry(weights, arch):
+    """The `WeightSpec` that `weights` names or whose file it is (by SHA-256), else None."""
+    if weights is None:
+        return None
+    if weights in SOURCES:
+        spec = REGISTRY.get((arch, SOURCES[weights]))
+        if spec is None:
+            raise WeightsError(f"No {weights!r} weights for {arch!r}; available: {sorted(REGISTRY)}.")
+        return spec
+    path = pathlib.Path(weights)
+    if not path.is_file() or path.name.endswith(".weights.h5"):
+        return None
+    digest = _sha256(path)
+    return next((spec for spec in REGISTRY.values() if spec.sha256 == digest), None)
+
+
+def imagenet_head(weights, arch):
+    """Whether `weights` hold a 1000-class ImageNet classifier, which the zero-shot baseline needs.
+
+    Args:
+        weights: None, ``"imagenet"``, ``"timm"`` or a checkpoint path.
+        arch: a model name.
+
+    Returns:
+        True for registry weights and for checkpoints whose classifier has 1000 outputs.
+    """
+    if weights is None or arch not in {key[0] for key in REGISTRY}:
+        return False
+    if weights in SOURCES:
+        return (arch, SOURCES[weights]) in REGISTRY
+    path = pathlib.Path(weights)
+    if not path.is_file():
+        return False
+    if path.name.endswith(".weights.h5"):
+        return _h5_num_classes(path) == 1000
+    from tfdogs import port
+
+    return port.checkpoint_num_classes(port.read_checkpoint(path)) == 1000
 
 
 def default_cache_dir():

@@ -10,9 +10,11 @@ Examples:
     python -m tfdogs.zeroshot --model resnet34 --weights timm --run runs/resnet34-demo
 
 By default the images are the validation part of the same stratified split
-that `tfdogs.train` makes with its default seed and fraction; `--run` takes a
-run's own `split.csv` and writes `zeroshot.json` into that run folder, where
-`tfdogs.compare` finds it.
+that `tfdogs.train` makes with its default seed and fraction. `--run` takes a
+run's own `split.csv`, model, weights and preprocessing record
+(`RUN/preprocessing.json`, image size included; flags given override them)
+and writes `zeroshot.json` into that run folder, where `tfdogs.compare`
+finds it: it reproduces the baseline training recorded in `metrics.json`.
 """
 
 import argparse
@@ -46,7 +48,7 @@ def breed_probabilities(imagenet_logits, class_names):
     return tf.nn.softmax(logits, axis=-1).numpy()
 
 
-def evaluate_zero_shot(model_name, records, indices, *, weights_source="imagenet", image_size=224, batch_size=32):
+def evaluate_zero_shot(model_name, records, indices, *, weights_source, preprocessing, batch_size=32):
     """Scores the ImageNet classifier restricted to the data set's breeds.
 
     Args:
@@ -54,33 +56,44 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source="imagenet
         records: the labelled photos (`data.Records`).
         indices: which of them to score.
         weights_source: "imagenet", "timm" or a checkpoint path with a 1000-class head.
-        image_size: input size.
+        preprocessing: the `Preprocessing` of those weights (a run's `RUN/preprocessing.json`,
+            or `weights.resolve_preprocessing`); its `image_size` is the input size.
         batch_size: images per inference batch.
 
     Returns:
         Dict with accuracy, top5_accuracy, log_loss and what was measured.
+
+    Raises:
+        ValueError: a breed without an ImageNet class, or weights without a 1000-class head.
     """
     breed_columns(records.class_names)  # fail before loading any weights
-    preprocessing = weights.preprocessing_for(weights_source, model_name)
-    model = models.build(model_name, 1000, weights=weights_source, input_shape=(image_size, image_size, 3))
+    if not weights.imagenet_head(weights_source, model_name):
+        raise ValueError(f"The weights {weights_source!r} of {model_name} have no 1000-class ImageNet head, "
+                         "which the zero-shot baseline needs; pass --weights imagenet, timm or such a checkpoint.")
+    size = preprocessing.image_size
+    model = models.build(model_name, 1000, weights=weights_source, input_shape=(size, size, 3))
     dataset = data.make_dataset([records.paths[i] for i in indices], records.labels[indices],
-                                image_size=image_size, batch_size=batch_size, training=False, **preprocessing)
+                                batch_size=batch_size, training=False, **preprocessing.as_dict())
     logits = model.predict(dataset.map(lambda images, labels: images), verbose=0)
     probabilities = breed_probabilities(logits, records.class_names)
     return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),
-            "num_classes": len(records.class_names),
+            "num_classes": len(records.class_names), "preprocessing": preprocessing.as_dict(),
             **metrics.scores(probabilities, records.labels[indices])}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tfdogs.zeroshot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", choices=("resnet18", "resnet34"))
-    parser.add_argument("--weights", default="imagenet", help="imagenet, timm or a 1000-class checkpoint path")
+    parser.add_argument("--model", choices=("resnet18", "resnet34"), help="default: the run's, else resnet18")
+    parser.add_argument("--weights", help="imagenet, timm or a 1000-class checkpoint path; "
+                                          "default: the run's, else imagenet")
+    parser.add_argument("--weights-preprocessing", choices=("auto", *weights.CONVENTIONS),
+                        help="preprocessing of a checkpoint file the registry does not know (default auto)")
     parser.add_argument("--data-dir", help="labelled photos (Kaggle or class-folder layout)")
-    parser.add_argument("--run", help="a training run folder: use its data and validation split")
+    parser.add_argument("--run", help="a training run folder: its data, validation split, model, weights, "
+                                      "image size and preprocessing record, unless flags say otherwise")
     parser.add_argument("--subset", default="val", choices=("val", "all"),
                         help="without --run: the default split's validation part, or every image")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, help="default: the run's, else 224")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", help="JSON file (default RUN/zeroshot.json, else zeroshot-<model>.json)")
     args = parser.parse_args(argv)
@@ -88,23 +101,36 @@ def main(argv=None):
         if args.run:
             from tfdogs import evaluate  # here: evaluate imports train, which imports this module
 
+            run = evaluate.load_run(args.run)
             # the run's own split, reading converted copies where training did (see tfdogs.check)
-            records, _, indices = evaluate.load_run(args.run).split(args.data_dir)
+            records, _, indices = run.split(args.data_dir)
+            model_name = args.model or run.config["model"]
+            source = args.weights or run.config.get("weights")
+            if args.model or args.weights or args.weights_preprocessing:  # other weights: their own record
+                preprocessing = weights.resolve_preprocessing(source, model_name, run.preprocessing.image_size,
+                                                              args.weights_preprocessing or "auto")
+            else:
+                preprocessing = run.preprocessing
             output = pathlib.Path(args.output or pathlib.Path(args.run) / "zeroshot.json")
         elif args.data_dir:
             records = data.find_records(args.data_dir)
             indices = (data.stratified_split(records.labels)[1] if args.subset == "val"
                        else np.arange(len(records.paths)))
-            output = pathlib.Path(args.output or f"zeroshot-{args.model}.json")
+            model_name, source = args.model or "resnet18", args.weights or "imagenet"
+            preprocessing = weights.resolve_preprocessing(source, model_name, args.image_size or 224,
+                                                          args.weights_preprocessing or "auto")
+            output = pathlib.Path(args.output or f"zeroshot-{model_name}.json")
         else:
             parser.error("give --data-dir or --run")
-        result = evaluate_zero_shot(args.model, records, indices, weights_source=args.weights,
-                                    image_size=args.image_size, batch_size=args.batch_size)
+        if args.image_size:
+            preprocessing = preprocessing.replace(image_size=args.image_size)
+        result = evaluate_zero_shot(model_name, records, indices, weights_source=source,
+                                    preprocessing=preprocessing, batch_size=args.batch_size)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     output.write_text(json.dumps(result, indent=2))
-    print(f"Zero-shot {args.model} ({args.weights}) on {result['num_images']} images of "
+    print(f"Zero-shot {model_name} ({source}, {preprocessing.image_size} px) on {result['num_images']} images of "
           f"{result['num_classes']} breeds: accuracy {result['accuracy']:.4f}, top-5 "
           f"{result['top5_accuracy']:.4f}, log loss {result['log_loss']:.4f} -> {output}")
     return 0
