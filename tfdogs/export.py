@@ -8,7 +8,8 @@ two signatures with the same outputs:
   JPEG, PNG, GIF or BMP), decoded, resized and normalised exactly as the
   validation pipeline does.
 - `serving_images`: `images`, float32 RGB pixels in [0, 255], shape
-  `[batch, height, width, 3]` of any size, preprocessed the same way.
+  `[batch, height, width, 3]` of any size, preprocessed the same way
+  (rounded to whole values first, as the 8-bit images Pillow resizes).
 
 Outputs: `probabilities` `[batch, classes]` (float32, rows sum to 1),
 `top5_breeds` `[batch, k]` (strings) and `top5_probabilities` `[batch, k]`,
