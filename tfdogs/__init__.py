@@ -2,6 +2,7 @@
 
 Modules:
     data: dataset layouts, synthetic data, stratified split, tf.data pipeline.
+    preprocessing: the input preprocessing record that travels with the weights (`RUN/preprocessing.json`).
     augment: Keras preprocessing-layer augmentation for the training set.
     models: LeNet-5 and torchvision-identical ResNet-18/34 (`models.build`).
     weights, port: ImageNet checkpoint registry and PyTorch-to-Keras conversion.
