@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import small_config
-from tfdogs import config as config_lib, data, metrics, train
+from tfdogs import config as config_lib, data, evaluate, metrics, train
 
 
 def png_size(path):
@@ -184,25 +184,63 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_real_photos_in_the_kaggle_layout_train_end_to_end(tmp_path, dogs10_dir):
-    """The shared dog photos, laid out as Kaggle's labels.csv + train/<id>.jpg."""
+    """The shared dog photos, laid out as Kaggle's labels.csv + train/<id>.jpg, learnt and served consistently.
+
+    Catches labels paired with the wrong photos (the model could not then classify its own training photos),
+    evaluation or serving preprocessing that differs from training's, and scores that are not the model's.
+    """
     import shutil
+
+    import tensorflow as tf
 
     data_dir = tmp_path / "dog-breed-identification"
     (data_dir / "train").mkdir(parents=True)
-    rows = ["id,breed"]
+    rows, breed_of_photo, photos_per_breed = ["id,breed"], {}, {}
     for breed_dir in sorted(path for path in dogs10_dir.iterdir() if path.is_dir()):
-        for photo in sorted(breed_dir.glob("*.jpg"))[:8]:
+        photos = sorted(breed_dir.glob("*.jpg"))
+        photos_per_breed[breed_dir.name] = len(photos)
+        for photo in photos:
             shutil.copy(photo, data_dir / "train" / photo.name)
             rows.append(f"{photo.stem},{breed_dir.name}")
+            breed_of_photo[f"train/{photo.name}"] = breed_dir.name
     (data_dir / "labels.csv").write_text("\n".join(rows) + "\n")
 
-    config = small_config(data=None, data_dir=str(data_dir), epochs=2, image_size=48,
+    config = small_config(data=None, data_dir=str(data_dir), epochs=20, image_size=48,
                           output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
     run_dir = train.train(config)
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["num_classes"] == 10 and summary["num_train"] + summary["num_val"] == len(rows) - 1
-    assert summary["num_val"] == 20  # 2 of each breed's 8 photos
+    assert summary["num_val"] == sum(round(0.2 * count) for count in photos_per_breed.values())  # 20 % of each
     assert summary["baselines"]["random_guess"]["accuracy"] == pytest.approx(0.1)
-    assert 0 <= summary["val"]["accuracy"] <= 1 and np.isfinite(summary["val"]["log_loss"])
-    assert len(pd.read_csv(run_dir / "problems.csv")) == 0  # real photos, all readable
+    assert len(pd.read_csv(run_dir / "problems.csv")) == 0  # real photos, all readable, no copies
     assert (pathlib.Path(summary["export"]) / "saved_model.pb").is_file()
+
+    # every photo keeps the breed of the folder it came from
+    split = pd.read_csv(run_dir / "split.csv")
+    assert dict(zip(split["path"], split["breed"])) == breed_of_photo
+
+    # the model, fed through the evaluation preprocessing, knows its own training photos: it learnt each photo's
+    # breed through the training pipeline, which only shows if labels follow photos and the two pipelines agree
+    run = evaluate.load_run(run_dir)
+    paths = [str(data_dir / path) for path in split["path"]]
+    images = np.stack([data.preprocess_eval(data.decode_image(tf.io.read_file(path)), **run.preprocessing.as_dict())
+                       for path in paths])
+    labels, is_val = split["label"].to_numpy(), (split["subset"] == "val").to_numpy()
+    final = keras.saving.load_model(run_dir / "model.keras")
+    final.load_weights(run_dir / "phase-all.weights.h5")  # the last epoch's weights, fitted the longest
+    final_accuracy = np.mean(final.predict(images[~is_val], verbose=0).argmax(axis=1) == labels[~is_val])
+    # measured 0.61-0.71 over seeds 0-3; 0.24-0.32 with RGB swapped or normalisation left out at evaluation only,
+    # about 0.14 with labels shuffled in the training pipeline; chance is 0.1
+    assert final_accuracy >= 0.45, f"accuracy on its own training photos {final_accuracy:.3f}"
+    model = keras.saving.load_model(run_dir / "model.keras")  # the best epoch's
+    probabilities = tf.nn.softmax(model.predict(images, batch_size=64, verbose=0)).numpy()
+    assert np.mean(probabilities[~is_val].argmax(axis=1) == labels[~is_val]) >= 0.2
+    assert summary["val"]["accuracy"] >= 0.15  # above chance on photos it never saw (measured 0.24-0.34)
+
+    # metrics.json holds this model's scores on the validation photos of split.csv
+    assert metrics.scores(probabilities[is_val], labels[is_val]) == pytest.approx(summary["val"], abs=1e-5)
+
+    # the export answers as the model does, from the photos' bytes
+    served = tf.saved_model.load(summary["export"]).signatures["serving_default"](
+        image_bytes=tf.constant([open(path, "rb").read() for path in np.array(paths)[is_val]]))
+    np.testing.assert_allclose(served["probabilities"].numpy(), probabilities[is_val], atol=1e-5)
