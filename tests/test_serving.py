@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs import ensemble, evaluate, export, predict
+from tfdogs import data, ensemble, evaluate, export, predict
 from tfdogs.preprocessing import Preprocessing
 
 # TFLite float32 against the SavedModel, probabilities in [0, 1]: both run float32 kernels, and
@@ -87,22 +87,40 @@ def test_saved_model_cli_shows_the_serving_signatures(lenet_run, twin_ensemble, 
     assert "Method name is: tensorflow/serving/predict" in result.stdout
 
 
-def test_a_fresh_process_answers_like_predict(lenet_run, twin_ensemble, capsys):
+def keras_probabilities(run_dir, paths):
+    """Softmax of the run's `model.keras`, loaded with Keras, on its own validation preprocessing of the files."""
+    settings = evaluate.load_run(run_dir).preprocessing.as_dict()
+    images = np.stack([data.preprocess_eval(tf.io.decode_image(open(path, "rb").read(), channels=3,
+                                                               expand_animations=False), **settings)
+                       for path in paths])
+    logits = keras.saving.load_model(pathlib.Path(run_dir) / "model.keras").predict(images, verbose=0)
+    return tf.nn.softmax(tf.cast(logits, tf.float64)).numpy()
+
+
+def test_a_fresh_process_answers_like_the_keras_models(lenet_run, twin_ensemble, capsys):
     versions = exports(lenet_run, twin_ensemble)
     images = val_paths(lenet_run)
     result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, versions["single"], versions["ensemble"], *images],
                             capture_output=True, text=True, check=True)
     reply = json.loads(result.stdout.strip().splitlines()[-1])
     assert reply["tfdogs_loaded"] is False
+    members = json.loads((twin_ensemble / "ensemble.json").read_text())["members"]
+    assert len(members) == 2 and sum(member["weight"] for member in members) == pytest.approx(1)
+    expected = {"single": keras_probabilities(lenet_run, images),
+                "ensemble": sum(member["weight"] * keras_probabilities(member["run"], images) for member in members)}
     for kind, model_folder in (("single", lenet_run), ("ensemble", twin_ensemble)):
         served = reply["answers"][versions[kind]]
+        # the SavedModel, alone in its process, answers what Keras computes from the run's model.keras
+        np.testing.assert_allclose(served["probabilities"], expected[kind], atol=1e-5)
+        top5 = np.argsort(-expected[kind], axis=1, kind="stable")[:, :5]
+        class_names = evaluate.load_run(lenet_run).class_names
+        assert served["top5_breeds"] == [[class_names[i] for i in row] for row in top5]
+        # and python -m tfdogs.predict prints those answers
         assert predict.main([str(model_folder), *images, "--json"]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert [[entry["breed"] for entry in answer["top5"]] for answer in printed] == served["top5_breeds"]
         np.testing.assert_allclose([[entry["probability"] for entry in answer["top5"]] for answer in printed],
                                    served["top5_probabilities"], atol=1e-6)
-        in_process = predict.predict_files(predict.load_predictor(model_folder), images)
-        np.testing.assert_allclose(in_process["probabilities"], served["probabilities"], atol=1e-6)
     # the two members differ, so the ensemble is not just one of them
     assert not np.allclose(reply["answers"][versions["single"]]["probabilities"],
                            reply["answers"][versions["ensemble"]]["probabilities"], atol=1e-3)
