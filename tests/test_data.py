@@ -414,7 +414,7 @@ def test_eval_is_deterministic_and_ordered(synthetic):
     np.testing.assert_allclose(first[1][0][1], single, atol=1e-5)  # 7th file is batch 1, row 1
 
 
-def test_training_is_reproducible_per_seed_and_varies_per_epoch(synthetic):
+def test_training_is_reproducible_per_seed_and_varies_per_epoch(synthetic, tmp_path):
     records = data.find_records(synthetic)
 
     def pipeline(seed, augmentation):
@@ -426,15 +426,30 @@ def test_training_is_reproducible_per_seed_and_varies_per_epoch(synthetic):
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.allclose(first[0], other[0])
+
+    def epochs(augmentation=None, **which):
+        return _take_numpy(data.make_dataset(records.paths, records.labels, image_size=32, batch_size=6,
+                                             training=True, mean=MEAN, std=STD, augmentation=augmentation, **which))
+
     # Without augmentation: the file order is reshuffled each epoch ...
-    dataset = pipeline(0, augmentation=None)
-    epoch_one, epoch_two = _take_numpy(dataset), _take_numpy(dataset)
+    batches = epochs(num_epochs=2)
+    steps = len(records.paths) // 6
+    epoch_one, epoch_two = batches[:steps], batches[steps:]
     labels_one, labels_two = (np.concatenate([l for _, l in epoch]) for epoch in (epoch_one, epoch_two))
     assert not np.array_equal(labels_one, labels_two) and sorted(labels_one) == sorted(labels_two)
+    # ... keyed by the epoch: a pipeline starting at epoch 1 (a resumed run) gives epoch 1's batches exactly,
+    # augmentation and caches included ...
+    for augmentation, cache in ((None, None), (build_augmentation(seed=0), None), (None, "memory"),
+                                (build_augmentation(seed=0), str(tmp_path / "cache"))):
+        both = epochs(augmentation, num_epochs=2, cache=cache)
+        resumed = epochs(augmentation, first_epoch=1, cache=cache)
+        for (images, labels), (images_again, labels_again) in zip(both[steps:], resumed, strict=True):
+            np.testing.assert_array_equal(images, images_again)
+            np.testing.assert_array_equal(labels, labels_again)
     # ... and one file is cropped differently per element and per epoch.
     one_file = data.make_dataset([records.paths[0]] * 4, [0] * 4, image_size=32, batch_size=4, training=True,
-                                 mean=MEAN, std=STD)
-    crops_one, crops_two = _take_numpy(one_file)[0][0], _take_numpy(one_file)[0][0]
+                                 mean=MEAN, std=STD, num_epochs=2)
+    (crops_one, _), (crops_two, _) = _take_numpy(one_file)
     assert not np.allclose(crops_one[0], crops_one[1])
     assert not np.allclose(crops_one, crops_two)
 

@@ -46,7 +46,8 @@ TWO_CPU_REPLICAS_SCRIPT = textwrap.dedent("""
     # End to end: python -m tfdogs.train --distribute mirrored against --distribute none.
     common = dict(epochs=3, dropout=0.0, synthetic_images_per_class=24)
     runs = {"one": small_config(distribute="none", batch_size=16, learning_rate=4e-3, **common),
-            "two": small_config(distribute="mirrored", batch_size=8, learning_rate=2e-3, **common)}
+            # Adam: the rate grows with the square root of the replicas (README "Training on several devices")
+            "two": small_config(distribute="mirrored", batch_size=8, learning_rate=4e-3 / 2 ** 0.5, **common)}
     for name, config in runs.items():
         run_dir = train.train({**config, "output": f"{base}/{name}", "export_dir": f"{base}/{name}-export"})
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -95,9 +96,12 @@ def test_training_with_mirrored_converges_like_one_device(two_replica_runs):
     assert two["loss"][-1] == pytest.approx(one["loss"][-1], rel=0.5)
 
 
-@pytest.mark.parametrize("replicas, expected", [(1, (32, 1e-3)), (2, (64, 2e-3)), (8, (256, 8e-3))])
-def test_global_batch_and_learning_rate_scale_with_replicas(replicas, expected):
-    batch, rate = distribute.scale_for_replicas(32, 1e-3, replicas)
+@pytest.mark.parametrize("optimizer, replicas, expected", [
+    ("sgd", 1, (32, 1e-3)), ("sgd", 2, (64, 2e-3)), ("sgd", 8, (256, 8e-3)),  # linear
+    ("adam", 1, (32, 1e-3)), ("adam", 4, (128, 2e-3)), ("adamw", 16, (512, 4e-3)),  # square root
+])
+def test_global_batch_and_learning_rate_scale_with_replicas(optimizer, replicas, expected):
+    batch, rate = distribute.scale_for_replicas(32, 1e-3, replicas, optimizer)
     assert batch == expected[0] and rate == pytest.approx(expected[1])
 
 

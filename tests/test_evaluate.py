@@ -18,8 +18,7 @@ def assert_png(path, min_bytes=10_000, min_width=600):
 
 
 def val_set(run_dir):
-    config = config_lib.load_yaml(run_dir / "config.yaml")
-    records, _, val_indices = data.read_split(run_dir / "split.csv", config["data_dir"])
+    records, _, val_indices = evaluate.load_run(run_dir).split()
     return records, [records.paths[i] for i in val_indices], records.labels[val_indices]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs import config as config_lib, data, export, train
+from tfdogs import data, evaluate, export, train
 from tfdogs.preprocessing import Preprocessing
 
 # Runs in a fresh interpreter with TensorFlow alone: the export must not need tfdogs.
@@ -25,8 +25,7 @@ print(json.dumps({key: value.numpy().tolist() if value.dtype != tf.string
 
 
 def val_images(run_dir, count=6):
-    config = config_lib.load_yaml(run_dir / "config.yaml")
-    records, _, val_indices = data.read_split(run_dir / "split.csv", config["data_dir"])
+    records, _, val_indices = evaluate.load_run(run_dir).split()
     chosen = val_indices[:count]
     return [records.paths[i] for i in chosen], records
 

@@ -60,11 +60,24 @@ def test_fine_tune_trains_the_head_first_then_everything(tmp_path, pretrained_fi
     head_phase.load_weights(run_dir / "phase-head.weights.h5")
     head_phase = weights_by_layer(head_phase)
     assert not changed(before, head_phase, "layer1.0.conv1") and changed(before, head_phase, "fc")
-    # then the whole network trains, except the frozen BatchNorm layers
+    # then the whole network trains; --freeze-bn keeps the BatchNorm statistics, not gamma and beta
     for name in ("conv1", "layer1.0.conv1", "layer4.1.conv2"):
         assert changed(head_phase, after, name), name
     for name in ("bn1", "layer1.0.bn1", "layer4.1.bn2"):
-        assert not changed(before, after, name), name
+        gamma, beta, moving_mean, moving_variance = after[name]
+        np.testing.assert_array_equal(moving_mean, before[name][2], err_msg=name)
+        np.testing.assert_array_equal(moving_variance, before[name][3], err_msg=name)
+        assert not np.array_equal(gamma, before[name][0]) and not np.array_equal(beta, before[name][1]), name
+
+
+def test_without_freeze_bn_the_statistics_follow_the_dog_photos(tmp_path, pretrained_file):
+    before = initial(pretrained_file)
+    run_dir, _ = run(tmp_path, pretrained_file, strategy="fine-tune", epochs=2, head_epochs=1)
+    last_epoch = models.build("resnet18", 4, input_shape=(SIZE, SIZE, 3))
+    last_epoch.load_weights(run_dir / "phase-all.weights.h5")  # the best epoch may be the head phase's
+    after = weights_by_layer(last_epoch)
+    for name in ("bn1", "layer4.1.bn2"):
+        assert not np.array_equal(after[name][2], before[name][2]), name  # moving mean updated
 
 
 def test_discriminative_rates_scale_each_variables_update():
@@ -80,6 +93,36 @@ def test_discriminative_rates_scale_each_variables_update():
     steps = [np.array(layer.kernel) - start for layer, start in zip(layers, before)]
     np.testing.assert_allclose(steps[0], 0.25 * steps[2], rtol=1e-4, atol=1e-7)  # same gradient, a quarter of the rate
     assert np.all(steps[1] == 0) and np.abs(steps[2]).max() > 0
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_weight_decay_follows_each_variables_rate_and_spares_biases(optimizer):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    slow, fast = keras.layers.Dense(3, name="slow"), keras.layers.Dense(3, name="fast")
+    model = keras.Model(inputs, keras.layers.Add()([slow(inputs), fast(inputs)]))
+    for layer in (slow, fast):
+        layer.bias.assign(np.ones(3))
+    factors = {variable.path: 0.25 for variable in slow.weights} | {variable.path: 1.0 for variable in fast.weights}
+    optimizer = train.make_optimizer(optimizer, 0.1, 0.0, factors, weight_decay=0.5)
+    before = [np.array(variable) for variable in model.trainable_variables]
+    # zero gradients: whatever moves is the decay alone
+    optimizer.apply_gradients([(np.zeros_like(value), variable)
+                               for value, variable in zip(before, model.trainable_variables)])
+    after = {variable.path: np.array(variable) for variable in model.trainable_variables}
+    start = {variable.path: value for variable, value in zip(model.trainable_variables, before)}
+    np.testing.assert_allclose(after[slow.kernel.path], start[slow.kernel.path] * (1 - 0.1 * 0.25 * 0.5), rtol=1e-6)
+    np.testing.assert_allclose(after[fast.kernel.path], start[fast.kernel.path] * (1 - 0.1 * 0.5), rtol=1e-6)
+    for layer in (slow, fast):  # biases (and BatchNorm's gamma and beta, also of rank 1) never decay
+        np.testing.assert_array_equal(after[layer.bias.path], np.ones(3))
+
+
+def test_weight_decay_leaves_a_frozen_backbone_untouched(tmp_path, pretrained_file):
+    before = initial(pretrained_file)
+    _, after = run(tmp_path, pretrained_file, strategy="feature-extract", epochs=1, optimizer="adamw",
+                   weight_decay=0.5, learning_rate=0.05)
+    assert not changed(before, after, "layer4.1.conv2") and not changed(before, after, "bn1")
+    assert changed(before, after, "fc")
 
 
 def test_discriminative_run_moves_the_stem_less_than_the_head(tmp_path, pretrained_file):

@@ -80,8 +80,7 @@ def test_tensorboard_logs_loss_accuracy_and_learning_rate(lenet_run):
 
 
 def test_metrics_agree_with_the_saved_model(lenet_run):
-    config = config_lib.load_yaml(lenet_run / "config.yaml")
-    records, _, val_indices = data.read_split(lenet_run / "split.csv", config["data_dir"])
+    records, _, val_indices = evaluate.load_run(lenet_run).split()
     model = keras.saving.load_model(lenet_run / "model.keras")
     dataset = data.make_dataset([records.paths[i] for i in val_indices], records.labels[val_indices],
                                 image_size=32, batch_size=8, training=False,
@@ -244,3 +243,40 @@ def test_real_photos_in_the_kaggle_layout_train_end_to_end(tmp_path, dogs10_dir)
     served = tf.saved_model.load(summary["export"]).signatures["serving_default"](
         image_bytes=tf.constant([open(path, "rb").read() for path in np.array(paths)[is_val]]))
     np.testing.assert_allclose(served["probabilities"].numpy(), probabilities[is_val], atol=1e-5)
+
+
+def test_label_smoothing_reaches_the_training_loss():
+    keras.utils.set_random_seed(0)
+    logits = keras.random.normal((16, 5)) * 3
+    labels = np.arange(16) % 5
+    one_hot = keras.ops.one_hot(labels, 5)
+    for smoothing in (0.0, 0.1, 0.4):
+        expected = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)(one_hot, logits)
+        got = train.SmoothedSparseCrossEntropy(smoothing)(labels, logits)
+        np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
+
+    # and the compiled run loss is that loss: on a fixed batch, smoothing 0.4 moves it by the expected amount
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(5)])
+    images = np.asarray(keras.random.normal((16, 5)))
+    losses = {}
+    for smoothing in (0.0, 0.4):
+        config = small_config(label_smoothing=smoothing)
+        train.compile_model(model, config, 1e-3, {}, jit_compile=False)
+        losses[smoothing] = model.evaluate(images, labels, verbose=0, return_dict=True)
+    log_probabilities = np.asarray(keras.ops.log_softmax(model.predict(images, verbose=0)))
+    uniform = -log_probabilities.mean(axis=1).mean()
+    cross_entropy = losses[0.0]["loss"]
+    assert losses[0.0]["log_loss"] == pytest.approx(cross_entropy, rel=1e-5)
+    assert losses[0.4]["loss"] == pytest.approx(0.6 * cross_entropy + 0.4 * uniform, rel=1e-5)
+    assert losses[0.4]["log_loss"] == pytest.approx(cross_entropy, rel=1e-5)  # the metric stays unsmoothed
+
+
+def test_label_smoothing_changes_the_logged_training_loss_of_a_run(tmp_path):
+    def run(smoothing):
+        config = small_config(label_smoothing=smoothing, epochs=1, output=str(tmp_path / f"run-{smoothing}"),
+                              export_dir=str(tmp_path / f"export-{smoothing}"), precision="float32")
+        return pd.read_csv(train.train(config) / "history.csv").iloc[0]
+
+    plain, smoothed = run(0.0), run(0.3)
+    assert plain["loss"] == pytest.approx(plain["log_loss"], rel=1e-5)  # without smoothing: the log loss itself
+    assert smoothed["loss"] > smoothed["log_loss"] + 0.01

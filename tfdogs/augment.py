@@ -4,9 +4,15 @@ The block is mapped over training batches in the tf.data pipeline
 (`data.make_dataset(augmentation=build_augmentation())`), never put inside the
 model: random image ops keep a model from compiling under XLA, and the exported
 model should hold no training-only layers.
+
+`augment_batch` draws every random number from a seed it is given rather than
+from the layers' own seed generators, so a batch's augmentation depends only
+on that seed (the pipeline derives it from the run seed, the epoch and the
+batch's position): a resumed run augments exactly as an uninterrupted one.
 """
 
 import keras
+import tensorflow as tf
 
 
 def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.1,
@@ -49,3 +55,44 @@ def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, cont
     ]
     layers = [make_layer() for amount, make_layer in candidates if amount]
     return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+class _FixedSeed(keras.random.SeedGenerator):
+    """A SeedGenerator stand-in that hands out seeds derived from one seed tensor.
+
+    Keras' random ops take a SeedGenerator (stateful) or an int; this gives
+    them a stateless sequence instead: draw k gets fold_in(seed, k). It holds
+    no variable, so it can be made inside a tf.data map.
+    """
+
+    def __init__(self, seed):  # deliberately no super().__init__(): no state variable
+        self._seed, self._draws = seed, 0
+
+    def next(self, ordered=True):
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+
+
+def augment_batch(augmentation, images, seed):
+    """Applies an augmentation block to a batch with randomness drawn from `seed` alone.
+
+    Equivalent to `augmentation(images, training=True)` except for where the
+    random numbers come from: the same seed gives the same augmentation, in
+    any process and at any point of a run.
+
+    Args:
+        augmentation: the block from `build_augmentation`, or one Keras layer.
+        images: float32 [batch, height, width, 3] in [0, 255].
+        seed: int32 or int64 [2], a stateless seed (`tf.random.experimental.stateless_fold_in`).
+
+    Returns:
+        The augmented batch, float32 like `images`.
+    """
+    for index, layer in enumerate(getattr(augmentation, "layers", [augmentation])):
+        if not hasattr(layer, "get_random_transformation"):  # a layer that draws nothing
+            images = layer(images, training=True)
+            continue
+        layer_seed = _FixedSeed(tf.random.experimental.stateless_fold_in(seed, index))
+        transformation = layer.get_random_transformation(images, training=True, seed=layer_seed)
+        images = layer.transform_images(images, transformation, training=True)
+    return images

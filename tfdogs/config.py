@@ -33,6 +33,7 @@ DEFAULTS = {
     "learning_rate": 1e-3,
     "backbone_lr_factor": 0.1,
     "momentum": 0.9,
+    "weight_decay": None,
     "schedule": "cosine",
     "warmup_epochs": 0,
     "dropout": 0.2,
@@ -74,6 +75,12 @@ CHOICES = {
     "verbose": ("auto", 0, 1, 2),
 }
 
+# Decoupled weight decay when `weight_decay` is null: none for Adam, PyTorch's AdamW default, and
+# the torchvision ImageNet recipe's value for SGD.
+DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 1e-4}
+# Keys whose null default is resolved to a number (see `validate`).
+NUMBER_OR_NULL = ("weight_decay",)
+
 # (key, lowest allowed, highest allowed, whether the lowest itself is allowed)
 RANGES = (
     ("epochs", 1, None, True),
@@ -84,6 +91,7 @@ RANGES = (
     ("backbone_lr_factor", 0.0, 1.0, True),
     ("momentum", 0.0, 1.0, True),
     ("warmup_epochs", 0, None, True),
+    ("weight_decay", 0.0, None, True),
     ("dropout", 0.0, 0.99, True),
     ("l1", 0.0, None, True),
     ("l2", 0.0, None, True),
@@ -123,12 +131,15 @@ HELP = {
     "learning_rate": "peak learning rate (of the head, where rates differ)",
     "backbone_lr_factor": "fine-tune/discriminative: backbone rate as a fraction of the head's",
     "momentum": "SGD momentum",
+    "weight_decay": "decoupled weight decay, scaled like each variable's learning rate and never applied to "
+    "biases or BatchNorm; default 0 for adam, 0.01 for adamw, 1e-4 for sgd",
     "schedule": "learning-rate schedule over the run: cosine decay or constant",
     "warmup_epochs": "epochs of linear warm-up before the schedule",
     "dropout": "dropout rate before the classifier",
     "l1": "L1 penalty on the classifier weights",
     "l2": "L2 penalty on the classifier weights",
-    "freeze_bn": "keep BatchNorm statistics frozen while fine-tuning",
+    "freeze_bn": "keep BatchNorm statistics frozen while fine-tuning (BatchNorm normalises with its "
+    "moving statistics, as PyTorch's bn.eval(); gamma and beta still train)",
     "label_smoothing": "label smoothing of the training loss",
     "val_fraction": "fraction of each breed held out for validation",
     "seed": "one seed for the split, initialisation, shuffling and augmentation",
@@ -213,7 +224,7 @@ def _check_type(key, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"Config key '{key}' must be a whole number, got {value!r}.")
         return value
-    if isinstance(default, float):
+    if isinstance(default, float) or key in NUMBER_OR_NULL:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"Config key '{key}' must be a number, got {value!r}.")
         return float(value)
@@ -249,6 +260,8 @@ def validate(config):
             if high is not None:
                 bound += f" and <= {high}"
             raise ConfigError(f"Config key '{key}' is {value}; it must be {bound}.")
+    if checked["weight_decay"] is None:
+        checked["weight_decay"] = DEFAULT_WEIGHT_DECAY[checked["optimizer"]]
     if checked["weights"] == "auto":
         checked["weights"] = None if checked["model"] == "lenet5" else "imagenet"
     elif checked["weights"].lower() == "none":
@@ -290,7 +303,7 @@ def add_arguments(parser):
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=key, default=None, action=argparse.BooleanOptionalAction, help=HELP[key])
-        elif isinstance(default, float):
+        elif isinstance(default, float) or key in NUMBER_OR_NULL:
             parser.add_argument(flag, dest=key, default=None, type=float, help=HELP[key])
         elif isinstance(default, int) or key == "steps_per_epoch":
             parser.add_argument(flag, dest=key, default=None, type=int, help=HELP[key])

@@ -20,6 +20,7 @@ Typical use:
 import colorsys
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tfdogs import augment
 from tfdogs.breeds import KAGGLE_BREEDS
 from tfdogs.preprocessing import resize_size
 
@@ -921,22 +923,26 @@ def _shrink_for_cache(image, shorter_side):
 def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, seed=0,
                  augmentation=None, cache=None, shuffle_buffer=1024, crop_fraction=0.875,
                  scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
-                 interpolation="bilinear", flip=False, cache_size=None,
-                 resize_rounding="round") -> tf.data.Dataset:
+                 interpolation="bilinear", flip=False, cache_size=None, resize_rounding="round",
+                 first_epoch=0, num_epochs=1, steps_per_epoch=None) -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
-    Training: shuffle the file list (seeded, reshuffled every epoch), read in
-    parallel, random-resized-crop (area `scale`, aspect 3/4..4/3; JPEGs, found
-    by their magic bytes, are decoded only inside the crop window), resize to
+    Training: epochs `first_epoch` to `first_epoch + num_epochs - 1` one
+    after the other, each `steps_per_epoch` full batches (default: all of
+    them). Per epoch: shuffle the file list, read in parallel,
+    random-resized-crop (area `scale`, aspect 3/4..4/3; JPEGs, found by their
+    magic bytes, are decoded only inside the crop window), resize to
     image_size, batch dropping the remainder, apply `augmentation` to each
     batch of float images in [0, 255] (so RandomContrast's value_range is
-    (0, 255)), then normalise. Randomness is reproducible: crops use stateless
-    ops whose per-image seeds come from
-    `tf.data.Dataset.random(seed, rerandomize_each_iteration=True)` (new crops
-    each epoch, same sequence for the same seed), shuffles use `seed`, and the
-    augmentation map runs sequentially so the layers' seed generators advance
-    in a fixed order. Two fresh pipelines with the same seed and freshly built
-    augmentation give the same batches; a global TF seed, if set, also enters.
+    (0, 255)), then normalise.
+
+    Randomness is keyed by (seed, epoch): the shuffle order, every image's
+    crop and flip and every batch's augmentation in epoch e are drawn by
+    stateless ops from seeds derived from `seed` and e alone (crops from the
+    image's index in `paths`, augmentation from the batch's position in the
+    epoch). A pipeline that starts at epoch e therefore gives exactly the
+    batches that a pipeline started at epoch 0 gives in its epoch e, which
+    is what makes a resumed run equal an uninterrupted one.
 
     Evaluation: no shuffle or augmentation, `preprocess_eval` per image, the
     last batch keeps the remainder.
@@ -979,6 +985,10 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             (stateless, seeded like its crop) inside the parallel map.
         cache_size: Training cache: shorter side S of the cached images
             (default round(image_size / crop_fraction * 1.15)).
+        first_epoch: Training: the first epoch the pipeline gives.
+        num_epochs: Training: how many epochs it gives, one after the other.
+        steps_per_epoch: Training: batches per epoch, at most (and by
+            default) the number of full batches.
 
     Returns:
         A Dataset of (float32 [B, image_size, image_size, 3], int32 [B]).
@@ -999,7 +1009,6 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     # Checked here, so a bad mean/std fails now rather than inside a traced map.
     _rgb_constant(mean, "mean")
     _rgb_constant(std, "std")
-    files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
     cache_settings = dict(paths=paths, image_size=image_size, crop_fraction=crop_fraction, training=training,
                           mean=[float(v) for v in mean], std=[float(v) for v in std], interpolation=interpolation,
                           resize_rounding=resize_rounding)
@@ -1007,6 +1016,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         cache_settings["cache_size"] = cache_size
 
     if not training:
+        files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
+
         def load_eval(path, label):
             image = decode_image(tf.io.read_file(path))
             return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation,
@@ -1015,28 +1026,51 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         dataset = _maybe_cache(files.map(load_eval, num_parallel_calls), cache, cache_settings)
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    crop_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    full_batches = len(paths) // batch_size
+    steps = min(steps_per_epoch or full_batches, full_batches)
+    base_seed = tf.constant([seed, 0], tf.int64)
+
+    def epoch_seed(epoch, purpose):
+        """Seed of one kind of draw (0 shuffle, 1 crops, 2 augmentation) in one epoch."""
+        fold = tf.random.experimental.stateless_fold_in
+        return fold(fold(base_seed, tf.cast(epoch, tf.int64)), purpose)
+
+    # Examples are indices into paths: crops are keyed by the index, so by the photo, not its position.
+    path_of, label_of = tf.constant(paths), tf.constant(labels.astype(np.int32))
     if cache is None:
-        examples = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        def epoch_examples(epoch):
+            order = tf.random.experimental.stateless_shuffle(tf.range(len(paths), dtype=tf.int64),
+                                                             epoch_seed(epoch, 0))
+            return tf.data.Dataset.from_tensor_slices(order).map(lambda index: (epoch, index))
 
-        def load_train(path_and_label, crop_seed):
-            path, label = path_and_label
+        def load_train(epoch, index):
+            path, label = tf.gather(path_of, index), tf.gather(label_of, index)
+            crop_seed = tf.random.experimental.stateless_fold_in(epoch_seed(epoch, 1), index)
             crop = _random_crop_bytes(tf.io.read_file(path), crop_seed, scale)
-            return _resize_square(crop, image_size, interpolation), label
+            return _resize_square(crop, image_size, interpolation), label, crop_seed
     else:
-        # Shuffle once before caching, so a class-sorted file list is mixed beyond the shuffle buffer below.
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=False)
+        # Mixed once before caching (the same order every epoch), so a class-sorted file list is mixed
+        # beyond the shuffle buffer below.
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(paths), dtype=tf.int64), base_seed)
         shorter_side = cache_size or round(image_size / crop_fraction * _TRAIN_CACHE_MARGIN)
-        decoded = files.map(
-            lambda path, label: (_shrink_for_cache(decode_image(tf.io.read_file(path)), shorter_side), label),
-            num_parallel_calls,
-        )
-        examples = _maybe_cache(decoded, cache, cache_settings).shuffle(
-            shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        decoded = tf.data.Dataset.from_tensor_slices(order).map(
+            lambda index: (index, _shrink_for_cache(decode_image(tf.io.read_file(tf.gather(path_of, index))),
+                                                    shorter_side)),
+            num_parallel_calls)
+        cached = _maybe_cache(decoded, cache, cache_settings)
 
-        def load_train(image_and_label, crop_seed):
-            image, label = image_and_label
-            return _resize_square(_random_crop_image(image, crop_seed, scale), image_size, interpolation), label
+        def epoch_examples(epoch):
+            # A Python seed per epoch (Dataset.shuffle refuses a tensor seed when TF's global seed is 0), so the
+            # order also depends on that global seed, which training sets from `seed` too.
+            shuffle_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+            return cached.shuffle(shuffle_buffer, seed=shuffle_seed).map(
+                lambda index, image: (tf.constant(epoch, tf.int64), index, image))
+
+        def load_train(epoch, index, image):
+            label = tf.gather(label_of, index)
+            crop_seed = tf.random.experimental.stateless_fold_in(epoch_seed(epoch, 1), index)
+            crop = _random_crop_image(image, crop_seed, scale)
+            return _resize_square(crop, image_size, interpolation), label, crop_seed
 
     # (x / 255 - mean) / std as one multiply-add with image-shaped constants: broadcasting 3 channel
     # values costs Eigen more than the arithmetic (0.5 ms per 224 px image on these CPUs).
@@ -1045,8 +1079,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     pixel_offset = tf.constant(np.broadcast_to(-np.asarray(mean, np.float64) / np.asarray(std), full_shape),
                                tf.float32)
 
-    def load_and_finish(example, crop_seed):
-        image, label = load_train(example, crop_seed)
+    def load_and_finish(*example):
+        image, label, crop_seed = load_train(*example)
         if flip:
             image = tf.image.stateless_random_flip_left_right(
                 image, tf.random.experimental.stateless_fold_in(crop_seed, 1))
@@ -1054,13 +1088,22 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             image = image * pixel_scale + pixel_offset
         return image, label
 
-    dataset = tf.data.Dataset.zip(examples, crop_seeds).map(load_and_finish, num_parallel_calls)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    # Each epoch gives exactly steps * batch_size images, so batches never straddle two epochs.
+    if cache is None:
+        epochs = tf.data.Dataset.range(first_epoch, first_epoch + num_epochs)
+        examples = epochs.flat_map(lambda epoch: epoch_examples(epoch).take(steps * batch_size))
+    else:
+        examples = functools.reduce(tf.data.Dataset.concatenate, [
+            epoch_examples(epoch).take(steps * batch_size) for epoch in range(first_epoch, first_epoch + num_epochs)])
+    dataset = examples.map(load_and_finish, num_parallel_calls).batch(batch_size, drop_remainder=True)
     if augmentation is not None:
-        # Sequential: the layers advance a seed variable per call, which a parallel map would reorder.
-        dataset = dataset.map(lambda images, batch_labels: (augmentation(images, training=True), batch_labels))
-        dataset = dataset.map(
-            lambda images, batch_labels: (_normalize(images, mean, std), batch_labels), num_parallel_calls)
+        def augment_and_normalise(position, batch):
+            images, batch_labels = batch
+            epoch, step = first_epoch + position // steps, position % steps
+            seed = tf.random.experimental.stateless_fold_in(epoch_seed(epoch, 2), step)
+            return _normalize(augment.augment_batch(augmentation, images, seed), mean, std), batch_labels
+
+        dataset = dataset.enumerate().map(augment_and_normalise, num_parallel_calls)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -88,26 +88,35 @@ def make_strategy(name):
     return tf.distribute.get_strategy()
 
 
-def scale_for_replicas(batch_size, learning_rate, replicas):
+def scale_for_replicas(batch_size, learning_rate, replicas, optimizer="sgd"):
     """Global batch and learning rate for `replicas` replicas.
+
+    The global batch grows with the replicas. The rate follows the rule that
+    fits the optimizer: linear for SGD (Goyal et al. 2017, "Accurate, Large
+    Minibatch SGD": k times the batch, k times the rate), square root for
+    Adam and AdamW, whose per-coordinate normalisation already absorbs part
+    of the larger batch's smaller gradient noise (Malladi et al. 2022, "On the
+    SDEs and Scaling Rules for Adaptive Gradient Algorithms").
 
     Args:
         batch_size: images per replica and step.
         learning_rate: the rate for one replica's batch.
         replicas: `strategy.num_replicas_in_sync`.
+        optimizer: "sgd", "adam" or "adamw".
 
     Returns:
         (global batch size, scaled learning rate).
     """
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1; got {replicas}")
-    return batch_size * replicas, learning_rate * replicas
+    factor = replicas if optimizer == "sgd" else replicas ** 0.5
+    return batch_size * replicas, learning_rate * factor
 
 
-def replica_facts(strategy, batch_size, learning_rate):
+def replica_facts(strategy, batch_size, learning_rate, optimizer="sgd"):
     """What a run records about its devices: strategy, replicas, global batch and scaled rate."""
     replicas = strategy.num_replicas_in_sync
-    global_batch_size, scaled_rate = scale_for_replicas(batch_size, learning_rate, replicas)
+    global_batch_size, scaled_rate = scale_for_replicas(batch_size, learning_rate, replicas, optimizer)
     name = {"MirroredStrategy": "mirrored", "MultiWorkerMirroredStrategy": "multi-worker"}.get(
         type(strategy).__name__, "none")
     return {"distribute": name, "replicas": replicas,

@@ -37,6 +37,7 @@ import pathlib
 import shutil
 import sys
 import time
+import types
 
 import keras
 import numpy as np
@@ -115,16 +116,27 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "offset_steps": self.offset_steps, "decay": self.decay}
 
 
-OPTIMIZERS = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+# AdamW is Adam with decoupled weight decay, which `make_optimizer` applies itself for every optimizer.
+OPTIMIZERS = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
 
-def make_optimizer(name, learning_rate, momentum, variable_factors):
-    """An optimizer whose learning rate is scaled per variable.
+def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay=0.0):
+    """An optimizer whose learning rate and weight decay are scaled per variable.
 
     Keras 3 has no MultiOptimizer; scaling the rate handed to `update_step`
     gives each variable its own rate with one optimizer, one step counter and
-    one schedule. `variable_factors` maps `variable.path` to its factor
-    (missing: 1).
+    one schedule. Weight decay is decoupled (w -= rate * factor *
+    weight_decay * w before each update, as AdamW), so a variable trained at
+    a tenth of the rate also decays at a tenth; Keras' own decay would use
+    the global rate for every variable. Variables of rank 0 or 1 (biases,
+    BatchNorm's gamma and beta) never decay.
+
+    Args:
+        name: "adam", "adamw" or "sgd".
+        learning_rate: a float or a schedule.
+        momentum: SGD momentum.
+        variable_factors: maps `variable.path` to its rate factor (missing: 1).
+        weight_decay: decoupled decay per unit of learning rate.
     """
     base = OPTIMIZERS[name]
 
@@ -134,25 +146,105 @@ def make_optimizer(name, learning_rate, momentum, variable_factors):
             self._rate_factors = [variable_factors.get(variable.path, 1.0) for variable in variables]
 
         def update_step(self, gradient, variable, learning_rate):
-            factor = self._rate_factors[self._get_variable_index(variable)]
-            return super().update_step(gradient, variable, learning_rate * factor)
+            rate = learning_rate * self._rate_factors[self._get_variable_index(variable)]
+            if weight_decay and len(variable.shape) > 1:
+                variable.assign_sub(variable * tf.cast(rate * weight_decay, variable.dtype))
+            return super().update_step(gradient, variable, rate)
 
     kwargs = {"momentum": momentum} if name == "sgd" else {}
     return PerVariableRate(learning_rate=learning_rate, **kwargs)
 
 
+def _normalise_with_moving_statistics(layer, inputs, training=None, mask=None):
+    return keras.layers.BatchNormalization.call(layer, inputs, training=False, mask=mask)
+
+
+def freeze_statistics(layer, frozen):
+    """Makes a BatchNormalization layer normalise with its moving statistics (or undoes it).
+
+    What PyTorch's `bn.eval()` does during fine-tuning: the statistics stay
+    as they are, gamma and beta still train. Keras' `trainable = False` would
+    freeze gamma and beta too. The layer keeps its class, so its weights save
+    and load under the same names.
+    """
+    if frozen:
+        layer.call = types.MethodType(_normalise_with_moving_statistics, layer)
+    else:
+        vars(layer).pop("call", None)
+
+
 def configure_phase(model, phase, freeze_bn):
-    """Freezes the phase's stages (and BatchNorm if asked); returns per-variable rate factors."""
+    """Freezes the phase's stages (and BatchNorm statistics if asked); returns per-variable rate factors."""
     factors = {}
     for layer in model.layers:
         stage = models.stage_of(layer.name)
-        frozen = stage in phase.frozen_stages
-        if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
-            frozen = True
-        layer.trainable = not frozen
+        layer.trainable = stage not in phase.frozen_stages
+        if isinstance(layer, keras.layers.BatchNormalization):
+            freeze_statistics(layer, freeze_bn)
         for variable in layer.trainable_weights:
             factors[variable.path] = phase.stage_factors.get(stage, 1.0)
     return factors
+
+
+class SmoothedSparseCrossEntropy(keras.losses.Loss):
+    """Cross-entropy from logits against integer labels smoothed towards uniform.
+
+    Equals categorical cross-entropy with one-hot labels turned into
+    (1 - smoothing) * one_hot + smoothing / classes, without building the
+    one-hot labels: (1 - smoothing) * CE(label) + smoothing * mean over
+    classes of -log p. Keras 3's sparse cross-entropy has no smoothing.
+    """
+
+    def __init__(self, smoothing=0.0, name="smoothed_sparse_cross_entropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.smoothing = float(smoothing)
+
+    def call(self, labels, logits):
+        log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        true_class = -tf.gather(log_probabilities, labels, axis=-1, batch_dims=1)
+        if not self.smoothing:
+            return true_class
+        uniform = -tf.reduce_mean(log_probabilities, axis=-1)
+        return (1.0 - self.smoothing) * true_class + self.smoothing * uniform
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing}
+
+
+def compile_model(model, config, learning_rate, factors, jit_compile):
+    """Compiles a run's network: its optimizer, the (smoothed) loss and the validation metrics."""
+    model.compile(
+        optimizer=make_optimizer(config["optimizer"], learning_rate, config["momentum"], factors,
+                                 config["weight_decay"]),
+        loss=SmoothedSparseCrossEntropy(config["label_smoothing"]),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+                 keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="log_loss")],
+        jit_compile=jit_compile,
+    )
+
+
+class EpochKeyedSeeds(keras.callbacks.Callback):
+    """Sets the model's random state (dropout masks) from (seed, epoch) at the start of every epoch.
+
+    Keras keeps each Dropout layer's seed in a variable that advances with
+    every step and is not part of the saved weights; a resumed run would
+    start it afresh. Keyed by the epoch, the masks of epoch e are the same
+    whether or not the run was interrupted before it.
+    """
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        generators = [generator for layer in self.model._flatten_layers()  # Keras' own walk over sub-layers
+                      for generator in layer._seed_generators]
+        epoch_key = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), epoch)
+        for index, generator in enumerate(generators):
+            key = tf.random.experimental.stateless_fold_in(epoch_key, index)
+            generator.state.assign(tf.cast(tf.stack([key[0], 0]), generator.state.dtype))
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -204,6 +296,81 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         _replace_into(self._weights_path, self.model.save_weights)
         state = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
         _replace_into(self._training_metadata_path, lambda temporary: pathlib.Path(temporary).write_text(state))
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that, in a resumed phase, starts from the count it had reached before the interruption.
+
+    Keras starts every `fit` with no best value and no waiting; replaying the
+    phase's rows of history.csv gives the state an uninterrupted run has at
+    that epoch, so both stop at the same epoch.
+    """
+
+    def __init__(self, earlier_values, **kwargs):
+        super().__init__(**kwargs)
+        self.earlier_values = list(earlier_values)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for value in self.earlier_values:  # as on_epoch_end counts: mode "max", min_delta 0
+            self.wait += 1
+            if self.best is None or value > self.best:
+                self.best, self.wait = value, 0
+
+
+PHASES_FILE = "phases.json"
+
+
+def read_finished_phases(run_dir):
+    """`RUN/phases.json`: per finished phase, its planned last epoch and the epochs it ran."""
+    path = pathlib.Path(run_dir) / PHASES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def phase_is_finished(record, phase):
+    """Whether a phase recorded in phases.json needs no more training.
+
+    It does if it ran to its planned end or stopped early; a phase planned
+    longer than it was (`--epochs` grew) continues from its backup.
+    """
+    if record is None:
+        return False
+    return record["epochs_run"] >= phase.end_epoch or record["epochs_run"] < record["end_epoch"]
+
+
+def backed_up_epoch(backup_dir):
+    """The epoch a phase's backup resumes at (0 without a backup): what BackupAndRestore will restore."""
+    path = pathlib.Path(backup_dir) / "training_metadata.json"
+    return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
+
+
+RESUMABLE_CHANGES = ("epochs", "verbose", "output")
+
+
+def check_resumable(config, run_dir):
+    """Refuses to resume a run folder whose recorded settings differ from `config`.
+
+    An existing `RUN/config.yaml` means the same command resumes that run, so
+    the settings must be those it was started with: only `epochs` may grow
+    (training continues) and `verbose` may change. Anything else would train
+    a different experiment in the same folder and make config.yaml lie.
+
+    Raises:
+        ConfigError: naming each differing key with both values.
+    """
+    path = pathlib.Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    recorded = config_lib.validate(config_lib.load_yaml(path))
+    differing = [key for key in config_lib.DEFAULTS
+                 if key not in RESUMABLE_CHANGES and recorded[key] != config[key]]
+    if config["epochs"] < recorded["epochs"]:
+        differing.insert(0, "epochs")
+    if differing:
+        changes = "; ".join(f"{key}: {recorded[key]!r} in the run, {config[key]!r} now" for key in differing)
+        raise config_lib.ConfigError(
+            f"{run_dir} holds a run with other settings ({changes}). The same command resumes a run, and only "
+            f"--epochs may grow; to train with these settings, give a new --output.")
 
 
 def read_history(path):
@@ -308,8 +475,14 @@ def load_data(config, run_dir):
     return dataclasses.replace(records, paths=[source_of[path] for path in records.paths]), train_indices, val_indices
 
 
-def build_datasets(config, records, train_indices, val_indices, preprocessing):
-    """The training and validation `tf.data` pipelines of a run."""
+def build_datasets(config, records, train_indices, val_indices, preprocessing, steps_per_epoch=None):
+    """The training and validation `tf.data` pipelines of a run.
+
+    Returns:
+        (train_epochs, val_dataset): `train_epochs(first_epoch, num_epochs)`
+        gives the training batches of those epochs, each epoch's randomness
+        keyed by (seed, epoch) (see `data.make_dataset`).
+    """
     paths = np.asarray(records.paths)
     common = dict(image_size=config["image_size"], batch_size=config["batch_size"],
                   mean=preprocessing.mean, std=preprocessing.std, crop_fraction=preprocessing.crop_fraction,
@@ -318,12 +491,16 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing):
     augmentation = augment.build_augmentation(
         flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
         translation=config["translation"], contrast=config["contrast"], seed=config["seed"])
-    train_dataset = data.make_dataset(
-        list(paths[train_indices]), records.labels[train_indices], training=True,
-        augmentation=augmentation, scale=(config["crop_scale_min"], 1.0), **common)
+
+    def train_epochs(first_epoch, num_epochs):
+        return data.make_dataset(
+            list(paths[train_indices]), records.labels[train_indices], training=True,
+            augmentation=augmentation, scale=(config["crop_scale_min"], 1.0), first_epoch=first_epoch,
+            num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, **common)
+
     val_dataset = data.make_dataset(
         list(paths[val_indices]), records.labels[val_indices], training=False, **common)
-    return train_dataset, val_dataset
+    return train_epochs, val_dataset
 
 
 def predict_probabilities(model, dataset):
@@ -333,6 +510,7 @@ def predict_probabilities(model, dataset):
 
 
 def _callbacks(config, run_dir, phase, history):
+    """The callbacks of one phase's fit, their state carried over from `history` when it resumes."""
     best_value, best_epoch = best_so_far(history)
     checkpoint = AtomicModelCheckpoint(
         run_dir / "best.weights.h5", monitor="val_accuracy", mode="max",
@@ -341,6 +519,7 @@ def _callbacks(config, run_dir, phase, history):
         checkpoint.best = best_value  # a resumed run keeps the best of its earlier epochs
     non_finite = StopOnNonFinite()
     callbacks = [
+        EpochKeyedSeeds(config["seed"]),
         LearningRateLogger(),
         non_finite,
         checkpoint,
@@ -348,10 +527,13 @@ def _callbacks(config, run_dir, phase, history):
         # The history row goes before the backup: a kill between them redoes the epoch and
         # `read_history` keeps its last row, where the other order would lose the row.
         keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
-        AtomicBackupAndRestore(run_dir / "backup" / phase.name),
+        # Kept after the phase (train removes it once a later phase follows), so --epochs can grow.
+        AtomicBackupAndRestore(run_dir / "backup" / phase.name, delete_checkpoint=False),
     ]
     if config["early_stopping_patience"]:
-        callbacks.append(keras.callbacks.EarlyStopping(
+        this_phase = history[history["epoch"] >= phase.start_epoch] if not history.empty else history
+        callbacks.append(ResumableEarlyStopping(
+            this_phase["val_accuracy"] if "val_accuracy" in this_phase else [],
             monitor="val_accuracy", mode="max", patience=config["early_stopping_patience"],
             restore_best_weights=True))
     return callbacks, non_finite
@@ -379,8 +561,10 @@ def train(config, extra_callbacks=()):
     config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
     runtime = resolve_runtime(config)
     try:
+        check_resumable(config, run_dir)
         strategy = distribute.make_strategy(config["distribute"])  # first: multi-worker precedes other TF work
-        runtime.update(distribute.replica_facts(strategy, config["batch_size"], config["learning_rate"]))
+        runtime.update(distribute.replica_facts(strategy, config["batch_size"], config["learning_rate"],
+                                                config["optimizer"]))
         records, train_indices, val_indices = load_data(config, run_dir)
         if len(train_indices) < runtime["global_batch_size"]:
             raise config_lib.ConfigError(
@@ -397,45 +581,50 @@ def train(config, extra_callbacks=()):
         for folder in created:  # a run that never started leaves no empty folders behind
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    if config["data"] == "synthetic":
-        config["data_dir"] = str(run_dir / "synthetic_data")
     config_lib.write(config, run_dir / "config.yaml")
     num_classes = len(records.class_names)
     preprocessing = weights.resolve_preprocessing(config["weights"], config["model"], config["image_size"],
                                                   config["weights_preprocessing"])
     preprocessing.save(run_dir / PREPROCESSING_FILE)  # evaluation, ensembles and predict read it back
-    global_config = {**config, "batch_size": runtime["global_batch_size"]}
-    train_dataset, val_dataset = (distribute.shard_by_data(dataset) for dataset in build_datasets(
-        global_config, records, train_indices, val_indices, preprocessing))
     steps = len(train_indices) // runtime["global_batch_size"]
     if config["steps_per_epoch"]:
         steps = min(steps, config["steps_per_epoch"])
-        train_dataset = train_dataset.repeat()
+    global_config = {**config, "batch_size": runtime["global_batch_size"]}
+    train_epochs, val_dataset = build_datasets(global_config, records, train_indices, val_indices, preprocessing,
+                                               steps_per_epoch=steps)
+    val_dataset = distribute.shard_by_data(val_dataset)
 
     started = time.time()
+    finished = read_finished_phases(run_dir)
+    resumed = False
     for phase in plan_phases(config):
         done = run_dir / f"phase-{phase.name}.weights.h5"
-        if done.is_file():  # finished before an interruption
-            model.load_weights(done)
+        if phase_is_finished(finished.get(phase.name), phase) and done.is_file():
+            model.load_weights(done)  # finished before an interruption
+            resumed = True
             continue
+        backup_dir = run_dir / "backup" / phase.name
+        first_epoch = max(phase.start_epoch, backed_up_epoch(backup_dir))
+        if resumed or first_epoch > phase.start_epoch:
+            print(f"Resuming the run in {run_dir} at epoch {first_epoch + 1} of {config['epochs']} "
+                  f"(phase '{phase.name}', state from {backup_dir if first_epoch > phase.start_epoch else done}).")
+            resumed = False  # said once
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
         with strategy.scope():  # metrics and optimizer variables are mirrored too
-            model.compile(
-                optimizer=make_optimizer(config["optimizer"], schedule, config["momentum"], factors),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                         keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-                         keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="log_loss")],
-                jit_compile=runtime["jit_compile"],
-            )
-        callbacks, non_finite = _callbacks(config, run_dir, phase, read_history(run_dir / "history.csv"))
-        model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
-                  initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
-                  callbacks=callbacks + list(extra_callbacks),
-                  verbose=1 if config["verbose"] == "auto" else config["verbose"])
+            compile_model(model, config, schedule, factors, runtime["jit_compile"])
+        history = read_history(run_dir / "history.csv")
+        callbacks, non_finite = _callbacks(config, run_dir, phase, history)
+        train_dataset = distribute.shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
+        # BackupAndRestore sets the epoch to resume at on the model, and Keras prefers it to `initial_epoch`
+        # in every later fit: a phase resumed from its backup would make the next phase start there too.
+        model._initial_epoch = None
+        fit = model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
+                        initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
+                        callbacks=callbacks + list(extra_callbacks),
+                        verbose=1 if config["verbose"] == "auto" else config["verbose"])
         if non_finite.stopped_at is not None:
             epoch, batch = non_finite.stopped_at
             kept = run_dir / "best.weights.h5"
@@ -444,6 +633,11 @@ def train(config, extra_callbacks=()):
                 f"The best weights so far are kept in {kept if kept.is_file() else '(none yet)'}. "
                 "Lower --learning-rate or check the data.")
         save_weights_atomically(model, done)
+        last_epoch = max(fit.epoch, default=first_epoch - 1) + 1
+        finished[phase.name] = {"end_epoch": phase.end_epoch, "epochs_run": last_epoch}
+        write_json_atomically(finished, run_dir / PHASES_FILE)
+        if phase.end_epoch < config["epochs"]:  # a later phase follows: this one cannot be extended
+            shutil.rmtree(backup_dir, ignore_errors=True)
     train_seconds = time.time() - started
 
     history = read_history(run_dir / "history.csv")
