@@ -35,11 +35,19 @@ def lenet_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dogs10_dir():
-    """The shared real dog photos (10 breeds), required: CI has them beside the checkout."""
+    """The shared real dog photos (10 breeds).
+
+    On a clone without them (any user's) the tests that need them are skipped
+    with the reason printed; `.ci/run` sets TFDOGS_REQUIRE_DOGS10=1, which
+    makes them required, so CI fails rather than skips when they are missing.
+    """
     candidates = [os.environ.get("TFDOGS_DOGS10", "")]
     candidates += [str(parent / "shared/data/dogs10") for parent in pathlib.Path(__file__).resolve().parents]
     for candidate in candidates:
         if candidate and pathlib.Path(candidate).is_dir():
             return pathlib.Path(candidate)
-    pytest.fail("The real dog photos are missing: expected shared/data/dogs10 beside the checkout "
-                "or a folder named by TFDOGS_DOGS10.")
+    message = ("The real dog photos are missing: expected shared/data/dogs10 beside the checkout "
+               "or a folder named by TFDOGS_DOGS10.")
+    if os.environ.get("TFDOGS_REQUIRE_DOGS10"):
+        pytest.fail(message)
+    pytest.skip(message)
