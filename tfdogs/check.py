@@ -47,7 +47,7 @@ from concurrent import futures
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tfdogs import data
 
@@ -62,6 +62,10 @@ _TENSORFLOW_MODES = {"JPEG": {"L", "RGB"}, "PNG": None, "GIF": None, "WEBP": Non
 _EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP"}
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _PROBLEMS_COLUMNS = ["file", "line", "kind", "action", "reason"]
+# What reading a photo with each EXIF orientation does to its stored pixels (Pillow's exif_transpose).
+_ORIENTATION_TURNS = {2: "mirrored left-right", 3: "turned half a turn", 4: "mirrored top-bottom",
+                      5: "transposed", 6: "turned a quarter clockwise", 7: "transposed and turned half a turn",
+                      8: "turned a quarter anticlockwise"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -154,15 +158,21 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
 
     # TensorFlow must decode every file the pipeline will read as it is, with the size Pillow reports.
     candidates = [i for i, inspection in enumerate(inspections) if inspection.action == "kept"]
-    shapes = _tensorflow_shapes([records.paths[i] for i in candidates])
+    decoded = _tensorflow_shapes([records.paths[i] for i in candidates])
     for position, index in enumerate(candidates):
         inspection = inspections[index]
-        if position not in shapes:
+        if position not in decoded:
             inspection.convert("tensorflow-fails",
                                f"TensorFlow cannot decode it ({_tensorflow_error(records.paths[index])})")
-        elif shapes[position] != inspection.shape:
+            continue
+        shape, orientation = decoded[position]
+        if shape != inspection.shape:
             inspection.convert("tensorflow-disagrees",
-                               f"TensorFlow decodes it as {shapes[position]} pixels, Pillow as {inspection.shape}")
+                               f"TensorFlow decodes it as {shape} pixels, Pillow as {inspection.shape}")
+        elif orientation != inspection.orientation:
+            inspection.convert("tensorflow-disagrees",
+                               f"TensorFlow reads EXIF orientation {orientation}, Pillow {inspection.orientation}; "
+                               "converted upright as Pillow reads it")
 
     to_convert = [i for i, inspection in enumerate(inspections) if inspection.action == "converted"]
     with futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -260,7 +270,7 @@ class _Inspection:
     """The verdict on one file: an action and the reasons behind it."""
 
     def __init__(self, shape=None):
-        self.action, self.notes, self.shape = "kept", [], shape
+        self.action, self.notes, self.shape, self.orientation = "kept", [], shape, 1
 
     def note(self, kind, reason):
         self.notes.append((kind, reason))
@@ -290,6 +300,7 @@ def _inspect(path, max_side):
         with Image.open(path) as image:
             format, mode, (width, height) = image.format, image.mode, image.size
             transparent = "transparency" in image.info
+            orientation = _orientation(image)
     except Image.DecompressionBombError as error:
         inspection.skip("too-large", f"too large to decode safely ({error})")
         return inspection
@@ -303,6 +314,17 @@ def _inspect(path, max_side):
             inspection.skip("corrupt", f"cannot be decoded, so it is probably truncated or corrupt ({error})")
         return inspection
     inspection.shape = (height, width)
+    if orientation in _ORIENTATION_TURNS:
+        # TensorFlow reads it upright (tfdogs.data.decode_image), so it is compared with the upright shape.
+        inspection.orientation = orientation
+        inspection.shape = (width, height) if orientation >= 5 else (height, width)
+        stored = (f"EXIF orientation {orientation}: the pixels are stored sideways or flipped (as phones write "
+                  f"them) and are {_ORIENTATION_TURNS[orientation]} to stand upright")
+        if format == "JPEG":
+            inspection.note("exif-orientation", f"{stored}; training, evaluation and serving read it upright")
+        else:
+            inspection.convert("exif-orientation", f"{stored}; TensorFlow applies it only to JPEGs, so a "
+                                                   "copy is converted upright")
     expected = _EXTENSION_FORMATS.get(path.suffix.lower())
     if format != expected:
         inspection.note("wrong-extension", f"{format} data in a {path.suffix} file; decoded as {format}")
@@ -324,14 +346,28 @@ def _inspect(path, max_side):
     return inspection
 
 
+def _orientation(image):
+    """The EXIF orientation Pillow reads from an open image: 1 to 8, 1 when absent or unreadable."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):  # a malformed EXIF block: the pixels are still usable
+        return 1
+    return orientation if orientation in _ORIENTATION_TURNS else 1
+
+
 def _tensorflow_shapes(paths):
-    """{position in paths: (height, width)} of the files TensorFlow decodes; failures are absent."""
+    """{position in paths: ((height, width), EXIF orientation)} as TensorFlow decodes the files; failures are absent."""
     if not paths:
         return {}
+
+    def decode(index, path):
+        image_bytes = tf.io.read_file(path)
+        return index, tf.shape(data.decode_image(image_bytes))[:2], data.exif_orientation(image_bytes)
+
     files = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
-    decoded = files.map(lambda index, path: (index, tf.shape(data.decode_image(tf.io.read_file(path)))[:2]),
-                        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    return {int(index): tuple(int(side) for side in shape) for index, shape in decoded.as_numpy_iterator()}
+    decoded = files.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    return {int(index): (tuple(int(side) for side in shape), int(orientation))
+            for index, shape, orientation in decoded.as_numpy_iterator()}
 
 
 def _tensorflow_error(path):
@@ -387,7 +423,8 @@ def _convert(path, root, folder, max_side):
                 # JPEGs decode at 1/2, 1/4 or 1/8 scale: a 10,000 px photo costs a fraction of its full size.
                 image.draft(None, _fitted(image.size, max_side))
             image.load()
-            rgb = image.convert("RGB")
+            # The copy has no EXIF block, so its pixels are stored upright.
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         return None, str(error) or type(error).__name__
     if max(rgb.size) > max_side:
