@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -279,8 +280,22 @@ def test_the_split_of_a_run_keeps_byte_identical_photos_on_one_side_for_every_se
     assert set(sides) == {"train", "val"}  # the seeds do move the pair
 
 
+def test_a_breed_with_one_photo_is_refused_before_any_work_naming_it(corpus, tmp_path):
+    config = small_config(data=None, data_dir=str(corpus[0]), batch_size=8, epochs=2,
+                          output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
+    with pytest.raises(data.DataError, match=f"breed '{bad_corpus.SOLO_BREED}' .* single usable photo.*val_fraction"):
+        train.train(config)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()
+
+
 def test_training_over_the_mixed_corpus_uses_the_good_files_and_lists_every_bad_one(corpus, tmp_path):
-    root, expected, odd, _ = corpus
+    _, expected, odd, _ = corpus
+    # The corpus with a second photo of its one-photo breed (which alone is refused, see above).
+    root = tmp_path / "data"
+    shutil.copytree(corpus[0], root, symlinks=True)
+    Image.open(root / "train" / "solo-0.jpg").save(root / "train" / "solo-1.jpg", quality=50)
+    with open(root / "labels.csv", "a") as labels:
+        labels.write(f"solo-1,{bad_corpus.SOLO_BREED}\n")
     config = small_config(data=None, data_dir=str(root), batch_size=8, epochs=2,
                           output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
     run_dir = train.train(config)
@@ -290,10 +305,10 @@ def test_training_over_the_mixed_corpus_uses_the_good_files_and_lists_every_bad_
     assert set(zip(listed["file"], lines, listed["kind"], listed["action"])) == as_set(expected)
 
     split = pd.read_csv(run_dir / "split.csv", keep_default_na=False)
-    assert len(split) == 4 * 8 + 1 + len(DECODED_CASES)
+    assert len(split) == 4 * 8 + 2 + len(DECODED_CASES)
     assert not split["path"].str.contains("converted").any()  # the split names the original files
     solo = split[split["breed"] == bad_corpus.SOLO_BREED]
-    assert list(solo["subset"]) == ["train"]  # a one-image breed still splits: into training
+    assert sorted(solo["subset"]) == ["train", "val"]
     assert {odd[case] for case in ("cmyk_jpeg", "huge_jpeg", "png_named_jpg")} <= set(split["path"])
     assert len(list((run_dir / "converted").iterdir())) == 4
 
@@ -344,3 +359,86 @@ def test_unwritable_output_folder_is_rejected_before_any_work(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="'output'.*cannot write"):
         train.train(config)
     assert not (tmp_path / "export").exists()
+
+
+def tiny_photo(path, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path, format="JPEG")
+
+
+def kaggle_folder(root, rows):
+    """labels.csv and train/<id>.jpg, one small photo of its own colour per (id, breed) row."""
+    for index, (image_id, _) in enumerate(rows):
+        tiny_photo(root / "train" / f"{image_id}.jpg", (index * 37 % 256, index * 91 % 256, 128))
+    (root / "labels.csv").write_text("id,breed\n" + "".join(f"{i},{b}\n" for i, b in rows))
+    return root
+
+
+def test_breed_names_that_differ_only_in_case_or_separators_are_reported_and_refused_by_strict(tmp_path, capsys):
+    rows = [("a", "Beagle"), ("b", "BEAGLE"), ("c", "beagle"), ("d", "beagle"), ("e", "golden retriever"),
+            ("f", "golden_retriever"), ("g", "Golden-Retriever"), ("h", "pug")]
+    root = kaggle_folder(tmp_path / "data", rows)
+    report_path = tmp_path / "problems.csv"
+    assert check.main(["--data-dir", str(root), "--report", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    listed = pd.read_csv(report_path, keep_default_na=False)
+    similar = listed[listed["kind"] == "similar-breed-names"]
+    assert len(similar) == 6 and set(similar["action"]) == {"kept"}
+    beagles = "'BEAGLE' (1 photo) and 'Beagle' (1 photo) and 'beagle' (2 photos)"
+    assert all(beagles in reason for reason in similar["reason"] if "eagle" in reason.split("'")[1])
+    summary = out.strip().splitlines()[-1]
+    assert "2 probable duplicate breed names" in summary and beagles in summary
+    assert "'Golden-Retriever' (1 photo) and 'golden retriever' (1 photo) and 'golden_retriever' (1 photo)" in summary
+
+    assert check.main(["--data-dir", str(root), "--strict"]) == 2
+    assert "differ only in case, spaces, hyphens or underscores" in capsys.readouterr().err
+    assert check.comparable_breed_name("Golden  Retriever") == check.comparable_breed_name("golden-retriever")
+    assert check.comparable_breed_name("beagle") != check.comparable_breed_name("beagles")
+
+
+def test_photos_in_sub_folders_of_a_breed_folder_are_used(tmp_path):
+    root = tmp_path / "data"
+    tiny_photo(root / "beagle" / "top.jpg", (200, 0, 0))
+    tiny_photo(root / "beagle" / "2019" / "a.jpg", (190, 0, 0))
+    tiny_photo(root / "beagle" / "2019" / "summer" / "b.jpg", (180, 0, 0))
+    tiny_photo(root / "beagle" / ".thumbnails" / "c.jpg", (0, 0, 0))  # hidden: not photos of the data set
+    tiny_photo(root / "pug" / "only-nested" / "d.jpg", (0, 200, 0))
+    tiny_photo(root / "pug" / "only-nested" / "e.jpg", (0, 190, 0))
+    report = check.check_data(root)
+    relative = [pathlib.Path(path).relative_to(root).as_posix() for path in report.records.paths]
+    assert relative == ["beagle/2019/a.jpg", "beagle/2019/summer/b.jpg", "beagle/top.jpg",
+                        "pug/only-nested/d.jpg", "pug/only-nested/e.jpg"]
+    assert report.records.class_names == ["beagle", "pug"]
+    assert list(report.records.labels) == [0, 0, 0, 1, 1]
+
+
+def test_report_into_a_folder_that_does_not_exist_yet(tmp_path, capsys):
+    root = kaggle_folder(tmp_path / "data", [("a", "beagle"), ("b", "pug")])
+    report_path = tmp_path / "reports" / "nested" / "x.csv"
+    assert check.main(["--data-dir", str(root), "--report", str(report_path)]) == 0
+    assert report_path.read_text().startswith("file,line,kind,action,reason")
+    assert [path.name for path in report_path.parent.iterdir()] == ["x.csv"]  # no temporary file left
+
+
+def test_ids_written_with_jpg_get_a_hint(tmp_path):
+    root = kaggle_folder(tmp_path / "data", [("a", "beagle"), ("b", "pug")])
+    (root / "labels.csv").write_text("id,breed\na.jpg,beagle\nb,pug\n")
+    _, problems = data.scan_records(root)
+    [missing] = [problem for problem in problems if problem.kind == "missing"]
+    assert missing.file == "train/a.jpg.jpg"
+    assert "ids are file names without .jpg and train/a.jpg exists, so the id should read 'a'" in missing.reason
+
+
+@pytest.mark.parametrize("rows, named", [
+    ([("a", "beagle"), ("b", "beagle"), ("c", "beagle")], "one breed ('beagle' (3 photos))"),
+    ([("a", "beagle"), ("b", "beagle"), ("c", "pug"), ("d", "boxer")], "breeds 'boxer', 'pug' in"),
+])
+def test_fewer_than_two_breeds_or_a_breed_without_a_validation_photo_is_refused_before_any_work(
+        tmp_path, rows, named):
+    root = kaggle_folder(tmp_path / "data", rows)
+    config = small_config(data=None, data_dir=str(root), batch_size=2, output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"))
+    with pytest.raises(data.DataError) as error:
+        train.train(config)
+    assert named in str(error.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()

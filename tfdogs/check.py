@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import re
 import sys
 from concurrent import futures
 
@@ -100,6 +101,15 @@ class Report:
             members.setdefault(group, []).append(index)
         return [indices for indices in members.values() if len(indices) > 1]
 
+    @property
+    def similar_breeds(self) -> list[list[tuple[str, int]]]:
+        """Each group of breed names that `comparable_breed_name` makes equal: [(name, photos), ...]."""
+        counts = np.bincount(self.records.labels, minlength=len(self.records.class_names))
+        spellings = {}
+        for label, name in enumerate(self.records.class_names):
+            spellings.setdefault(comparable_breed_name(name), []).append((name, int(counts[label])))
+        return [group for group in spellings.values() if len(group) > 1]
+
     def decodable_records(self) -> data.Records:
         """The usable records with each path replaced by the file the pipeline should read."""
         return dataclasses.replace(self.records, paths=list(self.sources))
@@ -111,13 +121,19 @@ class Report:
         copies = f"{len(duplicates)} group{'' if len(duplicates) == 1 else 's'} of byte-identical photos"
         if duplicates:
             copies += f" ({sum(map(len, duplicates))} files, each group kept on one side of the split)"
+        names = ""
+        if self.similar_breeds:
+            names = (f"; {len(self.similar_breeds)} probable duplicate breed name"
+                     f"{'' if len(self.similar_breeds) == 1 else 's'} (same name but for case, spaces, hyphens "
+                     f"or underscores): {'; '.join(map(_spellings, self.similar_breeds))}")
         return (f"{len(self.records.paths)} usable images in {len(self.records.class_names)} breeds; "
                 f"{files['skipped']} files or rows skipped, {files['converted']} converted, "
-                f"{files['kept']} kept with a note; {copies}")
+                f"{files['kept']} kept with a note; {copies}{names}")
 
     def write_csv(self, path) -> None:
         """Writes the problems as CSV (file, line, kind, action, reason), atomically."""
         path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
         with open(temporary, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
@@ -127,11 +143,35 @@ class Report:
         os.replace(temporary, path)
 
     def require_clean(self) -> None:
-        """Raises DataError listing what would be skipped, if anything (the --strict rule)."""
+        """Raises DataError listing what would be skipped, or probable duplicate breed names (the --strict rule)."""
         if self.skipped:
             raise data.DataError(
                 f"strict: {len(self.skipped)} problems would skip data in {self.records.root}: "
                 f"{_listing(self.skipped)}")
+        if self.similar_breeds:
+            raise data.DataError(
+                f"strict: breed names in {self.records.root} differ only in case, spaces, hyphens or underscores, "
+                f"so they are probably one breed each: {'; '.join(map(_spellings, self.similar_breeds))}. "
+                "Write each breed one way.")
+
+    def require_trainable(self, val_fraction) -> None:
+        """Raises DataError, naming the breeds, unless there are two breeds and each can give a validation photo.
+
+        Args:
+            val_fraction: The validation share asked for; every breed then needs two photos.
+        """
+        counts = np.bincount(self.records.labels, minlength=len(self.records.class_names))
+        if len(self.records.class_names) < 2:
+            found = ", ".join(f"{name!r} ({count} photos)" for name, count in zip(self.records.class_names, counts))
+            raise data.DataError(
+                f"{self.records.root} has one breed ({found}); a classifier needs photos of at least two breeds")
+        alone = [f"{name!r}" for name, count in zip(self.records.class_names, counts) if count < 2]
+        if alone and val_fraction > 0:
+            raise data.DataError(
+                f"breed{'s' if len(alone) > 1 else ''} {', '.join(alone)} in {self.records.root} "
+                f"{'have' if len(alone) > 1 else 'has'} a single usable photo, but the validation split "
+                f"(val_fraction {val_fraction}) needs at least two photos of every breed; add photos or remove "
+                "the breed")
 
 
 def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
@@ -195,7 +235,7 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
     records, sources, class_problems = _keep(records, sources, usable)
     problems += class_problems
     groups, duplicate_problems = _duplicates(records)
-    problems += duplicate_problems
+    problems += duplicate_problems + _similar_breed_problems(records)
     report = Report(records, sources, sorted(problems, key=_order), groups)
     if not records.paths:
         raise data.DataError(
@@ -223,6 +263,45 @@ def _keep(records, sources, usable):
     kept = data.Records([records.paths[i] for i in usable], [relabel[label] for label in kept_labels.tolist()],
                         [records.class_names[label] for label in present], records.layout, records.root)
     return kept, [sources[i] for i in usable], problems
+
+
+def comparable_breed_name(name) -> str:
+    """A breed name as names are compared: case-folded, without spaces, hyphens or underscores.
+
+    `Golden Retriever`, `golden-retriever` and `GOLDEN_RETRIEVER` compare
+    equal. Breeds keep the names as written; equal names are reported as
+    probable duplicates and refused by --strict.
+    """
+    return re.sub(r"[\s_-]+", "", name.casefold())
+
+
+def _spellings(group):
+    return " and ".join(f"{name!r} ({count} photo{'' if count == 1 else 's'})" for name, count in group)
+
+
+def _similar_breed_problems(records):
+    """One problem per breed name that compares equal to another one (see `comparable_breed_name`)."""
+    root = pathlib.Path(records.root)
+    spellings = {}
+    for label, name in enumerate(records.class_names):
+        spellings.setdefault(comparable_breed_name(name), []).append(label)
+    counts = np.bincount(records.labels, minlength=len(records.class_names))
+    problems = []
+    for labels in (labels for labels in spellings.values() if len(labels) > 1):
+        group = [(records.class_names[label], int(counts[label])) for label in labels]
+        for label in labels:
+            if records.layout == "kaggle":
+                where = "labels.csv"
+            else:
+                paths = [path for path, own in zip(records.paths, records.labels) if own == label]
+                where = pathlib.Path(os.path.commonpath([os.path.dirname(path) for path in paths]))
+                where = where.relative_to(root).as_posix()
+            problems.append(data.Problem(
+                where, None, "similar-breed-names", "kept",
+                f"breed {records.class_names[label]!r}: the names {_spellings(group)} differ only in case, spaces, "
+                f"hyphens or underscores, so they are probably one breed; kept as {len(group)} classes "
+                "(write them one way to merge them; --strict refuses them)"))
+    return problems
 
 
 def _duplicates(records):

@@ -5,7 +5,8 @@
 * Kaggle "dog-breed-identification": `labels.csv` (header `id,breed`) beside
   `train/<id>.jpg`.
 * Class folders (ImageFolder style): `<root>/<breed>/*.jpg`, also one level
-  down, as in Stanford Dogs' `Images/n02085620-Chihuahua/*.jpg`.
+  down, as in Stanford Dogs' `Images/n02085620-Chihuahua/*.jpg`. Photos in
+  sub-folders of a breed folder (`beagle/2019/*.jpg`) belong to that breed.
 
 Typical use:
 
@@ -276,7 +277,11 @@ def _kaggle_records(root):
         if outside:
             problem(file, line, "outside", outside)
         elif not path.is_file():
-            problem(file, line, "missing", f"listed in labels.csv but {file} does not exist")
+            hint = ""
+            if image_id.lower().endswith(".jpg") and (train_dir / image_id).is_file():
+                hint = (f"; ids are file names without .jpg and train/{image_id} exists, so the id should read "
+                        f"{image_id[:-4]!r}")
+            problem(file, line, "missing", f"listed in labels.csv but {file} does not exist{hint}")
         else:
             paths.append(str(path))
             breeds.append(breed)
@@ -330,7 +335,8 @@ def _find_class_root(root):
 
 def _folder_records(root, class_root):
     folders_by_name = {}
-    for folder in _class_folders(class_root):
+    # A breed folder's photos may sit in sub-folders of it (beagle/2019/*.jpg); they all count.
+    for folder in (sub for sub in _subdirectories(class_root) if _images_below(sub)):
         name = _breed_name(folder.name)
         if name in folders_by_name:
             raise DataError(
@@ -339,7 +345,7 @@ def _folder_records(root, class_root):
         folders_by_name[name] = folder
     paths, breeds, problems = [], [], []
     for name in sorted(folders_by_name):
-        for path in sorted(p for p in folders_by_name[name].iterdir() if _is_image(p)):
+        for path in _images_below(folders_by_name[name]):
             outside = _outside_reason(path, root)
             if outside:
                 problems.append(Problem(path.relative_to(root).as_posix(), None, "outside", "skipped", outside))
@@ -359,6 +365,15 @@ def _breed_name(folder_name):
 
 def _subdirectories(directory):
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_below(folder):
+    """The images in `folder` and its sub-folders (hidden ones left out), sorted by path; links to folders not followed."""
+    found = []
+    for directory, subdirectories, files in os.walk(folder):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        found += [path for path in map(pathlib.Path(directory).joinpath, files) if _is_image(path)]
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
 def _class_folders(directory):

@@ -456,6 +456,7 @@ def load_data(config, run_dir):
         print(f"Data check: {report.summary()}. Every problem is listed in {run_dir / 'problems.csv'}.")
     if config["strict"]:
         report.require_clean()
+    report.require_trainable(config["val_fraction"])
     split_path = run_dir / "split.csv"
     if split_path.is_file():
         records, train_indices, val_indices = data.read_split(split_path, report.records.root)
