@@ -153,12 +153,60 @@ def test_predict_prints_top5_as_table_or_json_for_runs_ensembles_and_saved_model
 def test_predict_names_bad_images_and_folders(lenet_run, tmp_path, capsys):
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
-    assert predict.main([str(lenet_run), str(text)]) == 2
-    assert "notes.jpg is not an image" in capsys.readouterr().err
-    assert predict.main([str(lenet_run), str(tmp_path / "gone.jpg")]) == 2
-    assert "not found: " in capsys.readouterr().err
-    assert predict.main([str(tmp_path), str(text)]) == 2
+    assert predict.main([str(lenet_run), str(text)]) == predict.SOME_FAILED
+    assert "notes.jpg: not an image TensorFlow can decode" in capsys.readouterr().err
+    assert predict.main([str(lenet_run), str(tmp_path / "gone.jpg")]) == predict.SOME_FAILED
+    assert "gone.jpg: not found" in capsys.readouterr().err
+    assert predict.main([str(tmp_path), str(text)]) == predict.NOTHING_RUN
     assert "is not a run folder (config.yaml), an ensemble folder" in capsys.readouterr().err
+    assert predict.main([str(tmp_path), str(text), "--json"]) == predict.NOTHING_RUN
+    [entry] = json.loads(capsys.readouterr().out)
+    assert entry["image"] == str(text) and entry["error"].startswith("model not loaded: ")
+
+
+def test_one_bad_file_fails_alone_and_json_has_one_entry_per_input(lenet_run, tmp_path, capsys):
+    photos = sorted((lenet_run / "synthetic_data" / "train").glob("*.jpg"))
+    good1, good2 = str(photos[0]), str(photos[1])
+    truncated, junk, empty = tmp_path / "truncated.jpg", tmp_path / "junk.jpg", tmp_path / "empty.jpg"
+    truncated.write_bytes(photos[2].read_bytes()[:300])
+    junk.write_bytes(b"GIF89a not really")
+    empty.write_bytes(b"")
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(photos[3], folder / "sub" / "in-folder.jpg")
+    (tmp_path / "no-images").mkdir()
+    url = "https://example.com/dog.jpg"
+    arguments = [good1, str(truncated), good2, str(junk), str(empty), str(tmp_path / "gone.jpg"), str(folder),
+                 str(tmp_path / "no-images"), url]
+
+    assert predict.main([str(lenet_run), *arguments, "--json", "--batch-size", "4"]) == predict.SOME_FAILED
+    captured = capsys.readouterr()
+    answers = json.loads(captured.out)
+    assert [answer["image"] for answer in answers] == [
+        good1, str(truncated), good2, str(junk), str(empty), str(tmp_path / "gone.jpg"),
+        str(folder / "sub" / "in-folder.jpg"), str(tmp_path / "no-images"), url]
+    answered = [answer for answer in answers if "top5" in answer]
+    assert [answer["image"] for answer in answered] == [good1, good2, str(folder / "sub" / "in-folder.jpg")]
+    errors = {answer["image"]: answer["error"] for answer in answers if "error" in answer}
+    assert "not an image TensorFlow can decode" in errors[str(truncated)]
+    assert "not an image TensorFlow can decode" in errors[str(junk)]
+    assert errors[str(empty)] == "empty file (0 bytes)"
+    assert errors[str(tmp_path / "gone.jpg")] == "not found"
+    assert errors[str(tmp_path / "no-images")].startswith("a folder without images")
+    assert errors[url] == "URLs are not read: download the photo first"
+    assert "6 of 9 images could not be read" in captured.err
+
+    # the good photos get what they get on their own
+    assert predict.main([str(lenet_run), good1, good2, "--json"]) == predict.ALL_ANSWERED
+    alone = json.loads(capsys.readouterr().out)
+    for mixed, single in zip(answered[:2], alone):
+        assert [e["breed"] for e in mixed["top5"]] == [e["breed"] for e in single["top5"]]
+        assert [e["probability"] for e in mixed["top5"]] == pytest.approx([e["probability"] for e in single["top5"]],
+                                                                         abs=1e-6)
+    assert predict.main([str(lenet_run), good1, str(junk)]) == predict.SOME_FAILED
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == good1 and table[1].startswith("  1. ") and table[-2] == str(junk)
+    assert table[-1].startswith("  error: not an image")
 
 
 @pytest.fixture
@@ -203,3 +251,14 @@ def test_submission_errors_name_the_file(lenet_run, kaggle_download, capsys):
     sample_path.unlink()
     assert submit.main([str(lenet_run), "--data-dir", str(kaggle_download)]) == 2
     assert "sample_submission.csv is missing" in capsys.readouterr().err
+
+
+def test_submission_names_every_unreadable_test_photo(lenet_run, kaggle_download):
+    sample = pd.read_csv(kaggle_download / "sample_submission.csv")
+    truncated, junk = (kaggle_download / "test" / f"{image_id}.jpg" for image_id in sample["id"][:2])
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    junk.write_text("not a photo")
+    with pytest.raises(submit.SubmissionError, match=f"2 of the 8 test images cannot be read.*{truncated.name} "
+                                                     rf"\(not an image .*{junk.name} \(not an image"):
+        submit.write_submission(lenet_run, kaggle_download, kaggle_download / "out.csv")
+    assert not (kaggle_download / "out.csv").exists()

@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tfdogs import data
+from tfdogs import data, progress
 
 # Larger images are shrunk on conversion to this many pixels on their longer side.
 MAX_SIDE = 4096
@@ -174,7 +174,7 @@ class Report:
                 "the breed")
 
 
-def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
+def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE, verbose=1) -> Report:
     """Validates a data directory: labels, then every image's content.
 
     Args:
@@ -184,6 +184,8 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
             Copies are named by the file's path, size and modification time,
             so a resumed run reuses them.
         max_side: Longer-side limit above which images are shrunk.
+        verbose: 0 hides the progress bar over the decoding pass (shown on a
+            terminal for a few hundred photos or more, see `tfdogs.progress`).
 
     Returns:
         The report: usable records, the file to read for each, every problem.
@@ -198,7 +200,8 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE) -> Report:
 
     # TensorFlow must decode every file the pipeline will read as it is, with the size Pillow reports.
     candidates = [i for i, inspection in enumerate(inspections) if inspection.action == "kept"]
-    decoded = _tensorflow_shapes([records.paths[i] for i in candidates])
+    bar = progress.photos(len(candidates), verbose)
+    decoded = _tensorflow_shapes([records.paths[i] for i in candidates], bar)
     for position, index in enumerate(candidates):
         inspection = inspections[index]
         if position not in decoded:
@@ -434,7 +437,7 @@ def _orientation(image):
     return orientation if orientation in _ORIENTATION_TURNS else 1
 
 
-def _tensorflow_shapes(paths):
+def _tensorflow_shapes(paths, bar):
     """{position in paths: ((height, width), EXIF orientation)} as TensorFlow decodes the files; failures are absent."""
     if not paths:
         return {}
@@ -445,8 +448,12 @@ def _tensorflow_shapes(paths):
 
     files = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     decoded = files.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    return {int(index): (tuple(int(side) for side in shape), int(orientation))
-            for index, shape, orientation in decoded.as_numpy_iterator()}
+    found = {}
+    for index, shape, orientation in decoded.as_numpy_iterator():
+        found[int(index)] = (tuple(int(side) for side in shape), int(orientation))
+        bar.update(int(index) + 1)
+    bar.update(len(paths), finalize=True)
+    return found
 
 
 def _tensorflow_error(path):
@@ -537,9 +544,11 @@ def main(argv=None):
     parser.add_argument("--data-dir", required=True, help="Kaggle layout (labels.csv + train/) or class folders")
     parser.add_argument("--strict", action="store_true", help="fail if any file or row would be skipped")
     parser.add_argument("--report", help="also write the problems to this CSV file")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+                        help="1: a progress bar on a terminal for a few hundred photos or more")
     args = parser.parse_args(argv)
     try:
-        report = check_data(args.data_dir)
+        report = check_data(args.data_dir, verbose=args.verbose)
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

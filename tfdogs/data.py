@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from tfdogs import augment
+from tfdogs import augment, progress
 from tfdogs.breeds import KAGGLE_BREEDS
 from tfdogs.preprocessing import resize_size
 
@@ -336,7 +336,7 @@ def _find_class_root(root):
 def _folder_records(root, class_root):
     folders_by_name = {}
     # A breed folder's photos may sit in sub-folders of it (beagle/2019/*.jpg); they all count.
-    for folder in (sub for sub in _subdirectories(class_root) if _images_below(sub)):
+    for folder in (sub for sub in _subdirectories(class_root) if images_in(sub)):
         name = _breed_name(folder.name)
         if name in folders_by_name:
             raise DataError(
@@ -345,7 +345,7 @@ def _folder_records(root, class_root):
         folders_by_name[name] = folder
     paths, breeds, problems = [], [], []
     for name in sorted(folders_by_name):
-        for path in _images_below(folders_by_name[name]):
+        for path in images_in(folders_by_name[name]):
             outside = _outside_reason(path, root)
             if outside:
                 problems.append(Problem(path.relative_to(root).as_posix(), None, "outside", "skipped", outside))
@@ -367,7 +367,7 @@ def _subdirectories(directory):
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_below(folder):
+def images_in(folder):
     """The images in `folder` and its sub-folders (hidden ones left out), sorted by path; links to folders not followed."""
     found = []
     for directory, subdirectories, files in os.walk(folder):
@@ -685,11 +685,12 @@ def load_stanford_dogs(data_root=None, timeout=5.0) -> pathlib.Path:
         _require_host(STANFORD_DOGS_HOST, timeout)
         builder.download_and_prepare()
     examples = builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
-    export_to_class_folders(tfds.as_numpy(examples), builder.info.features["label"].names, folder)
+    export_to_class_folders(tfds.as_numpy(examples), builder.info.features["label"].names, folder,
+                            total=builder.info.splits["train"].num_examples)
     return folder
 
 
-def export_to_class_folders(examples, label_names, folder) -> int:
+def export_to_class_folders(examples, label_names, folder, total=None, verbose=1) -> int:
     """Writes tfds-style examples to `folder/<breed>/<file name>` and marks the export complete.
 
     Args:
@@ -698,12 +699,15 @@ def export_to_class_folders(examples, label_names, folder) -> int:
             file) and "label" (index into `label_names`).
         label_names: Class names; WordNet ids are stripped as in `find_records`.
         folder: Output directory.
+        total: How many examples there are, for the progress bar (none without it).
+        verbose: 0 hides the progress bar (shown on a terminal for a few hundred photos or more).
 
     Returns:
         The number of images written.
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    bar = progress.photos(total or 0, verbose)
     count = 0
     for example in examples:
         file_name = example["image/filename"]
@@ -713,6 +717,7 @@ def export_to_class_folders(examples, label_names, folder) -> int:
         target.parent.mkdir(exist_ok=True)
         target.write_bytes(example["image"])
         count += 1
+        bar.update(count)
     # Written last, so an interrupted export is redone instead of trusted.
     (folder / _EXPORT_MARKER).write_text(json.dumps({"images": count}))
     return count

@@ -10,20 +10,27 @@ MODEL is any of:
 Run and ensemble folders are rebuilt in process with the serving code of the
 export, so their answers are the SavedModel's (the tests check this).
 
+IMAGE is an image file or a folder (its images, sub-folders included). Every
+readable image is answered; every other one is named with the reason (not
+found, empty, not an image or truncated, a URL), in the table or as an
+`error` entry of the JSON. Exit status: 0 every image answered, 1 some could
+not be read, 2 the model could not be loaded.
+
 Examples:
     python -m tfdogs.predict runs/resnet18-20240101-120000 dog.jpg other_dog.png
-    python -m tfdogs.predict saved_models/resnet18-20240101-120000 dog.jpg --json
+    python -m tfdogs.predict saved_models/resnet18-20240101-120000 photos/ --json
 """
 
 import argparse
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-from tfdogs import data, ensemble, evaluate, export
+from tfdogs import data, ensemble, evaluate, export, progress
 
 
 class PredictError(ValueError):
@@ -89,76 +96,176 @@ def load_predictor(model):
     return Predictor(signature, class_names, f"SavedModel {version_dir}")
 
 
-def predict_files(predictor, paths, *, batch_size=32):
-    """Runs a predictor over image files, in batches.
+def image_inputs(arguments):
+    """The image files that command-line arguments name, and why the others cannot be read.
+
+    A folder stands for the images in it and its sub-folders (by extension,
+    sorted); a URL is not fetched.
 
     Returns:
-        Dict of `probabilities` [N, C], `top5_breeds` (N lists of names) and
-        `top5_probabilities` [N, k], in the order of `paths`.
+        [(path, None) per image file, (argument, reason) per argument that names no image].
+    """
+    inputs = []
+    for argument in map(str, arguments):
+        path = pathlib.Path(argument)
+        if _URL.match(argument):
+            inputs.append((argument, "URLs are not read: download the photo first"))
+        elif path.is_dir():
+            images = data.images_in(path)
+            inputs += [(str(image), None) for image in images] or [
+                (argument, f"a folder without images ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")]
+        else:
+            inputs.append((argument, None))
+    return inputs
 
-    Raises:
-        PredictError: a file is missing or is not an image, naming it.
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def predict_files(predictor, paths, *, batch_size=32, verbose=1):
+    """Runs a predictor over image files, in batches; a file that cannot be read fails alone.
+
+    Args:
+        predictor: a `Predictor` (see `load_predictor`).
+        paths: image files.
+        batch_size: images per forward pass.
+        verbose: 0 hides the progress bar shown on a terminal for a few hundred images or more.
+
+    Returns:
+        Dict of `probabilities` [N, C] (NaN rows for failed files), `top5_breeds`
+        (N lists of names, empty for failed files), `top5_probabilities` [N, k]
+        and `errors` (N reasons, None for each file answered), in the order of `paths`.
     """
     paths = [str(path) for path in paths]
-    missing = [path for path in paths if not pathlib.Path(path).is_file()]
-    if missing:
-        raise PredictError(f"Image file(s) not found: {', '.join(missing[:10])}")
-    parts = []
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]
-        blobs = [pathlib.Path(path).read_bytes() for path in batch]
+    blobs, errors = [], []
+    for path in paths:
+        blob, error = _read(path)
+        blobs.append(blob)
+        errors.append(error)
+    readable = [index for index, error in enumerate(errors) if error is None]
+    classes, top_k = len(predictor.class_names), min(5, len(predictor.class_names))
+    outputs = {"probabilities": np.full((len(paths), classes), np.nan, np.float32),
+               "top5_breeds": [[] for _ in paths],
+               "top5_probabilities": np.full((len(paths), top_k), np.nan, np.float32),
+               "errors": errors}
+    bar = progress.photos(len(paths), verbose)
+    bar.add(len(paths) - len(readable))
+    for start in range(0, len(readable), batch_size):
+        batch = readable[start:start + batch_size]
+        for indices, answers in _answer(predictor, batch, blobs, errors):
+            for index, row in zip(indices, range(len(indices))):
+                outputs["probabilities"][index] = answers["probabilities"][row]
+                outputs["top5_breeds"][index] = answers["top5_breeds"][row]
+                outputs["top5_probabilities"][index] = answers["top5_probabilities"][row]
+        bar.add(len(batch))
+    return outputs
+
+
+def _read(path):
+    """(bytes, None), or (None, why the file cannot be used)."""
+    try:
+        blob = pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, "not found"
+    except IsADirectoryError:
+        return None, "a folder, not an image file"
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror})"
+    return (blob, None) if blob else (None, "empty file (0 bytes)")
+
+
+def _answer(predictor, indices, blobs, errors):
+    """Yields (indices, outputs) for a batch; when one image breaks it, each image alone, noting failures."""
+    try:
+        yield indices, predictor([blobs[index] for index in indices])
+        return
+    except tf.errors.InvalidArgumentError:
+        pass
+    for index in indices:
         try:
-            parts.append(predictor(blobs))
+            yield [index], predictor([blobs[index]])
         except tf.errors.InvalidArgumentError:
-            for path, blob in zip(batch, blobs):  # say which file broke the batch
-                try:
-                    data.decode_image(blob)
-                except tf.errors.InvalidArgumentError:
-                    raise PredictError(f"{path} is not an image TensorFlow can decode "
-                                       "(JPEG, PNG, GIF, BMP or WebP).") from None
-            raise
-    return {
-        "probabilities": np.concatenate([part["probabilities"] for part in parts]),
-        "top5_breeds": [row for part in parts for row in part["top5_breeds"]],
-        "top5_probabilities": np.concatenate([part["top5_probabilities"] for part in parts]),
-    }
+            errors[index] = ("not an image TensorFlow can decode (JPEG, PNG, GIF, BMP or WebP), or truncated"
+                             + _decode_error(blobs[index]))
+
+
+def _decode_error(blob):
+    """': <TensorFlow's own words>' on decoding the bytes, or ''."""
+    try:
+        data.decode_image(blob)
+    except tf.errors.OpError as error:
+        words = error.message.split("}}")[-1].strip().splitlines()
+        return f": {words[0]}" if words and words[0] else ""
+    return ""
 
 
 def top5(paths, outputs):
-    """Per image: {"image": path, "top5": [{"breed", "probability"}, ...]}, most likely first."""
-    return [{"image": str(path),
+    """Per image: {"image": path, "top5": [{"breed", "probability"}, ...]} most likely first, or {"image", "error"}."""
+    errors = outputs.get("errors") or [None] * len(paths)
+    return [{"image": str(path), "error": error} if error else
+            {"image": str(path),
              "top5": [{"breed": breed, "probability": float(probability)}
                       for breed, probability in zip(breeds, probabilities)]}
-            for path, breeds, probabilities in zip(paths, outputs["top5_breeds"], outputs["top5_probabilities"])]
+            for path, breeds, probabilities, error in zip(paths, outputs["top5_breeds"],
+                                                          outputs["top5_probabilities"], errors)]
 
 
 def format_table(results):
-    """The top-5 answers as a plain-text table: image, rank, breed, probability."""
-    width = max([len("breed")] + [len(entry["breed"]) for result in results for entry in result["top5"]])
+    """The answers as a plain-text table: image, then rank, breed, probability (or the error)."""
+    width = max([len("breed")] + [len(entry["breed"]) for result in results for entry in result.get("top5", [])])
     lines = []
     for result in results:
         lines.append(result["image"])
-        for rank, entry in enumerate(result["top5"], start=1):
+        if "error" in result:
+            lines.append(f"  error: {result['error']}")
+        for rank, entry in enumerate(result.get("top5", []), start=1):
             lines.append(f"  {rank}. {entry['breed']:<{width}}  {100 * entry['probability']:6.2f} %")
     return "\n".join(lines)
 
 
+# Exit codes of `main`.
+ALL_ANSWERED, SOME_FAILED, NOTHING_RUN = 0, 1, 2
+
+
 def main(argv=None):
-    """Command-line entry point: prints the top-5 breeds of each image."""
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.predict", description=__doc__.split("\n\n")[0])
+    """Command-line entry point: prints the top-5 breeds of each image.
+
+    Returns:
+        0 when every image is answered, 1 when some could not be read (the
+        others are answered and each failure is named), 2 when the model
+        cannot be loaded or the command line is wrong.
+    """
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.predict", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 every image answered, 1 some images could not be read "
+                                            "(the rest are answered), 2 the model could not be loaded.")
     parser.add_argument("model", help="run folder, ensemble folder or SavedModel folder")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+                        help="1: a progress bar on a terminal for a few hundred images or more")
     args = parser.parse_args(argv)
+    inputs = image_inputs(args.images)
     try:
         predictor = load_predictor(args.model)
-        results = top5(args.images, predict_files(predictor, args.images, batch_size=args.batch_size))
     except PredictError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        if args.json:  # still one entry per input, so that a script reading stdout is not left with nothing
+            print(json.dumps([{"image": path, "error": f"model not loaded: {error}"} for path, _ in inputs],
+                             indent=2))
+        return NOTHING_RUN
+    files = [path for path, error in inputs if error is None]
+    outputs = predict_files(predictor, files, batch_size=args.batch_size, verbose=args.verbose)
+    answered = iter(top5(files, outputs))
+    results = [next(answered) if error is None else {"image": path, "error": error} for path, error in inputs]
     print(json.dumps(results, indent=2) if args.json else format_table(results))
-    return 0
+    failed = [result for result in results if "error" in result]
+    if failed:
+        print(f"{len(failed)} of {len(results)} images could not be read: "
+              + "; ".join(f"{result['image']}: {result['error']}" for result in failed[:10])
+              + (" ..." if len(failed) > 10 else ""), file=sys.stderr)
+        return SOME_FAILED
+    return ALL_ANSWERED
 
 
 if __name__ == "__main__":

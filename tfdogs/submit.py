@@ -93,7 +93,7 @@ def submission_table(ids, breed_columns, probabilities, class_names, source="the
     return table
 
 
-def write_submission(model, data_dir, output, *, batch_size=32):
+def write_submission(model, data_dir, output, *, batch_size=32, verbose=1):
     """Predicts every test image of a Kaggle download and writes the submission CSV.
 
     Args:
@@ -101,13 +101,22 @@ def write_submission(model, data_dir, output, *, batch_size=32):
         data_dir: the Kaggle "dog-breed-identification" folder (`test/`, `sample_submission.csv`).
         output: CSV path to write.
         batch_size: images per forward pass.
+        verbose: 0 hides the progress bar shown on a terminal.
 
     Returns:
         The submission as a DataFrame.
+
+    Raises:
+        SubmissionError: the download does not fit, or test images cannot be
+            read (every one is named, after all the others were predicted).
     """
     ids, breed_columns, paths = read_sample_submission(data_dir)
     predictor = predict.load_predictor(model)
-    outputs = predict.predict_files(predictor, paths, batch_size=batch_size)
+    outputs = predict.predict_files(predictor, paths, batch_size=batch_size, verbose=verbose)
+    failed = [f"{path.name} ({error})" for path, error in zip(paths, outputs["errors"]) if error]
+    if failed:
+        raise SubmissionError(f"{len(failed)} of the {len(paths)} test images cannot be read, and Kaggle needs a "
+                              f"row for each: {'; '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
     table = submission_table(ids, breed_columns, outputs["probabilities"], predictor.class_names,
                              predictor.description)
     output = pathlib.Path(output)
@@ -123,9 +132,12 @@ def main(argv=None):
     parser.add_argument("--data-dir", required=True, help="the Kaggle dog-breed-identification folder")
     parser.add_argument("--output", default="submission.csv", help="CSV file to write")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+                        help="1: a progress bar on a terminal for a few hundred images or more")
     args = parser.parse_args(argv)
     try:
-        table = write_submission(args.model, args.data_dir, args.output, batch_size=args.batch_size)
+        table = write_submission(args.model, args.data_dir, args.output, batch_size=args.batch_size,
+                                 verbose=args.verbose)
     except (SubmissionError, predict.PredictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

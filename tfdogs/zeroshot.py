@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tfdogs import breeds, data, metrics, models, weights
+from tfdogs import breeds, data, metrics, models, progress, weights
 
 
 def breed_columns(class_names):
@@ -48,7 +48,7 @@ def breed_probabilities(imagenet_logits, class_names):
     return tf.nn.softmax(logits, axis=-1).numpy()
 
 
-def evaluate_zero_shot(model_name, records, indices, *, weights_source, preprocessing, batch_size=32):
+def evaluate_zero_shot(model_name, records, indices, *, weights_source, preprocessing, batch_size=32, verbose=1):
     """Scores the ImageNet classifier restricted to the data set's breeds.
 
     Args:
@@ -59,6 +59,7 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
         preprocessing: the `Preprocessing` of those weights (a run's `RUN/preprocessing.json`,
             or `weights.resolve_preprocessing`); its `image_size` is the input size.
         batch_size: images per inference batch.
+        verbose: 0 hides the progress bar (shown on a terminal for a few hundred photos or more).
 
     Returns:
         Dict with accuracy, top5_accuracy, log_loss and what was measured.
@@ -74,7 +75,9 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     model = models.build(model_name, 1000, weights=weights_source, input_shape=(size, size, 3))
     dataset = data.make_dataset([records.paths[i] for i in indices], records.labels[indices],
                                 batch_size=batch_size, training=False, **preprocessing.as_dict())
-    logits = model.predict(dataset.map(lambda images, labels: images), verbose=0)
+    bar = progress.photos(len(indices), verbose)
+    logits = model.predict(dataset.map(lambda images, labels: images), verbose=0,
+                           callbacks=[progress.PredictCallback(bar, len(indices), batch_size)])
     probabilities = breed_probabilities(logits, records.class_names)
     return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),
             "num_classes": len(records.class_names), "preprocessing": preprocessing.as_dict(),
@@ -96,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, help="default: the run's, else 224")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", help="JSON file (default RUN/zeroshot.json, else zeroshot-<model>.json)")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+                        help="1: a progress bar on a terminal for a few hundred photos or more")
     args = parser.parse_args(argv)
     try:
         if args.run:
@@ -125,7 +130,7 @@ def main(argv=None):
         if args.image_size:
             preprocessing = preprocessing.replace(image_size=args.image_size)
         result = evaluate_zero_shot(model_name, records, indices, weights_source=source,
-                                    preprocessing=preprocessing, batch_size=args.batch_size)
+                                    preprocessing=preprocessing, batch_size=args.batch_size, verbose=args.verbose)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
