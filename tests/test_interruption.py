@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -218,3 +219,57 @@ def test_kill_during_export_keeps_the_previous_version_servable(tmp_path, monkey
     out = serve(images=tf.zeros([1, 40, 40, 3]))
     assert out["probabilities"].shape == (1, 4)
 
+
+
+def run_folder(base):
+    folders = list((base / "runs").glob("lenet5-*"))
+    return folders[0] if len(folders) == 1 else None
+
+
+def kept_epochs(run_dir):
+    """Epochs logged and backed up (0 before the first), which a resumed run keeps."""
+    return (run_dir and finished_epochs(run_dir)) or 0
+
+
+def empty_folders(base):
+    return [directory for directory, subdirectories, files in os.walk(base) if not subdirectories and not files]
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGTERM)])
+def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_it_prints_resumes(tmp_path, first, second):
+    """A real `python -m tfdogs.train` (default run folder), stopped twice between epochs, then resumed."""
+    command = [sys.executable, "-m", "tfdogs.train", "--model", "lenet5", "--weights", "none", "--strategy",
+               "scratch", "--data", "synthetic", "--synthetic-classes", "4", "--synthetic-images-per-class", "20",
+               "--image-size", "32", "--batch-size", "16", "--epochs", "12", "--early-stopping-patience", "0",
+               "--verbose", "0"]
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    epochs_before = 0
+    for stop in (first, second):
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=environment)
+        try:
+            wait_for(lambda: kept_epochs(run_folder(tmp_path)) > epochs_before, timeout=180, process=process)
+        finally:
+            process.send_signal(stop)
+            out, err = process.communicate(timeout=120)
+        assert process.returncode == 128 + stop, out[-2000:] + err[-2000:]
+        assert "Traceback" not in err, err[-3000:]
+        [line] = [line for line in err.splitlines() if "Resume with: " in line]
+        run_dir = run_folder(tmp_path)
+        epochs_before = kept_epochs(run_dir)
+        name = "Ctrl-C" if stop == signal.SIGINT else "SIGTERM"
+        assert line.startswith(f"Stopped by {name} after {epochs_before} of 12 epochs in runs/{run_dir.name}; "
+                               "nothing saved was lost"), line
+        resume = shlex.split(line.split("Resume with: ")[1])
+        named = [] if "--output" in command else ["--output", f"runs/{run_dir.name}"]  # the default run folder
+        assert resume == ["python", "-m", "tfdogs.train", *command[3:], *named]
+        assert empty_folders(tmp_path) == [] and not (tmp_path / "saved_models").exists()
+        assert 1 <= epochs_before < 12
+        command = [sys.executable, *resume[1:]]
+
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=environment, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert f"Resuming the run in runs/{run_dir.name} at epoch {epochs_before + 1} of 12" in finished.stdout
+    history = pd.read_csv(run_dir / "history.csv")
+    assert sorted(history["epoch"]) == list(range(12))  # each epoch once
+    assert (tmp_path / "saved_models" / run_dir.name / "1" / "saved_model.pb").is_file()

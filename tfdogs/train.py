@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import (augment, check, config as config_lib, data, distribute, export, metrics, models, plots, weights,
-                    zeroshot)
+from tfdogs import (augment, check, config as config_lib, data, distribute, export, interruption, metrics, models,
+                    plots, weights, zeroshot)
 from tfdogs.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -344,6 +344,14 @@ def backed_up_epoch(backup_dir):
     return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
 
 
+def resume_epoch(run_dir):
+    """How many epochs of a run a resumed run keeps: its furthest phase backup or finished phase."""
+    run_dir = pathlib.Path(run_dir)
+    backups = [backed_up_epoch(folder) for folder in (run_dir / "backup").glob("*")]
+    finished = [record["epochs_run"] for record in read_finished_phases(run_dir).values()]
+    return max(backups + finished, default=0)
+
+
 RESUMABLE_CHANGES = ("epochs", "verbose", "output")
 
 
@@ -406,15 +414,24 @@ def resolve_runtime(config):
     return {"device": "GPU" if has_gpu else "CPU", "jit_compile": jit, "precision": precision}
 
 
+def output_folders(config):
+    """The run folder and the SavedModel base folder of a config.
+
+    Returns:
+        (`output`, default runs/<model>-<timestamp>; `export_dir`, default saved_models/<run folder name>).
+    """
+    name = f"{config['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
+    return run_dir, pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
+
+
 def prepare_output(config):
     """Creates the run and export folders (checking they are writable) before any work.
 
     Returns:
         The run folder, the export folder, and those of them this call created.
     """
-    name = f"{config['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
-    export_dir = pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
+    run_dir, export_dir = output_folders(config)
     created = []
     for key, folder in (("output", run_dir), ("export_dir", export_dir)):
         try:
@@ -735,12 +752,21 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     config_lib.add_arguments(parser)
     args = parser.parse_args(argv)
+    command = ["python", "-m", "tfdogs.train", *(sys.argv[1:] if argv is None else argv)]
+    config = run_dir = export_dir = None
     try:
-        config = config_lib.resolve(args)
-        run_dir = train(config)
+        with interruption.signals_interrupt():
+            config = config_lib.resolve(args)
+            run_dir, export_dir = output_folders(config)
+            if not config["output"]:  # the timestamped default: resuming must name it
+                command += ["--output", str(run_dir)]
+            run_dir = train({**config, "output": str(run_dir), "export_dir": str(export_dir)})
     except (config_lib.ConfigError, data.DataError, weights.WeightsError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, not a traceback
+        kept = resume_epoch(run_dir) if run_dir else 0
+        return interruption.stopped(stop, command, run_dir, export_dir, config and config["epochs"], kept)
     summary = json.loads((run_dir / "metrics.json").read_text())
     val = summary["val"]
     print(f"\nRun folder: {run_dir}\nSavedModel: {summary['export']}\n"
