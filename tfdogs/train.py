@@ -467,7 +467,7 @@ def load_data(config, run_dir):
         data_dir = config["data_dir"]
     else:
         data_dir = data.load_stanford_dogs()
-    report = check.check_data(data_dir, converted_dir=run_dir / "converted")
+    report = check.check_data(data_dir, converted_dir=run_dir / "converted", verbose=config["verbose"] != 0)
     report.write_csv(run_dir / "problems.csv")
     if report.problems:
         print(f"Data check: {report.summary()}. Every problem is listed in {run_dir / 'problems.csv'}.")
@@ -719,7 +719,8 @@ def zero_shot_baseline(config, records, val_indices):
         return None
     preprocessing = Preprocessing.load(pathlib.Path(config["output"]) / PREPROCESSING_FILE)
     return zeroshot.evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],
-                                       preprocessing=preprocessing, batch_size=config["batch_size"])
+                                       preprocessing=preprocessing, batch_size=config["batch_size"],
+                                       verbose=config["verbose"] != 0)
 
 
 def _replace_into(path, write):
