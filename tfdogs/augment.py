@@ -73,7 +73,7 @@ class _FixedSeed(keras.random.SeedGenerator):
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
-def augment_batch(augmentation, images, seed):
+def augment_batch(augmentation, images, seed, part=None):
     """Applies an augmentation block to a batch with randomness drawn from `seed` alone.
 
     Equivalent to `augmentation(images, training=True)` except for where the
@@ -84,6 +84,10 @@ def augment_batch(augmentation, images, seed):
         augmentation: the block from `build_augmentation`, or one Keras layer.
         images: float32 [batch, height, width, 3] in [0, 255].
         seed: int32 or int64 [2], a stateless seed (`tf.random.experimental.stateless_fold_in`).
+        part: (start, whole): `images` are images start to start + batch of
+            a batch of `whole` (a worker's slice of a multi-worker run's
+            global batch). Flip, rotation, zoom, translation and contrast
+            then give exactly what those images get in the whole batch.
 
     Returns:
         The augmented batch, float32 like `images`.
@@ -93,6 +97,31 @@ def augment_batch(augmentation, images, seed):
             images = layer(images, training=True)
             continue
         layer_seed = _FixedSeed(tf.random.experimental.stateless_fold_in(seed, index))
-        transformation = layer.get_random_transformation(images, training=True, seed=layer_seed)
+        if part is not None and isinstance(layer, SLICEABLE_LAYERS):
+            transformation = _slice_of_whole_batch(layer, images, layer_seed, *part)
+        else:
+            transformation = layer.get_random_transformation(images, training=True, seed=layer_seed)
         images = layer.transform_images(images, transformation, training=True)
     return images
+
+
+# Layers whose random transformation holds one draw per image, in batch order (see `augment_batch`'s part).
+SLICEABLE_LAYERS = (keras.layers.RandomFlip, keras.layers.RandomRotation, keras.layers.RandomZoom,
+                    keras.layers.RandomTranslation, keras.layers.RandomContrast)
+
+
+def _slice_of_whole_batch(layer, images, seed, start, whole):
+    """The random transformation of a `whole`-image batch, cut to the images from `start` on.
+
+    These layers draw from the batch's shape alone, so a stand-in batch of
+    the whole size gives the whole batch's draws.
+    """
+    shape = tf.shape(images)
+    stand_in = tf.zeros(tf.concat([[whole], shape[1:]], 0), images.dtype)
+    transformation = layer.get_random_transformation(stand_in, training=True, seed=seed)
+    if transformation is None:
+        return None
+    return {key: shape if key == "input_shape" else
+            value[start:start + shape[0]] if getattr(value, "shape", None) is not None and len(value.shape) > 1
+            else value
+            for key, value in transformation.items()}

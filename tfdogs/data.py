@@ -1048,7 +1048,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                  augmentation=None, cache=None, shuffle_buffer=1024, crop_fraction=0.875,
                  scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
                  interpolation="bilinear", flip=False, cache_size=None, resize_rounding="round",
-                 first_epoch=0, num_epochs=1, steps_per_epoch=None) -> tf.data.Dataset:
+                 first_epoch=0, num_epochs=1, steps_per_epoch=None, part=None) -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
     Training: epochs `first_epoch` to `first_epoch + num_epochs - 1` one
@@ -1113,9 +1113,15 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         num_epochs: Training: how many epochs it gives, one after the other.
         steps_per_epoch: Training: batches per epoch, at most (and by
             default) the number of full batches.
+        part: Training: (index, count): give only the index-th of count
+            equal slices of every batch (batch_size / count images), as
+            they are in the whole batch, augmentation included (see
+            `augment.augment_batch`). Each worker of a multi-worker run
+            loads and augments its own slice of the global batch alone.
 
     Returns:
         A Dataset of (float32 [B, image_size, image_size, 3], int32 [B]).
+        With `part`, B is batch_size / count.
     """
     paths = [str(p) for p in paths]
     labels = np.asarray(labels)
@@ -1219,13 +1225,25 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     else:
         examples = functools.reduce(tf.data.Dataset.concatenate, [
             epoch_examples(epoch).take(steps * batch_size) for epoch in range(first_epoch, first_epoch + num_epochs)])
-    dataset = examples.map(load_and_finish, num_parallel_calls).batch(batch_size, drop_remainder=True)
+    part_start, part_size = 0, batch_size
+    if part is not None:
+        part_index, part_count = part
+        if batch_size % part_count or not 0 <= part_index < part_count:
+            raise DataError(f"make_dataset: part {part} must be one of equal slices of batch {batch_size}")
+        part_size = batch_size // part_count
+        part_start = part_index * part_size
+        # Chosen by position before any image is read: each worker decodes only its own images.
+        examples = examples.enumerate().filter(
+            lambda position, example: (position % batch_size) // part_size == part_index).map(
+            lambda position, example: example)
+    dataset = examples.map(load_and_finish, num_parallel_calls).batch(part_size, drop_remainder=True)
+    whole = None if part is None else (part_start, batch_size)
     if augmentation is not None:
         def augment_and_normalise(position, batch):
             images, batch_labels = batch
             epoch, step = first_epoch + position // steps, position % steps
             seed = tf.random.experimental.stateless_fold_in(epoch_seed(epoch, 2), step)
-            return _normalize(augment.augment_batch(augmentation, images, seed), mean, std), batch_labels
+            return _normalize(augment.augment_batch(augmentation, images, seed, part=whole), mean, std), batch_labels
 
         dataset = dataset.enumerate().map(augment_and_normalise, num_parallel_calls)
     return dataset.prefetch(tf.data.AUTOTUNE)

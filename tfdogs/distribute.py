@@ -34,10 +34,8 @@ TFDOGS_PEER_TIMEOUT seconds (default 300) stops and names them.
 import dataclasses
 import json
 import os
-import shutil
-import socket
+import subprocess
 import sys
-import threading
 
 import tensorflow as tf
 from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
@@ -79,7 +77,7 @@ def resolve_name(name):
     return "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "none"
 
 
-def make_strategy(name):
+def make_strategy(name, cleanup=()):
     """The `tf.distribute.Strategy` for a `--distribute` value.
 
     Call it before other TensorFlow work: MultiWorkerMirroredStrategy must
@@ -87,16 +85,21 @@ def make_strategy(name):
 
     Args:
         name: one of `STRATEGIES`.
+        cleanup: folders to remove if the process must stop waiting for its peers.
 
     Returns:
         A strategy; `strategy.scope()` is where the model is built and compiled.
+
+    Raises:
+        ClusterError: TF_CONFIG's task is not in its cluster, or its port is taken.
+        PeerLost: the cluster went away while this worker joined it.
     """
     name = resolve_name(name)
     if name == "multi-worker":
         task = read_task()
         if task is None:  # no TF_CONFIG: one worker on its own
             return tf.distribute.MultiWorkerMirroredStrategy()
-        return _multi_worker_strategy(task, peer_timeout())
+        return _multi_worker_strategy(task, peer_timeout(), cleanup)
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([device.name for device in devices])
@@ -132,8 +135,8 @@ def replica_facts(strategy, batch_size, learning_rate, optimizer="sgd"):
     """What a run records about its devices: strategy, replicas, global batch and scaled rate."""
     replicas = strategy.num_replicas_in_sync
     global_batch_size, scaled_rate = scale_for_replicas(batch_size, learning_rate, replicas, optimizer)
-    name = {"MirroredStrategy": "mirrored", "MultiWorkerMirroredStrategy": "multi-worker"}.get(
-        type(strategy).__name__, "none")
+    name = ("multi-worker" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else
+            "mirrored" if isinstance(strategy, tf.distribute.MirroredStrategy) else "none")
     return {"distribute": name, "replicas": replicas,
             "global_batch_size": global_batch_size, "learning_rate": scaled_rate}
 
@@ -235,54 +238,58 @@ def peer_timeout():
     return seconds
 
 
-def _unreachable(addresses, seconds=1.0):
-    """The addresses where nothing accepts a TCP connection."""
-    missing = []
-    for address in addresses:
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
-        except (OSError, ValueError):
-            missing.append(address)
-    return missing
+# Runs in a small process of its own (see `_PeerWatchdog`): argv = parent pid, seconds, JSON of the rest.
+_WATCHDOG_SCRIPT = """
+import json, os, select, shutil, signal, socket, sys
+parent, seconds, facts = int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
+if select.select([sys.stdin], [], [], seconds)[0]:
+    sys.exit(0)  # the parent joined its cluster (or ended) and closed the pipe
+missing = []
+for address in facts["peers"]:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+    except (OSError, ValueError):
+        missing.append(address)
+where = ("nothing answers at " + ", ".join(missing) if missing else
+         ", ".join(facts["peers"]) + " answered but did not join")
+os.kill(parent, signal.SIGKILL)
+for path in facts["cleanup"]:
+    shutil.rmtree(path, ignore_errors=True)
+print(f"error: {facts['name']} could not reach its peers within {seconds:g} s: {where}. " + facts["advice"],
+      file=sys.stderr, flush=True)
+"""
 
 
 class _PeerWatchdog:
     """Ends the process with a message naming the peers if the block inside takes longer than `seconds`.
 
-    While TensorFlow waits for the cluster it blocks in C++ (the chief waits
-    without limit and does not even stop on SIGTERM), so no Python exception
-    can reach the waiting thread; a second thread reports and exits instead.
+    While TensorFlow waits for the cluster it blocks in C++ holding Python's
+    lock (the chief waits without limit and stops on neither SIGTERM nor
+    Ctrl-C), so no Python thread or exception can act: a small process
+    watches instead, names the peers that do not answer, removes `cleanup`
+    and kills this one (exit status 137).
     """
 
     def __init__(self, task, seconds, cleanup=()):
-        self.task, self.seconds, self.cleanup = task, seconds, list(cleanup)
-        self._done = threading.Event()
-
-    def _watch(self):
-        if self._done.wait(self.seconds):
-            return
-        peers = self.task.peers()
-        missing = _unreachable(peers)
-        where = (f"nothing answers at {', '.join(missing)}" if missing else
-                 f"{', '.join(peers)} answered but did not join")
-        print(f"error: {self.task.name} could not reach its peers within {self.seconds:g} s: {where}. Start the "
-              f"same command on every machine of TF_CONFIG's cluster (each with its own task index), check the "
-              f"addresses and that their ports are open, or raise {PEER_TIMEOUT_VARIABLE}.",
-              file=sys.stderr, flush=True)
-        for path in self.cleanup:
-            shutil.rmtree(path, ignore_errors=True)
-        os._exit(2)
+        self.facts = {"name": task.name, "peers": task.peers(), "cleanup": [str(path) for path in cleanup],
+                      "advice": "Start the same command on every machine of TF_CONFIG's cluster (each with its "
+                                "own task index), check the addresses and that their ports are open, or raise "
+                                f"{PEER_TIMEOUT_VARIABLE}."}
+        self.seconds = seconds
 
     def __enter__(self):
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG_SCRIPT, str(os.getpid()), str(self.seconds), json.dumps(self.facts)],
+            stdin=subprocess.PIPE)
         return self
 
     def __exit__(self, *exc_info):
-        self._done.set()
+        self._process.stdin.close()
+        self._process.wait()
 
 
-def _multi_worker_strategy(task, timeout):
+def _multi_worker_strategy(task, timeout, cleanup=()):
     """MultiWorkerMirroredStrategy for `task`, waiting at most `timeout` seconds for the other workers."""
     leader = "chief" if "chief" in task.cluster else "worker"
     # Configured before the strategy does it, to let a restarted worker (a new incarnation) register again.
@@ -296,12 +303,17 @@ def _multi_worker_strategy(task, timeout):
     implementation = tf.distribute.experimental.CommunicationImplementation
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=implementation.AUTO if gpus else implementation.RING)
-    with _PeerWatchdog(task, timeout):
+    with _PeerWatchdog(task, timeout, cleanup):
         try:
             return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
                 tf.errors.InternalError) as error:
             raise PeerLost(f"{task.name} could not join the cluster ({first_line(error)}).") from None
+        except tf.errors.UnknownError as error:
+            if "gRPC server" not in str(error):
+                raise
+            raise ClusterError(f"{task.name} cannot listen on {task.address}: another process holds the port "
+                               "(an earlier worker still running?).") from None
 
 
 # What a worker sees when a peer dies under it: TensorFlow aborts the collectives and the coordination service.

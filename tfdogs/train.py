@@ -28,14 +28,18 @@ corrupt file where a good one was.
 """
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import time
 import types
 
@@ -318,6 +322,62 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
                 self.best, self.wait = value, 0
 
 
+class SyncFromChief(keras.callbacks.Callback):
+    """Multi-worker: every worker takes the chief's weights and optimizer state as a fit begins.
+
+    Only the chief keeps the run folder, so only it restores a backup or a
+    finished phase's weights; placed after BackupAndRestore, this hands the
+    restored state to the others (the same values on every worker otherwise).
+    """
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def on_train_begin(self, logs=None):
+        distribute.broadcast_from_chief(self.strategy, [*self.model.weights, *self.model.optimizer.variables])
+
+
+def fit_under_multi_worker(model):
+    """Works around two Keras 3.15 bugs that stop `fit` under MultiWorkerMirroredStrategy.
+
+    1. Before training Keras draws one batch and averages the (images,
+       labels) tuple with `strategy.reduce`, which the strategy refuses for
+       a tuple ("Attempt to convert a value (PerReplica ...) to a Tensor", the
+       crash first reported): only the batch's shapes matter there, and this
+       worker's first replica has them.
+    2. It averages each step's scalar logs with `strategy.reduce(axis=0)`,
+       which fails on a scalar ("Invalid reduction dimension 0"): the steps
+       here give them as [1] tensors, which that reduction averages to the
+       same scalar.
+
+    Both are Keras' own hooks, replaced on this model only.
+    """
+    strategy = model.distribute_strategy
+
+    def local(value):
+        return strategy.experimental_local_results(value)[0] if isinstance(
+            value, tf.distribute.DistributedValues) else value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(local, next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    def vector_logs(step):
+        def step_with_vector_logs(data):
+            return tf.nest.map_structure(lambda value: tf.reshape(value, [1]) if value.shape.rank == 0 else value,
+                                         step(data))
+        return step_with_vector_logs
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    model.train_step = vector_logs(model.train_step)
+    model.test_step = vector_logs(model.test_step)
+
+
 PHASES_FILE = "phases.json"
 
 
@@ -379,6 +439,45 @@ def check_resumable(config, run_dir):
         raise config_lib.ConfigError(
             f"{run_dir} holds a run with other settings ({changes}). The same command resumes a run, and only "
             f"--epochs may grow; to train with these settings, give a new --output.")
+
+
+def worker_scratch(task, config):
+    """A worker's temporary run folder, named by its task and run: a restarted worker (after kill -9,
+    which skips all clean-up) replaces the one its predecessor left."""
+    key = json.dumps([task.task_type, task.index, task.cluster, str(config["output"])])
+    scratch = pathlib.Path(tempfile.gettempdir()) / (
+        f"tfdogs-{task.task_type}{task.index}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "run").mkdir(parents=True)
+    return scratch
+
+
+def publish_run_state(cluster, run_dir):
+    """Chief: gives the other workers its split and resume state (history, finished phases, backed-up epochs)."""
+    run_dir = pathlib.Path(run_dir)
+    paths = [run_dir / "split.csv", run_dir / "history.csv", run_dir / PHASES_FILE,
+             *run_dir.glob("backup/*/training_metadata.json")]
+    cluster.publish("run_state", {
+        "files": {path.relative_to(run_dir).as_posix(): path.read_text() for path in paths if path.is_file()},
+        "weights": sorted(path.name for path in run_dir.glob("phase-*.weights.h5"))})
+
+
+def receive_run_state(cluster, run_dir):
+    """Other workers: write the chief's state into their own run folder, where the resume code finds it.
+
+    The data check then reads the chief's split (no worker computes its own,
+    and no shared file is read while it is written).
+
+    Returns:
+        The names of the chief's finished-phase weights files (the weights
+        themselves arrive through `SyncFromChief`).
+    """
+    state = cluster.receive("run_state")
+    for name, text in state["files"].items():
+        path = pathlib.Path(run_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return set(state["weights"])
 
 
 def read_history(path):
@@ -510,11 +609,11 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing, s
         flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
         translation=config["translation"], contrast=config["contrast"], seed=config["seed"])
 
-    def train_epochs(first_epoch, num_epochs):
+    def train_epochs(first_epoch, num_epochs, part=None):
         return data.make_dataset(
             list(paths[train_indices]), records.labels[train_indices], training=True,
             augmentation=augmentation, scale=(config["crop_scale_min"], 1.0), first_epoch=first_epoch,
-            num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, **common)
+            num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, part=part, **common)
 
     val_dataset = data.make_dataset(
         list(paths[val_indices]), records.labels[val_indices], training=False, **common)
@@ -571,19 +670,39 @@ def train(config, extra_callbacks=()):
         config: mapping from `tfdogs.config.resolve` or `validate`.
         extra_callbacks: Keras callbacks added to every phase's `fit`.
 
+    With `distribute` multi-worker and a TF_CONFIG cluster, every worker
+    calls this with the same config: the chief writes the run, the others
+    train from temporary folders and return None.
+
     Returns:
-        The run folder.
+        The run folder (None on a worker other than the chief).
     """
-    config = config_lib.validate(config)
-    run_dir, export_dir, created = prepare_output(config)
+    config = requested = config_lib.validate(config)
+    task = distribute.read_task() if distribute.resolve_name(config["distribute"]) == "multi-worker" else None
+    if task is None or task.is_chief:
+        run_dir, export_dir, created = prepare_output(config)
+    else:  # only the chief writes the run: this worker keeps what the strategy needs until it ends
+        scratch = worker_scratch(task, config)
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        run_dir, export_dir, created = scratch / "run", scratch / "export", [scratch]
     config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
     runtime = resolve_runtime(config)
+    cluster = None
     try:
+        # First: multi-worker precedes other TF work. A worker that gives up waiting for its peers
+        # removes the folders this run created.
+        strategy = distribute.make_strategy(config["distribute"], cleanup=created)
+        if task is not None:
+            cluster = distribute.Cluster(task, distribute.peer_timeout())
+            # Only the chief's output and export folders are used; verbose changes nothing trained.
+            cluster.check_same_settings(requested, ignore=("verbose", "output", "export_dir"))
         check_resumable(config, run_dir)
-        strategy = distribute.make_strategy(config["distribute"])  # first: multi-worker precedes other TF work
         runtime.update(distribute.replica_facts(strategy, config["batch_size"], config["learning_rate"],
                                                 config["optimizer"]))
+        chief_weights = receive_run_state(cluster, run_dir) if task and not task.is_chief else set()
         records, train_indices, val_indices = load_data(config, run_dir)
+        if task and task.is_chief:
+            publish_run_state(cluster, run_dir)
         if len(train_indices) < runtime["global_batch_size"]:
             raise config_lib.ConfigError(
                 f"Config key 'batch_size' is {config['batch_size']} per replica ({runtime['replicas']} "
@@ -593,11 +712,15 @@ def train(config, extra_callbacks=()):
         try:
             with strategy.scope():
                 model = build_model(config, len(records.class_names), config["weights"])
+            if task is not None:
+                fit_under_multi_worker(model)
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
-    except Exception:
+    except Exception as error:
         for folder in created:  # a run that never started leaves no empty folders behind
             shutil.rmtree(folder, ignore_errors=True)
+        if cluster is not None:
+            cluster.report(error)
         raise
     config_lib.write(config, run_dir / "config.yaml")
     num_classes = len(records.class_names)
@@ -617,8 +740,9 @@ def train(config, extra_callbacks=()):
     resumed = False
     for phase in plan_phases(config):
         done = run_dir / f"phase-{phase.name}.weights.h5"
-        if phase_is_finished(finished.get(phase.name), phase) and done.is_file():
-            model.load_weights(done)  # finished before an interruption
+        if phase_is_finished(finished.get(phase.name), phase) and (done.is_file() or done.name in chief_weights):
+            if done.is_file():  # finished before an interruption (other workers: the chief's, in the next fit)
+                model.load_weights(done)
             resumed = True
             continue
         backup_dir = run_dir / "backup" / phase.name
@@ -635,14 +759,25 @@ def train(config, extra_callbacks=()):
             compile_model(model, config, schedule, factors, runtime["jit_compile"])
         history = read_history(run_dir / "history.csv")
         callbacks, non_finite = _callbacks(config, run_dir, phase, history)
-        train_dataset = distribute.shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
+        if task is None:
+            train_dataset = distribute.shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
+        else:  # each worker reads its own slice of every global batch
+            train_dataset = distribute.per_worker_dataset(
+                strategy, lambda part: train_epochs(first_epoch, phase.end_epoch - first_epoch, part))
+            callbacks.append(SyncFromChief(strategy))  # after the backup's restore, which only the chief has
         # BackupAndRestore sets the epoch to resume at on the model, and Keras prefers it to `initial_epoch`
         # in every later fit: a phase resumed from its backup would make the next phase start there too.
         model._initial_epoch = None
-        fit = model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
-                        initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
-                        callbacks=callbacks + list(extra_callbacks),
-                        verbose=1 if config["verbose"] == "auto" else config["verbose"])
+        try:
+            fit = model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
+                            initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
+                            callbacks=callbacks + list(extra_callbacks),
+                            verbose=1 if config["verbose"] == "auto" else config["verbose"])
+        except distribute.PEER_ERRORS as error:
+            if task is None:
+                raise
+            raise distribute.PeerLost(f"{task.name} lost a peer while training phase '{phase.name}' "
+                                      f"({distribute.first_line(error)}).") from None
         if non_finite.stopped_at is not None:
             epoch, batch = non_finite.stopped_at
             kept = run_dir / "best.weights.h5"
@@ -657,6 +792,8 @@ def train(config, extra_callbacks=()):
         if phase.end_epoch < config["epochs"]:  # a later phase follows: this one cannot be extended
             shutil.rmtree(backup_dir, ignore_errors=True)
     train_seconds = time.time() - started
+    if task is not None and not task.is_chief:
+        return None  # the chief writes the run folder and the export
 
     history = read_history(run_dir / "history.csv")
     _replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
@@ -762,12 +899,21 @@ def main(argv=None):
             if not config["output"]:  # the timestamped default: resuming must name it
                 command += ["--output", str(run_dir)]
             run_dir = train({**config, "output": str(run_dir), "export_dir": str(export_dir)})
-    except (config_lib.ConfigError, data.DataError, weights.WeightsError, TrainingError) as error:
+    except distribute.PeerLost as error:  # every surviving worker starts again and waits for the lost one
+        print(f"error: {error} Running the same command again to wait for it and resume from the last backed-up "
+              f"epoch (up to {distribute.PEER_TIMEOUT_VARIABLE} seconds).", file=sys.stderr)
+        atexit._run_exitfuncs()  # exec skips them: this worker's temporary folders go now
+        distribute.rejoin()
+    except (config_lib.ConfigError, data.DataError, weights.WeightsError, TrainingError,
+            distribute.ClusterError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, not a traceback
         kept = resume_epoch(run_dir) if run_dir else 0
         return interruption.stopped(stop, command, run_dir, export_dir, config and config["epochs"], kept)
+    if run_dir is None:
+        print(f"\nThis worker's part is done; the chief writes the run folder ({config['output']}) and the export.")
+        return 0
     summary = json.loads((run_dir / "metrics.json").read_text())
     val = summary["val"]
     print(f"\nRun folder: {run_dir}\nSavedModel: {summary['export']}\n"
