@@ -85,3 +85,76 @@ def test_stays_float32_under_mixed_precision():
     finally:
         keras.config.set_dtype_policy(previous)
     assert augmentation(_batch(), training=True).dtype == "float32"
+
+
+# ----------------------------------------------------------------------------- the modern recipe
+
+from tfdogs import augment, data  # noqa: E402
+
+NONE = dict(flip=False, rotation=0, zoom=0, translation=0, contrast=0)
+RECIPE = {
+    "randaugment": dict(randaugment=(2, 9)),
+    "augmix": dict(augmix=True),
+    "random_erasing": dict(random_erasing=1.0),
+    "mixup": dict(mixup=0.4),
+    "cutmix": dict(cutmix=1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return data.find_records(data.make_synthetic(tmp_path_factory.mktemp("recipe"), num_classes=4,
+                                                 images_per_class=8, image_size=48))
+
+
+def _recipe_batches(records, seed=0, **amounts):
+    augmentation = build_augmentation(**NONE, **amounts) if amounts else None
+    dataset = data.make_dataset(records.paths, records.labels, image_size=32, batch_size=8, training=True,
+                                mean=(0.5,) * 3, std=(0.25,) * 3, augmentation=augmentation, num_classes=4,
+                                seed=seed)
+    return [(images.numpy(), labels.numpy()) for images, labels in dataset]
+
+
+@pytest.mark.parametrize("name", list(RECIPE))
+def test_each_recipe_augmentation_changes_the_batches_and_keeps_the_label_mass(photos, name):
+    plain = _recipe_batches(photos)
+    augmented = _recipe_batches(photos, **RECIPE[name])
+    again = _recipe_batches(photos, **RECIPE[name])
+    assert len(plain) == len(augmented) == 4
+    for (plain_images, plain_labels), (images, labels), (images_again, _) in zip(plain, augmented, again):
+        np.testing.assert_array_equal(images, images_again)  # seeded by (seed, epoch, batch)
+        np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-6)  # one unit of label mass per image
+        assert (labels >= 0).all()
+        if name in ("mixup", "cutmix"):
+            # mixed: each image now carries a share of another's label, in proportion to its pixels
+            assert (np.count_nonzero(labels > 1e-6, axis=1) <= 2).all()
+        else:
+            np.testing.assert_array_equal(labels, plain_labels)  # the others leave labels alone
+    changed = [not np.allclose(images, plain_images, atol=1e-4)
+               for (plain_images, _), (images, _) in zip(plain, augmented)]
+    assert any(changed), name
+    if name in ("mixup", "cutmix"):
+        mixed = np.concatenate([labels for _, labels in augmented])
+        assert (mixed.max(axis=1) < 1 - 1e-3).any(), "no label was mixed"
+
+
+def test_cutmix_mixes_labels_by_the_pasted_area(photos):
+    """CutMix's labels are the area shares: the pixels that changed are the pasted patch."""
+    plain = _recipe_batches(photos)
+    mixed = _recipe_batches(photos, cutmix=1.0)
+    checked = 0
+    for (plain_images, plain_labels), (images, labels) in zip(plain, mixed):
+        own_share = (labels * plain_labels).sum(axis=1)  # the label mass kept by the image's own breed
+        pasted = np.any(np.abs(images - plain_images) > 1e-5, axis=-1).mean(axis=(1, 2))
+        same_breed = own_share > 1 - 1e-6  # a patch from a photo of the same breed leaves the label whole
+        np.testing.assert_allclose(own_share[~same_breed], 1 - pasted[~same_breed], atol=0.07)
+        checked += int((~same_breed).sum())
+    assert checked >= 8  # most images got a patch of another breed
+
+
+def test_mixing_needs_one_hot_labels(photos):
+    with pytest.raises(data.DataError, match="one-hot"):
+        data.make_dataset(photos.paths, photos.labels, image_size=32, batch_size=8, training=True,
+                          mean=(0.5,) * 3, std=(0.25,) * 3, augmentation=build_augmentation(**NONE, mixup=0.2))
+    assert augment.mixes_labels(build_augmentation(**NONE, cutmix=1.0))
+    assert not augment.mixes_labels(build_augmentation(**NONE, randaugment=(2, 9)))

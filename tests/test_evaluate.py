@@ -43,7 +43,9 @@ def test_confusion_tables_on_a_known_example():
 def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path):
     result = evaluate.evaluate(lenet_run, output=tmp_path / "evaluation")
     summary = json.loads((lenet_run / "metrics.json").read_text())
-    assert result["scores"] == pytest.approx(summary["val"], abs=1e-6)
+    # model.keras carries the run's temperature: it scores what metrics.json reports as calibrated
+    calibrated = summary["val_calibrated"]
+    assert result["scores"] == pytest.approx({key: calibrated[key] for key in result["scores"]}, abs=1e-6)
     assert json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())["scores"] == result["scores"]
     assert result["num_images"] == summary["num_val"] and result["tta"] is False
 
@@ -67,9 +69,9 @@ def test_flip_tta_averages_each_image_with_its_mirror(lenet_run, tmp_path):
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     images = np.concatenate([batch.numpy() for batch, _ in dataset])
     model = keras.saving.load_model(lenet_run / "model.keras")
-    plain = keras.ops.softmax(model.predict(images, verbose=0)).numpy()
-    mirrored = keras.ops.softmax(model.predict(images[:, :, ::-1, :], verbose=0)).numpy()
-    assert not np.allclose(plain, mirrored, atol=1e-3)  # the mirror really is another input
+    plain_logits, mirrored_logits = model.predict(images, verbose=0), model.predict(images[:, :, ::-1, :], verbose=0)
+    assert not np.allclose(plain_logits, mirrored_logits, atol=1e-3)  # the mirror really is another input
+    plain, mirrored = keras.ops.softmax(plain_logits).numpy(), keras.ops.softmax(mirrored_logits).numpy()
     assert result["scores"] == pytest.approx(metrics.scores((plain + mirrored) / 2, labels), abs=1e-6)
 
 

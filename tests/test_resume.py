@@ -78,9 +78,12 @@ def assert_same_run(resumed_dir, reference_dir):
         np.testing.assert_allclose(resumed_weights[name], reference_weights[name], atol=TOLERANCE, err_msg=name)
 
 
+# Every random part of the recipe on: augmentation, the modern recipe's mixing, dropout, the weight average.
 SCRATCH = ["--model", "lenet5", "--weights", "none", "--image-size", "32", "--batch-size", "16", "--epochs", "4",
            "--learning-rate", "3e-3", "--dropout", "0.3", "--rotation", "0.05", "--zoom", "0.1",
-           "--contrast", "0.1", "--early-stopping-patience", "2", "--precision", "float32", "--verbose", "0"]
+           "--contrast", "0.1", "--randaugment", "2,5", "--augmix", "--random-erasing", "0.25", "--mixup", "0.2",
+           "--cutmix", "1.0", "--ema", "0.9", "--label-smoothing", "0.1", "--early-stopping-patience", "2",
+           "--precision", "float32", "--verbose", "0"]
 
 
 @pytest.fixture(scope="module")

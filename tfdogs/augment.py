@@ -5,25 +5,38 @@ The block is mapped over training batches in the tf.data pipeline
 model: random image ops keep a model from compiling under XLA, and the exported
 model should hold no training-only layers.
 
+Besides the geometric and photometric layers of the study (flip, rotation,
+zoom, translation, contrast), the block can hold the modern recipe's:
+RandAugment (Cubuk et al. 2020), AugMix (Hendrycks et al. 2020), random
+erasing (Zhong et al. 2020), and the two that mix pairs of images and their
+labels, MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019). The mixing
+layers need one-hot (soft) labels; the others leave labels alone.
+
 `augment_batch` draws every random number from a seed it is given rather than
 from the layers' own seed generators, so a batch's augmentation depends only
 on that seed (the pipeline derives it from the run seed, the epoch and the
 batch's position): a resumed run augments exactly as an uninterrupted one.
 """
 
+import random
+
 import keras
 import tensorflow as tf
 
+# Layers that mix two images and so their labels too.
+MIXING_LAYERS = (keras.layers.MixUp, keras.layers.CutMix)
 
-def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.1,
-                       seed=0) -> keras.Sequential | None:
-    """Random flip, rotation, zoom, translation and contrast for float images in [0, 255].
 
-    Each layer is included only when its amount is positive. Layer k (in the
-    order of the arguments) gets seed `seed + k`, so the layers draw
-    independent numbers and a block built afresh with the same seed repeats the
-    same sequence of augmentations; a block keeps advancing its sequence across
-    calls and epochs.
+def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, contrast=0.1, seed=0, *,
+                       randaugment=None, augmix=False, random_erasing=0.0, mixup=0.0,
+                       cutmix=0.0) -> keras.Sequential | None:
+    """The training augmentation block for float images in [0, 255].
+
+    Each layer is included only when its amount is positive, in this order:
+    flip, rotation, zoom, translation, contrast, RandAugment, AugMix, random
+    erasing, MixUp, CutMix (mixing last, so that each mixed image was
+    augmented on its own first). Layer k gets seed `seed + k`; under
+    `augment_batch` the seeds come from the batch instead.
 
     Args:
         flip: Mirror left-right with probability 1/2.
@@ -32,29 +45,46 @@ def build_augmentation(flip=True, rotation=0.05, zoom=0.1, translation=0.1, cont
         translation: Largest shift, as a fraction of the image height and width.
         contrast: Contrast factor drawn from [1 - contrast, 1 + contrast].
         seed: Base seed of the layers.
+        randaugment: (N, M) from `config.parse_randaugment`: N random operations of
+            magnitude M / 10 per batch, or None.
+        augmix: AugMix with Keras' defaults (3 chains of depth up to 3).
+        random_erasing: Probability that an image gets a random rectangle
+            replaced by noise.
+        mixup: MixUp's Beta(alpha, alpha) parameter; 0 turns it off.
+        cutmix: CutMix's Beta(alpha, alpha) parameter; 0 turns it off.
 
     Returns:
-        A keras.Sequential named "augmentation" to call on a batch with
-        training=True, or None when nothing is enabled.
+        A keras.Sequential named "augmentation", or None when nothing is enabled.
     """
-    amounts = {"rotation": rotation, "zoom": zoom, "translation": translation, "contrast": contrast}
+    amounts = {"rotation": rotation, "zoom": zoom, "translation": translation, "contrast": contrast,
+               "random_erasing": random_erasing, "mixup": mixup, "cutmix": cutmix}
     for name, amount in amounts.items():
         if amount < 0:
             raise ValueError(f"build_augmentation: {name} must be >= 0; got {amount}")
     # float32 whatever the global dtype policy: under mixed precision the images stay full precision
     # until the model casts them.
     options = {"dtype": "float32"}
+    pixels = {"value_range": (0, 255), **options}
     candidates = [
-        (flip, lambda: keras.layers.RandomFlip("horizontal", seed=seed, **options)),
-        (rotation, lambda: keras.layers.RandomRotation(rotation, seed=seed + 1, **options)),
-        (zoom, lambda: keras.layers.RandomZoom(zoom, seed=seed + 2, **options)),
-        (translation,
-         lambda: keras.layers.RandomTranslation(translation, translation, seed=seed + 3, **options)),
-        (contrast,
-         lambda: keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4, **options)),
+        (flip, lambda k: keras.layers.RandomFlip("horizontal", seed=k, **options)),
+        (rotation, lambda k: keras.layers.RandomRotation(rotation, seed=k, **options)),
+        (zoom, lambda k: keras.layers.RandomZoom(zoom, seed=k, **options)),
+        (translation, lambda k: keras.layers.RandomTranslation(translation, translation, seed=k, **options)),
+        (contrast, lambda k: keras.layers.RandomContrast(contrast, seed=k, **pixels)),
+        (randaugment, lambda k: keras.layers.RandAugment(
+            num_ops=randaugment[0], factor=randaugment[1] / 10, seed=k, **pixels)),
+        (augmix, lambda k: keras.layers.AugMix(seed=k, **pixels)),
+        (random_erasing, lambda k: keras.layers.RandomErasing(factor=random_erasing, seed=k, **pixels)),
+        (mixup, lambda k: keras.layers.MixUp(alpha=mixup, seed=k, **options)),
+        (cutmix, lambda k: keras.layers.CutMix(factor=cutmix, seed=k, **options)),
     ]
-    layers = [make_layer() for amount, make_layer in candidates if amount]
+    layers = [make_layer(seed + index) for index, (amount, make_layer) in enumerate(candidates) if amount]
     return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+def mixes_labels(augmentation):
+    """Whether a block mixes images and labels (MixUp, CutMix), and so needs one-hot labels."""
+    return augmentation is not None and any(isinstance(layer, MIXING_LAYERS) for layer in _layers(augmentation))
 
 
 class _FixedSeed(keras.random.SeedGenerator):
@@ -73,36 +103,61 @@ class _FixedSeed(keras.random.SeedGenerator):
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
-def augment_batch(augmentation, images, seed, part=None):
+def _layers(augmentation):
+    return getattr(augmentation, "layers", [augmentation])
+
+
+def augment_batch(augmentation, images, seed, labels=None, part=None):
     """Applies an augmentation block to a batch with randomness drawn from `seed` alone.
 
-    Equivalent to `augmentation(images, training=True)` except for where the
-    random numbers come from: the same seed gives the same augmentation, in
-    any process and at any point of a run.
+    Equivalent to `augmentation({"images": images, "labels": labels},
+    training=True)` except for where the random numbers come from: the same
+    seed gives the same augmentation, in any process and at any point of a
+    run. Layers that draw through their own generator inside (RandAugment,
+    AugMix) get the fixed seed in its place while they draw.
 
     Args:
         augmentation: the block from `build_augmentation`, or one Keras layer.
         images: float32 [batch, height, width, 3] in [0, 255].
         seed: int32 or int64 [2], a stateless seed (`tf.random.experimental.stateless_fold_in`).
+        labels: float32 one-hot [batch, classes], needed by MixUp and CutMix.
         part: (start, whole): `images` are images start to start + batch of
             a batch of `whole` (a worker's slice of a multi-worker run's
             global batch). Flip, rotation, zoom, translation and contrast
-            then give exactly what those images get in the whole batch.
+            then give exactly what those images get in the whole batch; the
+            other layers draw for the slice alone, and MixUp and CutMix mix
+            within it.
 
     Returns:
-        The augmented batch, float32 like `images`.
+        The augmented batch, or (batch, labels) when labels are given.
     """
-    for index, layer in enumerate(getattr(augmentation, "layers", [augmentation])):
+    for index, layer in enumerate(_layers(augmentation)):
         if not hasattr(layer, "get_random_transformation"):  # a layer that draws nothing
             images = layer(images, training=True)
             continue
         layer_seed = _FixedSeed(tf.random.experimental.stateless_fold_in(seed, index))
-        if part is not None and isinstance(layer, SLICEABLE_LAYERS):
-            transformation = _slice_of_whole_batch(layer, images, layer_seed, *part)
-        else:
-            transformation = layer.get_random_transformation(images, training=True, seed=layer_seed)
-        images = layer.transform_images(images, transformation, training=True)
-    return images
+        own_generator = layer.generator
+        object.__setattr__(layer, "generator", layer_seed)  # past Keras' tracking: it is put back below
+        # Keras' AugMix picks its chains' operations with Python's `random` while the pipeline is traced
+        # (the same chains for every batch of a pipeline); seeded here, a resumed run traces the same ones.
+        python_random = random.getstate()
+        random.seed(index)
+        try:
+            data = images if labels is None else {"images": images, "labels": labels}
+            if part is not None and isinstance(layer, SLICEABLE_LAYERS):
+                transformation = _slice_of_whole_batch(layer, images, layer_seed, *part)
+            else:
+                transformation = layer.get_random_transformation(data, training=True, seed=layer_seed)
+            mixed = layer.transform_images(images, transformation, training=True)
+            if isinstance(layer, MIXING_LAYERS):
+                if labels is None:
+                    raise ValueError(f"{layer.name} mixes labels: give augment_batch one-hot labels")
+                labels = layer.transform_labels(labels, transformation, training=True)
+            images = mixed
+        finally:
+            object.__setattr__(layer, "generator", own_generator)
+            random.setstate(python_random)
+    return images if labels is None else (images, labels)
 
 
 # Layers whose random transformation holds one draw per image, in batch order (see `augment_batch`'s part).

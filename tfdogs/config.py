@@ -49,6 +49,14 @@ DEFAULTS = {
     "translation": 0.1,
     "contrast": 0.1,
     "crop_scale_min": 0.25,
+    "randaugment": None,
+    "augmix": False,
+    "random_erasing": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "ema": 0.0,
+    "monitor": "auto",
+    "calibrate": True,
     "cache": None,
     "early_stopping_patience": 5,
     "jit_compile": "auto",
@@ -73,6 +81,7 @@ CHOICES = {
     "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "distribute": ("auto", "none", "mirrored", "multi-worker"),
     "verbose": ("auto", 0, 1, 2),
+    "monitor": ("auto", "val_accuracy", "val_log_loss"),
 }
 
 # Decoupled weight decay when `weight_decay` is null: none for Adam, PyTorch's AdamW default, and
@@ -103,6 +112,10 @@ RANGES = (
     ("translation", 0.0, 0.5, True),
     ("contrast", 0.0, 1.0, True),
     ("crop_scale_min", 0.0, 1.0, False),
+    ("random_erasing", 0.0, 1.0, True),
+    ("mixup", 0.0, None, True),
+    ("cutmix", 0.0, None, True),
+    ("ema", 0.0, 0.99999, True),
     ("early_stopping_patience", 0, None, True),
     ("synthetic_classes", 2, None, True),
     ("synthetic_images_per_class", 2, None, True),
@@ -149,6 +162,18 @@ HELP = {
     "translation": "random translation, as a fraction of the size",
     "contrast": "random contrast factor",
     "crop_scale_min": "smallest area fraction of a random-resized crop",
+    "randaugment": "RandAugment 'N,M': N random operations of magnitude M (of 10) per batch, e.g. '2,9' "
+    "(default off)",
+    "augmix": "AugMix augmentation",
+    "random_erasing": "probability of erasing a random rectangle of each training image",
+    "mixup": "MixUp: Beta(alpha, alpha) mixing of image pairs and their labels (0: off; 0.2 is usual)",
+    "cutmix": "CutMix: pasted patches, labels mixed by area, Beta(alpha, alpha) (0: off; 1.0 is usual)",
+    "ema": "exponential moving average of the weights with this decay (e.g. 0.999), used for validation, "
+    "the best checkpoint and the export (0: off)",
+    "monitor": "what the best checkpoint and early stopping follow: auto (val_log_loss for the Kaggle layout, "
+    "scored by log loss, else val_accuracy), val_accuracy, val_log_loss",
+    "calibrate": "fit a temperature on the validation logits after training and serve calibrated "
+    "probabilities (--no-calibrate: off)",
     "cache": "cache decoded images: 'memory' or a file prefix (default off)",
     "early_stopping_patience": "epochs without validation-accuracy gain before stopping (0: never)",
     "jit_compile": "XLA compilation: auto (on with a GPU, off on CPU), on, off",
@@ -233,6 +258,26 @@ def _check_type(key, value):
     return value
 
 
+def parse_randaugment(value):
+    """The `randaugment` key `"N,M"` (N operations of magnitude M out of 10, timm's `rand-mM-nN`) -> (N, M).
+
+    Returns None when it is off (null).
+
+    Raises:
+        ConfigError: naming the key, for anything but two numbers N in 1-10 (whole) and M in 0-10.
+    """
+    if value is None:
+        return None
+    try:
+        count, magnitude = (float(part) for part in str(value).split(","))
+    except ValueError:
+        count = magnitude = -1.0
+    if count != int(count) or not 1 <= count <= 10 or not 0 <= magnitude <= 10:
+        raise ConfigError(f"Config key 'randaugment' is {value!r}; expected 'N,M' with N a whole number 1-10 "
+                          "and M in 0-10, e.g. '2,9' (2 operations of magnitude 9).")
+    return int(count), magnitude
+
+
 def validate(config):
     """Checks every key and value of a resolved config before any work starts.
 
@@ -260,6 +305,7 @@ def validate(config):
             if high is not None:
                 bound += f" and <= {high}"
             raise ConfigError(f"Config key '{key}' is {value}; it must be {bound}.")
+    parse_randaugment(checked["randaugment"])  # refuses a malformed value now, naming the key
     if checked["weight_decay"] is None:
         checked["weight_decay"] = DEFAULT_WEIGHT_DECAY[checked["optimizer"]]
     if checked["weights"] == "auto":

@@ -1048,7 +1048,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                  augmentation=None, cache=None, shuffle_buffer=1024, crop_fraction=0.875,
                  scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
                  interpolation="bilinear", flip=False, cache_size=None, resize_rounding="round",
-                 first_epoch=0, num_epochs=1, steps_per_epoch=None, part=None) -> tf.data.Dataset:
+                 first_epoch=0, num_epochs=1, steps_per_epoch=None, num_classes=None,
+                 part=None) -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
     Training: epochs `first_epoch` to `first_epoch + num_epochs - 1` one
@@ -1113,6 +1114,9 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         num_epochs: Training: how many epochs it gives, one after the other.
         steps_per_epoch: Training: batches per epoch, at most (and by
             default) the number of full batches.
+        num_classes: Give labels as one-hot float32 [B, num_classes] rows
+            (soft labels, as MixUp and CutMix in `augmentation` need) instead
+            of class indices.
         part: Training: (index, count): give only the index-th of count
             equal slices of every batch (batch_size / count images), as
             they are in the whole batch, augmentation included (see
@@ -1120,7 +1124,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             loads and augments its own slice of the global batch alone.
 
     Returns:
-        A Dataset of (float32 [B, image_size, image_size, 3], int32 [B]).
+        A Dataset of (float32 [B, image_size, image_size, 3], int32 [B] or float32 [B, num_classes]).
         With `part`, B is batch_size / count.
     """
     paths = [str(p) for p in paths]
@@ -1154,7 +1158,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                                    resize_rounding), label
 
         dataset = _maybe_cache(files.map(load_eval, num_parallel_calls), cache, cache_settings)
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return _labels_as(dataset.batch(batch_size), num_classes).prefetch(tf.data.AUTOTUNE)
 
     full_batches = len(paths) // batch_size
     steps = min(steps_per_epoch or full_batches, full_batches)
@@ -1237,16 +1241,31 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             lambda position, example: (position % batch_size) // part_size == part_index).map(
             lambda position, example: example)
     dataset = examples.map(load_and_finish, num_parallel_calls).batch(part_size, drop_remainder=True)
+    dataset = _labels_as(dataset, num_classes)
     whole = None if part is None else (part_start, batch_size)
     if augmentation is not None:
+        if augment.mixes_labels(augmentation) and not num_classes:
+            raise DataError("make_dataset: MixUp and CutMix mix labels; give num_classes for one-hot labels")
+
         def augment_and_normalise(position, batch):
             images, batch_labels = batch
             epoch, step = first_epoch + position // steps, position % steps
             seed = tf.random.experimental.stateless_fold_in(epoch_seed(epoch, 2), step)
-            return _normalize(augment.augment_batch(augmentation, images, seed, part=whole), mean, std), batch_labels
+            if num_classes:
+                images, batch_labels = augment.augment_batch(augmentation, images, seed, batch_labels, part=whole)
+            else:
+                images = augment.augment_batch(augmentation, images, seed, part=whole)
+            return _normalize(images, mean, std), batch_labels
 
         dataset = dataset.enumerate().map(augment_and_normalise, num_parallel_calls)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _labels_as(dataset, num_classes):
+    """Batches with class indices, or with one-hot float32 rows when num_classes is given."""
+    if not num_classes:
+        return dataset
+    return dataset.map(lambda images, labels: (images, tf.one_hot(labels, num_classes, dtype=tf.float32)))
 
 
 def _maybe_cache(dataset, cache, settings):

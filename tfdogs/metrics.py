@@ -72,3 +72,82 @@ def baselines(train_labels, val_labels, num_classes, class_names=None):
         },
         "class_prior": {"log_loss": log_loss(prior, val_labels)},
     }
+
+
+def softmax(logits, temperature=1.0):
+    """Row-wise softmax of logits / temperature, float64."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exponentials = np.exp(scaled)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
+    """The temperature T that minimises the log loss of softmax(logits / T) (Guo et al. 2017).
+
+    One scalar for all classes: it changes how confident the probabilities
+    are, never which class is most probable, so accuracy stays as it is. The
+    log loss is convex in 1/T, so a golden-section search over log T finds the
+    minimum to about 1e-6 relative.
+
+    Args:
+        logits: [N, C] raw scores.
+        labels: [N] integer class indices.
+        bounds: the range searched.
+
+    Returns:
+        The fitted temperature, a float.
+    """
+    labels = np.asarray(labels)
+
+    def loss(log_temperature):
+        return log_loss(softmax(logits, np.exp(log_temperature)), labels)
+
+    low, high = np.log(bounds[0]), np.log(bounds[1])
+    ratio = (np.sqrt(5) - 1) / 2
+    inner_low, inner_high = high - ratio * (high - low), low + ratio * (high - low)
+    loss_low, loss_high = loss(inner_low), loss(inner_high)
+    while high - low > 1e-7:
+        if loss_low < loss_high:
+            high, inner_high, loss_high = inner_high, inner_low, loss_low
+            inner_low = high - ratio * (high - low)
+            loss_low = loss(inner_low)
+        else:
+            low, inner_low, loss_low = inner_low, inner_high, loss_high
+            inner_high = low + ratio * (high - low)
+            loss_high = loss(inner_high)
+    return float(np.exp((low + high) / 2))
+
+
+def reliability(probabilities, labels, bins=15):
+    """Per confidence bin: mean confidence, accuracy and share of images; and the expected calibration error.
+
+    Confidence is the top probability; bins split [0, 1] evenly. ECE is the
+    image-weighted mean gap between accuracy and confidence (Naeini et al.
+    2015; Guo et al. 2017 use 15 bins).
+
+    Returns:
+        (dict with `confidence`, `accuracy`, `share` arrays of length `bins`
+        (NaN for empty bins), ece).
+    """
+    probabilities = np.asarray(probabilities)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    table = {"confidence": np.full(bins, np.nan), "accuracy": np.full(bins, np.nan), "share": np.zeros(bins)}
+    ece = 0.0
+    for index in range(bins):
+        members = which == index
+        if members.any():
+            table["confidence"][index] = confidence[members].mean()
+            table["accuracy"][index] = correct[members].mean()
+            table["share"][index] = members.mean()
+            ece += members.mean() * abs(table["accuracy"][index] - table["confidence"][index])
+    return table, float(ece)
+
+
+def calibrated_scores(logits, labels, temperature):
+    """`scores` of softmax(logits / temperature), with the temperature and the expected calibration error."""
+    probabilities = softmax(logits, temperature)
+    return {"temperature": float(temperature), **scores(probabilities, labels),
+            "ece": reliability(probabilities, labels)[1]}

@@ -1,4 +1,4 @@
-"""Figures: training curves per run, validation curves of several runs, breed confusions."""
+"""Figures: training curves per run, validation curves of several runs, breed confusions, calibration."""
 
 import matplotlib
 import matplotlib.ticker
@@ -115,6 +115,33 @@ def plot_confused_pairs(counts, class_names, pairs, path, title=None):
     figure.colorbar(image, ax=matrix_axes, fraction=0.046)
     if title:
         figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_reliability(tables, path, title=None):
+    """Reliability diagram: accuracy against confidence per bin, one line per set of probabilities.
+
+    Args:
+        tables: {label: (table, ece)} from `metrics.reliability`, e.g. raw and calibrated.
+        path: output PNG path.
+        title: optional figure title.
+    """
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for label, (table, ece) in tables.items():
+        filled = ~np.isnan(table["confidence"])
+        axes.plot(table["confidence"][filled], table["accuracy"][filled], marker="o",
+                  label=f"{label} (ECE {ece:.3f})")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence (top probability)")
+    axes.set_ylabel("accuracy")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left")
+    if title:
+        axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -124,7 +124,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
 
-def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay=0.0):
+def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay=0.0, ema=0.0):
     """An optimizer whose learning rate and weight decay are scaled per variable.
 
     Keras 3 has no MultiOptimizer; scaling the rate handed to `update_step`
@@ -141,6 +141,8 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
         momentum: SGD momentum.
         variable_factors: maps `variable.path` to its rate factor (missing: 1).
         weight_decay: decoupled decay per unit of learning rate.
+        ema: decay of the exponential moving average of the weights that
+            the optimizer keeps (Keras' `use_ema`); 0 keeps none.
     """
     base = OPTIMIZERS[name]
 
@@ -156,6 +158,8 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
             return super().update_step(gradient, variable, rate)
 
     kwargs = {"momentum": momentum} if name == "sgd" else {}
+    if ema:
+        kwargs.update(use_ema=True, ema_momentum=ema)
     return PerVariableRate(learning_rate=learning_rate, **kwargs)
 
 
@@ -190,43 +194,60 @@ def configure_phase(model, phase, freeze_bn):
     return factors
 
 
-class SmoothedSparseCrossEntropy(keras.losses.Loss):
-    """Cross-entropy from logits against integer labels smoothed towards uniform.
-
-    Equals categorical cross-entropy with one-hot labels turned into
-    (1 - smoothing) * one_hot + smoothing / classes, without building the
-    one-hot labels: (1 - smoothing) * CE(label) + smoothing * mean over
-    classes of -log p. Keras 3's sparse cross-entropy has no smoothing.
-    """
-
-    def __init__(self, smoothing=0.0, name="smoothed_sparse_cross_entropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.smoothing = float(smoothing)
-
-    def call(self, labels, logits):
-        log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
-        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-        true_class = -tf.gather(log_probabilities, labels, axis=-1, batch_dims=1)
-        if not self.smoothing:
-            return true_class
-        uniform = -tf.reduce_mean(log_probabilities, axis=-1)
-        return (1.0 - self.smoothing) * true_class + self.smoothing * uniform
-
-    def get_config(self):
-        return {**super().get_config(), "smoothing": self.smoothing}
-
-
 def compile_model(model, config, learning_rate, factors, jit_compile):
-    """Compiles a run's network: its optimizer, the (smoothed) loss and the validation metrics."""
+    """Compiles a run's network: its optimizer, the loss and the metrics.
+
+    The run's pipelines give one-hot labels (soft ones where MixUp or CutMix
+    mix them), so the loss is categorical cross-entropy, with
+    `label_smoothing` applied on top of any mixing; `log_loss` is the same
+    cross-entropy without smoothing, the Kaggle score.
+    """
     model.compile(
         optimizer=make_optimizer(config["optimizer"], learning_rate, config["momentum"], factors,
-                                 config["weight_decay"]),
-        loss=SmoothedSparseCrossEntropy(config["label_smoothing"]),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                 keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-                 keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="log_loss")],
+                                 config["weight_decay"], config["ema"]),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config["label_smoothing"]),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                 keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+                 keras.metrics.CategoricalCrossentropy(from_logits=True, name="log_loss")],
         jit_compile=jit_compile,
     )
+
+
+class WeightAverage(keras.callbacks.SwapEMAWeights):
+    """Validation and the best checkpoint see the moving average of the weights (`--ema`).
+
+    Keras swaps the average in for each validation pass; `swapped()` does the
+    same around a save. Training and the resume backup keep the raw weights,
+    and the optimizer state saved with the backup holds the average, so a
+    resumed run averages on exactly as before. At the end of each phase Keras
+    puts the average into the model for good (`finalize_variable_values`):
+    the phase weights, and the start of the next phase, are the average.
+    """
+
+    def __init__(self):
+        super().__init__(swap_on_epoch=False)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        self._swap_variables()  # Keras' own swap, the one it runs around validation
+        try:
+            yield
+        finally:
+            self._swap_variables()
+
+
+MONITOR_MODES = {"val_accuracy": "max", "val_log_loss": "min"}
+
+
+def resolve_monitor(config, layout):
+    """What the best checkpoint and early stopping follow: the config's choice, or by the data's layout.
+
+    The Kaggle competition scores log loss, so its layout is monitored by
+    validation log loss; other data by validation accuracy.
+    """
+    if config["monitor"] != "auto":
+        return config["monitor"]
+    return "val_log_loss" if layout == "kaggle" else "val_accuracy"
 
 
 class EpochKeyedSeeds(keras.callbacks.Callback):
@@ -281,10 +302,14 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     best.weights.h5 where a good one was.
     """
 
+    weight_average = None  # a WeightAverage: save the averaged weights
+
     def _save_model(self, epoch, batch, logs):  # Keras 3 ModelCheckpoint's single point of writing
         filepath = self._get_file_path(epoch, batch, logs)
         if self._should_save_model(epoch, batch, logs, filepath):
-            _replace_into(filepath, self.model.save_weights if self.save_weights_only else self.model.save)
+            average = self.weight_average.swapped() if self.weight_average else contextlib.nullcontext()
+            with average:
+                _replace_into(filepath, self.model.save_weights if self.save_weights_only else self.model.save)
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -316,9 +341,10 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        for value in self.earlier_values:  # as on_epoch_end counts: mode "max", min_delta 0
+        better = (lambda value, best: value > best) if self.mode == "max" else (lambda value, best: value < best)
+        for value in self.earlier_values:  # as on_epoch_end counts, with min_delta 0
             self.wait += 1
-            if self.best is None or value > self.best:
+            if self.best is None or better(value, self.best):
                 self.best, self.wait = value, 0
 
 
@@ -429,7 +455,10 @@ def check_resumable(config, run_dir):
     path = pathlib.Path(run_dir) / "config.yaml"
     if not path.is_file():
         return
-    recorded = config_lib.validate(config_lib.load_yaml(path))
+    recorded = config_lib.load_yaml(path)
+    if recorded.get("data") == "synthetic":  # data_dir records where the run generated its photos
+        recorded["data_dir"] = None
+    recorded = config_lib.validate(recorded)
     differing = [key for key in config_lib.DEFAULTS
                  if key not in RESUMABLE_CHANGES and recorded[key] != config[key]]
     if config["epochs"] < recorded["epochs"]:
@@ -489,10 +518,10 @@ def read_history(path):
 
 
 def best_so_far(history, monitor="val_accuracy"):
-    """Best monitored value and its epoch in a history, for callbacks resuming a run."""
+    """Best monitored value and its epoch in a history (the highest accuracy, the lowest log loss)."""
     if history.empty or monitor not in history:
         return None, None
-    row = history[monitor].idxmax()
+    row = history[monitor].idxmax() if MONITOR_MODES[monitor] == "max" else history[monitor].idxmin()
     return float(history.loc[row, monitor]), int(history.loc[row, "epoch"])
 
 
@@ -593,7 +622,7 @@ def load_data(config, run_dir):
 
 
 def build_datasets(config, records, train_indices, val_indices, preprocessing, steps_per_epoch=None):
-    """The training and validation `tf.data` pipelines of a run.
+    """The training and validation `tf.data` pipelines of a run, with one-hot labels.
 
     Returns:
         (train_epochs, val_dataset): `train_epochs(first_epoch, num_epochs)`
@@ -604,10 +633,12 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing, s
     common = dict(image_size=config["image_size"], batch_size=config["batch_size"],
                   mean=preprocessing.mean, std=preprocessing.std, crop_fraction=preprocessing.crop_fraction,
                   interpolation=preprocessing.interpolation, resize_rounding=preprocessing.resize_rounding,
-                  seed=config["seed"], cache=config["cache"])
+                  seed=config["seed"], cache=config["cache"], num_classes=len(records.class_names))
     augmentation = augment.build_augmentation(
         flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
-        translation=config["translation"], contrast=config["contrast"], seed=config["seed"])
+        translation=config["translation"], contrast=config["contrast"], seed=config["seed"],
+        randaugment=config_lib.parse_randaugment(config["randaugment"]), augmix=config["augmix"],
+        random_erasing=config["random_erasing"], mixup=config["mixup"], cutmix=config["cutmix"])
 
     def train_epochs(first_epoch, num_epochs, part=None):
         return data.make_dataset(
@@ -620,22 +651,41 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing, s
     return train_epochs, val_dataset
 
 
+def predict_logits(model, dataset):
+    """Logits (float32 numpy) of a classifier over a dataset of (images, labels)."""
+    return np.asarray(model.predict(dataset.map(lambda images, labels: images), verbose=0), np.float32)
+
+
 def predict_probabilities(model, dataset):
     """Softmax probabilities (float32 numpy) of a classifier over a dataset of (images, labels)."""
-    logits = model.predict(dataset.map(lambda images, labels: images), verbose=0)
-    return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+    return tf.nn.softmax(predict_logits(model, dataset), axis=-1).numpy()
 
 
-def _callbacks(config, run_dir, phase, history):
+def with_temperature(model, temperature):
+    """The model with its logits divided by a fitted temperature, as a final plain Keras layer.
+
+    model.keras and the export hold it, so every later tool (evaluate,
+    ensemble, predict, submit, TF Serving) gives calibrated probabilities.
+    """
+    scaled = keras.layers.Rescaling(1.0 / temperature, name="temperature")(model.output)
+    return keras.Model(model.input, scaled, name=model.name)
+
+
+def _callbacks(config, run_dir, phase, history, monitor):
     """The callbacks of one phase's fit, their state carried over from `history` when it resumes."""
-    best_value, best_epoch = best_so_far(history)
+    best_value, best_epoch = best_so_far(history, monitor)
     checkpoint = AtomicModelCheckpoint(
-        run_dir / "best.weights.h5", monitor="val_accuracy", mode="max",
+        run_dir / "best.weights.h5", monitor=monitor, mode=MONITOR_MODES[monitor],
         save_best_only=True, save_weights_only=True)
     if best_value is not None:
         checkpoint.best = best_value  # a resumed run keeps the best of its earlier epochs
     non_finite = StopOnNonFinite()
+    averaging = []
+    if config["ema"]:
+        checkpoint.weight_average = WeightAverage()
+        averaging.append(checkpoint.weight_average)
     callbacks = [
+        *averaging,  # first: validation sees the averaged weights
         EpochKeyedSeeds(config["seed"]),
         LearningRateLogger(),
         non_finite,
@@ -650,8 +700,8 @@ def _callbacks(config, run_dir, phase, history):
     if config["early_stopping_patience"]:
         this_phase = history[history["epoch"] >= phase.start_epoch] if not history.empty else history
         callbacks.append(ResumableEarlyStopping(
-            this_phase["val_accuracy"] if "val_accuracy" in this_phase else [],
-            monitor="val_accuracy", mode="max", patience=config["early_stopping_patience"],
+            this_phase[monitor] if monitor in this_phase else [],
+            monitor=monitor, mode=MONITOR_MODES[monitor], patience=config["early_stopping_patience"],
             restore_best_weights=True))
     return callbacks, non_finite
 
@@ -722,6 +772,8 @@ def train(config, extra_callbacks=()):
         if cluster is not None:
             cluster.report(error)
         raise
+    if config["data"] == "synthetic":  # where the generated photos are: evaluate, ensemble and predict read them
+        config["data_dir"] = str(run_dir / "synthetic_data")
     config_lib.write(config, run_dir / "config.yaml")
     num_classes = len(records.class_names)
     preprocessing = weights.resolve_preprocessing(config["weights"], config["model"], config["image_size"],
@@ -734,6 +786,9 @@ def train(config, extra_callbacks=()):
     train_epochs, val_dataset = build_datasets(global_config, records, train_indices, val_indices, preprocessing,
                                                steps_per_epoch=steps)
     val_dataset = distribute.shard_by_data(val_dataset)
+    monitor = resolve_monitor(config, records.layout)
+    print(f"The best checkpoint and early stopping follow {monitor}"
+          + (f" ({records.layout} layout)." if config["monitor"] == "auto" else "."))
 
     started = time.time()
     finished = read_finished_phases(run_dir)
@@ -758,7 +813,7 @@ def train(config, extra_callbacks=()):
         with strategy.scope():  # metrics and optimizer variables are mirrored too
             compile_model(model, config, schedule, factors, runtime["jit_compile"])
         history = read_history(run_dir / "history.csv")
-        callbacks, non_finite = _callbacks(config, run_dir, phase, history)
+        callbacks, non_finite = _callbacks(config, run_dir, phase, history, monitor)
         if task is None:
             train_dataset = distribute.shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
         else:  # each worker reads its own slice of every global batch
@@ -802,16 +857,17 @@ def train(config, extra_callbacks=()):
         model.load_weights(best_weights)
     final_model = build_model(config, num_classes, weights=None)  # float32, all trainable, no optimizer
     final_model.set_weights(model.get_weights())
-    save_model_atomically(final_model, run_dir / "model.keras")
 
     val_labels = records.labels[val_indices]
-    probabilities = predict_probabilities(final_model, val_dataset)
-    _, best_epoch = best_so_far(history)
+    logits = predict_logits(final_model, val_dataset)
+    raw_table, raw_ece = metrics.reliability(metrics.softmax(logits), val_labels)
+    _, best_epoch = best_so_far(history, monitor)
     summary = {
         "model": config["model"], "weights": config["weights"], "strategy": config["strategy"],
         "num_classes": num_classes, "num_train": int(len(train_indices)), "num_val": int(len(val_indices)),
-        "epochs_run": int(len(history)), "best_epoch": None if best_epoch is None else best_epoch + 1,
-        "val": metrics.scores(probabilities, val_labels),
+        "epochs_run": int(len(history)), "monitor": monitor,
+        "best_epoch": None if best_epoch is None else best_epoch + 1,
+        "val": {**metrics.scores(metrics.softmax(logits), val_labels), "ece": raw_ece},
         "peak_val_accuracy": float(history["val_accuracy"].max()),
         "final_val_accuracy": float(history["val_accuracy"].iloc[-1]),
         "baselines": metrics.baselines(records.labels[train_indices], val_labels, num_classes, records.class_names),
@@ -820,6 +876,15 @@ def train(config, extra_callbacks=()):
                        "trainable": int(sum(np.prod(w.shape) for w in final_model.trainable_weights))},
         **runtime,
     }
+    if config["calibrate"]:
+        temperature = metrics.fit_temperature(logits, val_labels)
+        summary["val_calibrated"] = {**metrics.calibrated_scores(logits, val_labels, temperature),
+                                     "fitted_on": "the validation split these scores are measured on"}
+        calibrated_table, calibrated_ece = metrics.reliability(metrics.softmax(logits, temperature), val_labels)
+        plots.plot_reliability({"raw": (raw_table, raw_ece), f"temperature {temperature:.3f}": (
+            calibrated_table, calibrated_ece)}, run_dir / "calibration.png", title=f"{run_dir.name}: validation")
+        final_model = with_temperature(final_model, temperature)
+    save_model_atomically(final_model, run_dir / "model.keras")
     plots.plot_curves(history, run_dir / "curves.png", title=run_dir.name)
     version_dir = export.export_saved_model(final_model, records.class_names, export_dir, preprocessing=preprocessing,
                                             metadata={"run": str(run_dir.resolve()), "config": config})
@@ -921,6 +986,11 @@ def main(argv=None):
           f"top-5 {val['top5_accuracy']:.4f}, log loss {val['log_loss']:.4f} "
           f"(random guess {summary['baselines']['random_guess']['accuracy']:.4f}, most frequent breed "
           f"{summary['baselines']['most_frequent']['accuracy']:.4f})")
+    calibrated = summary.get("val_calibrated")
+    if calibrated:
+        print(f"Calibrated (temperature {calibrated['temperature']:.3f}, fitted on the same validation split; "
+              f"model.keras and the SavedModel serve it): log loss {calibrated['log_loss']:.4f}, "
+              f"expected calibration error {val['ece']:.4f} -> {calibrated['ece']:.4f}")
     return 0
 
 
