@@ -40,10 +40,14 @@ def test_shipped_configs_are_valid():
     import pathlib
 
     configs = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert [path.stem for path in configs] == ["lenet5", "resnet18", "resnet34"]
+    assert [path.stem for path in configs] == ["lenet5", "resnet18-recipe", "resnet18", "resnet34-recipe",
+                                               "resnet34"]
     for path in configs:
         config = parse(["--config", str(path)])
-        assert config["model"] == path.stem
+        assert config["model"] == path.stem.removesuffix("-recipe")
+        header = path.read_text().split("\nmodel:")[0]
+        assert f"python -m tfdogs.train --config configs/{path.name}" in header, path.name
+        assert "--data synthetic" in header, f"{path.name}: no seconds-long variant in its header"
 
 
 @pytest.mark.parametrize("text, key", [
@@ -53,6 +57,11 @@ def test_shipped_configs_are_valid():
     ("model: vgg16\n", "model"),
     ("precision: half\n", "precision"),
     ("val_fraction: 1.5\n", "val_fraction"),
+    ("randaugment: '2'\n", "randaugment"),
+    ("randaugment: 2,20\n", "randaugment"),
+    ("mixup: -0.1\n", "mixup"),
+    ("ema: 1.0\n", "ema"),
+    ("monitor: val_loss\n", "monitor"),
     ("model: lenet5\nimage_size: 16\n", "image_size"),
     ("model: lenet5\nweights: imagenet\n", "weights"),
     ("flip: 3\n", "flip"),

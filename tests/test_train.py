@@ -284,3 +284,29 @@ def test_label_smoothing_changes_the_logged_training_loss_of_a_run(tmp_path):
     plain, smoothed = run(0.0), run(0.3)
     assert plain["loss"] == pytest.approx(plain["log_loss"], rel=1e-5)  # without smoothing: the log loss itself
     assert smoothed["loss"] > smoothed["log_loss"] + 0.01
+
+
+@pytest.mark.slow
+def test_the_last_epochs_train_at_the_finetune_size_and_the_export_takes_it(tmp_path):
+    config = small_config(model="resnet18", image_size=32, finetune_image_size=48, finetune_epochs=1, epochs=3,
+                          output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), precision="float32")
+    seen_sizes = []
+
+    class InputSize(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen_sizes.append(self.model.input_shape[1])
+
+    run_dir = train.train(config, extra_callbacks=[InputSize()])
+    assert seen_sizes == [32, 32, 48]
+    assert json.loads((run_dir / "phases.json").read_text()).keys() == {"all", "large"}
+    assert evaluate.load_run(run_dir).preprocessing.image_size == 48
+    assert keras.saving.load_model(run_dir / "model.keras").input_shape == (None, 48, 48, 3)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    import tensorflow as tf
+    served = tf.saved_model.load(summary["export"]).signatures["serving_images"](
+        images=tf.random.uniform([2, 60, 80, 3], 0, 255))["probabilities"]
+    assert served.shape == (2, 4)
+    with pytest.raises(config_lib.ConfigError, match="finetune_image_size"):
+        small_config(finetune_image_size=48)  # LeNet-5's classifier has one input size
+    with pytest.raises(config_lib.ConfigError, match="finetune_epochs"):
+        small_config(model="resnet18", strategy="scratch", finetune_image_size=48, finetune_epochs=3, epochs=3)

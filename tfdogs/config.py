@@ -67,6 +67,8 @@ DEFAULTS = {
     "synthetic_classes": 6,
     "synthetic_images_per_class": 30,
     "steps_per_epoch": None,
+    "finetune_image_size": None,
+    "finetune_epochs": 1,
     "verbose": "auto",
 }
 
@@ -87,8 +89,9 @@ CHOICES = {
 # Decoupled weight decay when `weight_decay` is null: none for Adam, PyTorch's AdamW default, and
 # the torchvision ImageNet recipe's value for SGD.
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 1e-4}
-# Keys whose null default is resolved to a number (see `validate`).
+# Keys whose null default is resolved to a number (see `validate`), and whole-number keys that may be null.
 NUMBER_OR_NULL = ("weight_decay",)
+WHOLE_OR_NULL = ("steps_per_epoch", "finetune_image_size")
 
 # (key, lowest allowed, highest allowed, whether the lowest itself is allowed)
 RANGES = (
@@ -120,6 +123,8 @@ RANGES = (
     ("synthetic_classes", 2, None, True),
     ("synthetic_images_per_class", 2, None, True),
     ("steps_per_epoch", 1, None, True),
+    ("finetune_image_size", 32, None, True),
+    ("finetune_epochs", 1, None, True),
 )
 
 HELP = {
@@ -187,6 +192,9 @@ HELP = {
     "synthetic_classes": "--data synthetic: number of classes",
     "synthetic_images_per_class": "--data synthetic: images per class",
     "steps_per_epoch": "cap on training steps per epoch (default: the whole training set)",
+    "finetune_image_size": "train the last --finetune-epochs epochs at this larger size, which the export then "
+    "uses (the train/test resolution effect; ResNets only)",
+    "finetune_epochs": "with --finetune-image-size: how many of the last epochs train at that size",
     "verbose": "Keras progress output: auto, 0, 1 or 2",
 }
 
@@ -245,7 +253,7 @@ def _check_type(key, value):
         if not isinstance(value, bool):
             raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
         return value
-    if isinstance(default, int) or key == "steps_per_epoch":
+    if isinstance(default, int) or key in WHOLE_OR_NULL:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"Config key '{key}' must be a whole number, got {value!r}.")
         return value
@@ -332,6 +340,17 @@ def validate(config):
             f"Config key 'image_size' is {checked['image_size']}; {checked['model']} needs >= 32 "
             "(it downsamples by 32)."
         )
+    if checked["finetune_image_size"] is not None:
+        if checked["model"] == "lenet5":
+            raise ConfigError("Config key 'finetune_image_size' needs a ResNet: lenet5's classifier is sized for "
+                              "one input size.")
+        first_epochs = checked["epochs"] - checked["finetune_epochs"]
+        earlier = checked["head_epochs"] if checked["strategy"] == "fine-tune" else 0
+        if first_epochs <= earlier:
+            raise ConfigError(
+                f"Config key 'finetune_epochs' is {checked['finetune_epochs']}; it must leave epochs before it "
+                f"at image_size (epochs {checked['epochs']}"
+                + (f", head_epochs {earlier}" if earlier else "") + ").")
     if checked["data"] is not None and checked["data_dir"] is not None:
         raise ConfigError("Config keys 'data' and 'data_dir' are both set; give one source of photos.")
     if checked["head_epochs"] >= checked["epochs"] and checked["strategy"] == "fine-tune":
@@ -351,7 +370,7 @@ def add_arguments(parser):
             parser.add_argument(flag, dest=key, default=None, action=argparse.BooleanOptionalAction, help=HELP[key])
         elif isinstance(default, float) or key in NUMBER_OR_NULL:
             parser.add_argument(flag, dest=key, default=None, type=float, help=HELP[key])
-        elif isinstance(default, int) or key == "steps_per_epoch":
+        elif isinstance(default, int) or key in WHOLE_OR_NULL:
             parser.add_argument(flag, dest=key, default=None, type=int, help=HELP[key])
         else:
             parser.add_argument(flag, dest=key, default=None, help=HELP[key])

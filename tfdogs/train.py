@@ -68,6 +68,7 @@ class Phase:
     end_epoch: int
     frozen_stages: tuple = ()
     stage_factors: dict = dataclasses.field(default_factory=dict)
+    image_size: int | None = None  # None: the config's image_size
 
 
 def plan_phases(config):
@@ -77,8 +78,23 @@ def plan_phases(config):
     with learning rates growing geometrically from `backbone_lr_factor` at the
     stem to 1 at the head); feature-extract trains only the head; fine-tune
     trains the head for `head_epochs`, then the whole network at
-    `backbone_lr_factor` times the rate.
+    `backbone_lr_factor` times the rate. With `finetune_image_size`, the last
+    `finetune_epochs` epochs become a phase of their own at that size, with
+    the settings of the phase they end (Touvron et al. 2019, "Fixing the
+    train-test resolution discrepancy": a network trained on random crops
+    sees objects larger than at evaluation, and a few epochs at a larger size
+    close the gap).
     """
+    phases = _strategy_phases(config)
+    if not config.get("finetune_image_size"):
+        return phases
+    *earlier, last = phases
+    start = config["epochs"] - config["finetune_epochs"]
+    return [*earlier, dataclasses.replace(last, end_epoch=start),
+            dataclasses.replace(last, name="large", start_epoch=start, image_size=config["finetune_image_size"])]
+
+
+def _strategy_phases(config):
     epochs, factor = config["epochs"], config["backbone_lr_factor"]
     backbone = STAGES[:-1]
     strategy = config["strategy"]
@@ -776,16 +792,40 @@ def train(config, extra_callbacks=()):
         config["data_dir"] = str(run_dir / "synthetic_data")
     config_lib.write(config, run_dir / "config.yaml")
     num_classes = len(records.class_names)
-    preprocessing = weights.resolve_preprocessing(config["weights"], config["model"], config["image_size"],
-                                                  config["weights_preprocessing"])
+    final_size = config["finetune_image_size"] or config["image_size"]  # what the export takes
+
+    def preprocessing_at(size):
+        return weights.resolve_preprocessing(config["weights"], config["model"], size, config["weights_preprocessing"])
+
+    preprocessing = preprocessing_at(final_size)
     preprocessing.save(run_dir / PREPROCESSING_FILE)  # evaluation, ensembles and predict read it back
     steps = len(train_indices) // runtime["global_batch_size"]
     if config["steps_per_epoch"]:
         steps = min(steps, config["steps_per_epoch"])
-    global_config = {**config, "batch_size": runtime["global_batch_size"]}
-    train_epochs, val_dataset = build_datasets(global_config, records, train_indices, val_indices, preprocessing,
-                                               steps_per_epoch=steps)
-    val_dataset = distribute.shard_by_data(val_dataset)
+    pipelines = {}  # image size -> (train_epochs, val_dataset)
+
+    def pipelines_at(size):
+        if size not in pipelines:
+            global_config = {**config, "batch_size": runtime["global_batch_size"], "image_size": size}
+            train_epochs, val_dataset = build_datasets(global_config, records, train_indices, val_indices,
+                                                       preprocessing_at(size), steps_per_epoch=steps)
+            pipelines[size] = train_epochs, distribute.shard_by_data(val_dataset)
+        return pipelines[size]
+
+    def model_at(size, current):
+        """The network at another input size, with the current weights (a ResNet's do not depend on it)."""
+        if current.input_shape[1] == size:
+            return current
+        keras.mixed_precision.set_dtype_policy(runtime["precision"])
+        try:
+            with strategy.scope():
+                resized = build_model({**config, "image_size": size}, len(records.class_names), weights=None)
+            if task is not None:
+                fit_under_multi_worker(resized)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        resized.set_weights(current.get_weights())
+        return resized
     monitor = resolve_monitor(config, records.layout)
     print(f"The best checkpoint and early stopping follow {monitor}"
           + (f" ({records.layout} layout)." if config["monitor"] == "auto" else "."))
@@ -806,6 +846,8 @@ def train(config, extra_callbacks=()):
             print(f"Resuming the run in {run_dir} at epoch {first_epoch + 1} of {config['epochs']} "
                   f"(phase '{phase.name}', state from {backup_dir if first_epoch > phase.start_epoch else done}).")
             resumed = False  # said once
+        model = model_at(phase.image_size or config["image_size"], model)
+        train_epochs, val_dataset = pipelines_at(phase.image_size or config["image_size"])
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
@@ -855,8 +897,10 @@ def train(config, extra_callbacks=()):
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         model.load_weights(best_weights)
-    final_model = build_model(config, num_classes, weights=None)  # float32, all trainable, no optimizer
+    # float32, all trainable, no optimizer, at the size it is exported at
+    final_model = build_model({**config, "image_size": final_size}, num_classes, weights=None)
     final_model.set_weights(model.get_weights())
+    val_dataset = pipelines_at(final_size)[1]
 
     val_labels = records.labels[val_indices]
     logits = predict_logits(final_model, val_dataset)
