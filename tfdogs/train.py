@@ -667,14 +667,15 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing, s
     return train_epochs, val_dataset
 
 
-def predict_logits(model, dataset):
-    """Logits (float32 numpy) of a classifier over a dataset of (images, labels)."""
-    return np.asarray(model.predict(dataset.map(lambda images, labels: images), verbose=0), np.float32)
+def predict_logits(model, dataset, callbacks=()):
+    """Logits (float32 numpy) of a classifier over a dataset of (images, labels); `callbacks` see each batch."""
+    return np.asarray(model.predict(dataset.map(lambda images, labels: images), verbose=0,
+                                    callbacks=list(callbacks)), np.float32)
 
 
-def predict_probabilities(model, dataset):
+def predict_probabilities(model, dataset, callbacks=()):
     """Softmax probabilities (float32 numpy) of a classifier over a dataset of (images, labels)."""
-    return tf.nn.softmax(predict_logits(model, dataset), axis=-1).numpy()
+    return tf.nn.softmax(predict_logits(model, dataset, callbacks), axis=-1).numpy()
 
 
 def with_temperature(model, temperature):
