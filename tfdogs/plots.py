@@ -29,9 +29,7 @@ def plot_curves(history, path, title=None):
         axes.legend()
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_validation_overlay(histories, path, *, reference_lines=None, title=None):
@@ -68,9 +66,7 @@ def plot_validation_overlay(histories, path, *, reference_lines=None, title=None
         axes.legend(fontsize="small")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_confused_pairs(counts, class_names, pairs, path, title=None):
@@ -115,9 +111,7 @@ def plot_confused_pairs(counts, class_names, pairs, path, title=None):
     figure.colorbar(image, ax=matrix_axes, fraction=0.046)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_reliability(tables, path, title=None):
@@ -142,6 +136,11 @@ def plot_reliability(tables, path, title=None):
     axes.legend(loc="upper left")
     if title:
         axes.set_title(title)
+    _save(figure, path)
+
+
+def _save(figure, path):
+    """Lays out, writes (PNG, 100 dpi) and closes a figure."""
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
