@@ -7,7 +7,8 @@ For run folders (and ensemble folders from `tfdogs.ensemble`) writes to
     table.md              the same in Markdown, accuracies in percent
     validation_curves.png validation accuracy and log loss of all runs per epoch, baselines as lines
     curves/<run>.png      each run's training against validation curves
-    index.html            all of it on one page
+    index.html            all of it on one page, linking each run's evaluation report where one exists
+                          (`python -m tfdogs.evaluate RUN`: RUN/evaluation/report/index.html)
 
 Columns: accuracy, top-5 accuracy and Kaggle log loss of the saved (best)
 model on the validation split; peak and final validation accuracy over the
@@ -31,6 +32,7 @@ Examples:
 import argparse
 import contextlib
 import math
+import os
 import pathlib
 import sys
 
@@ -228,6 +230,13 @@ def _validation_sets(folders):
     return sets
 
 
+def evaluation_report(folder):
+    """The run's evaluation report page: of its validation split if there is one, else any other; or None."""
+    pages = sorted(pathlib.Path(folder).glob("evaluation*/report/index.html"))
+    own = pathlib.Path(folder) / "evaluation" / "report" / "index.html"
+    return own if own in pages else (pages[0] if pages else None)
+
+
 def compare(folders, output, *, zeroshot_files=(), title=None):
     """Writes the comparison report of finished runs (and ensembles) to `output`.
 
@@ -274,7 +283,10 @@ def compare(folders, output, *, zeroshot_files=(), title=None):
                      "their numbers are not measured on the same images.")
     report.write_index(output / "index.html", title or output.name,
                        table=report.html_table(DISPLAY, rows, NUMERIC, list(table["kind"])),
-                       notes=notes, figures=figures, links=[("table.csv", "table.csv"), ("table.md", "table.md")])
+                       notes=notes, figures=figures, links=[("table.csv", "table.csv"), ("table.md", "table.md")] + [
+                           (f"{name}: evaluation report", pathlib.Path(os.path.relpath(page, output)).as_posix())
+                           for folder, name in zip(folders, table["name"])
+                           if (page := evaluation_report(folder)) is not None])
     return table
 
 

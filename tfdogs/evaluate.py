@@ -8,6 +8,9 @@ Scores the run's best model (`model.keras`) on its own validation split (from
     per_breed.csv       images, correct answers, accuracy and the most frequent wrong answer per breed
     confused_pairs.csv  the breed pairs mistaken for each other most often
     confusions.png      those pairs as bars, beside the confusion counts among their breeds
+    report/index.html   a page of pictures: top-loss photos, confused pairs side by side, the whole
+                        confusion matrix, per-breed accuracy, calibration, Grad-CAM heat maps and
+                        predictions.csv (`tfdogs.evaluation_report`; --no-report leaves it out)
 
 Fine-grained errors are the interesting ones: a model that mixes up Siberian
 husky and malamute has learnt something; one that mixes up pug and borzoi has
@@ -35,7 +38,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import check, config as config_lib, data, metrics, plots, train, weights
+from tfdogs import check, config as config_lib, data, evaluation_report, metrics, plots, train, weights
 from tfdogs.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing, PreprocessingError
 
 
@@ -264,7 +267,7 @@ def most_confused_pairs(counts, class_names, top=10):
                              kind="stable").head(top).reset_index(drop=True)
 
 
-def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, top_pairs=10):
+def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, top_pairs=10, report=True):
     """Scores a run's best model and writes the per-breed tables and the confusion figure.
 
     Args:
@@ -276,6 +279,7 @@ def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, t
             `-tta` and/or `-<data folder name>` appended).
         batch_size: images per forward pass.
         top_pairs: how many confused pairs to list and plot.
+        report: also write the picture report, `output/report/index.html`.
 
     Returns:
         The `evaluation.json` content, plus `output` (the folder written).
@@ -309,6 +313,12 @@ def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, t
         "random_guess": {"accuracy": 1 / len(run.class_names), "log_loss": float(np.log(len(run.class_names)))},
     }
     (output / "evaluation.json").write_text(json.dumps(result, indent=2))
+    if report:
+        evaluation_report.write_report(
+            output / "report", title=run.name, paths=paths, labels=labels, probabilities=probabilities,
+            class_names=run.class_names, counts=counts, breeds=breeds, pairs=pairs, model=run.load_model(),
+            preprocessing=run.preprocessing, source=source, scores=result["scores"], run_dir=run.run_dir,
+            links=[(name, f"../{name}") for name in ("evaluation.json", "per_breed.csv", "confused_pairs.csv")])
     return {**result, "output": str(output)}
 
 
@@ -322,10 +332,11 @@ def main(argv=None):
     parser.add_argument("--output", help="results folder (default RUN/evaluation)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--top-pairs", type=int, default=10, help="how many confused breed pairs to show")
+    parser.add_argument("--no-report", action="store_true", help="leave out the picture report (report/index.html)")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.run_dir, data_dir=args.data_dir, tta=args.tta, output=args.output,
-                          batch_size=args.batch_size, top_pairs=args.top_pairs)
+                          batch_size=args.batch_size, top_pairs=args.top_pairs, report=not args.no_report)
     except (RunFolderError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -339,6 +350,8 @@ def main(argv=None):
     if len(pairs):
         print("\nMost-confused pairs:\n" + pairs.head(5).to_string(index=False))
     print(f"\nWritten to {output}/")
+    if not args.no_report:
+        print(f"Report: {output / 'report' / 'index.html'}")
     return 0
 
 

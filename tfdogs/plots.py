@@ -1,4 +1,4 @@
-"""Figures: training curves per run, validation curves of several runs, breed confusions, calibration."""
+"""Figures: training and validation curves, breed confusions, per-breed accuracy, calibration."""
 
 import matplotlib
 import matplotlib.ticker
@@ -141,6 +141,77 @@ def plot_reliability(tables, path, title=None):
 
 def _save(figure, path):
     """Lays out, writes (PNG, 100 dpi) and closes a figure."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confusion_heat_map(counts, class_names, order, path, title=None):
+    """The whole confusion matrix as a heat map, rows and columns in `order`, every breed labelled.
+
+    Cells show each true breed's share of images given each answer (rows sum to
+    1), on a square-root colour scale so that a few confusions among many
+    correct answers still show. Sized to stay readable at 120 breeds.
+
+    Args:
+        counts: confusion matrix, counts[true, predicted].
+        class_names: breed names in class-index order.
+        order: class indices in display order (confused breeds together, see
+            `tfdogs.evaluation_report.confusion_order`).
+        path: output PNG path.
+        title: optional figure title.
+    """
+    order = list(order)
+    counts = np.asarray(counts)[np.ix_(order, order)]
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    names = [class_names[index] for index in order]
+    side = max(6.0, 0.13 * len(names) + 3)
+    font = 9 if len(names) <= 30 else max(4.5, 9 - len(names) / 25)
+    figure, axes = plt.subplots(figsize=(side + 1, side))
+    image = axes.imshow(shares, cmap="magma_r", norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
+                        interpolation="nearest")
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=font)
+    axes.set_yticks(range(len(names)), names, fontsize=font)
+    axes.set_xlabel("predicted breed")
+    axes.set_ylabel("true breed")
+    axes.set_xticks(np.arange(len(names) + 1) - 0.5, minor=True)
+    axes.set_yticks(np.arange(len(names) + 1) - 0.5, minor=True)
+    axes.grid(which="minor", color="#eeeeee", linewidth=0.3)
+    axes.tick_params(which="minor", length=0)
+    figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01, label="share of the true breed's images")
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_breed_accuracy(breeds, path, overall=None, title=None):
+    """Per-breed accuracy as horizontal bars, worst breed at the top.
+
+    Args:
+        breeds: DataFrame with `breed`, `accuracy` and `images` (from
+            `tfdogs.evaluate.per_breed_accuracy`); breeds without images are left out.
+        path: output PNG path.
+        overall: accuracy over all images, drawn as a dashed line.
+        title: optional figure title.
+    """
+    breeds = breeds.dropna(subset=["accuracy"]).sort_values(["accuracy", "breed"], kind="stable")
+    height = max(3.0, 0.16 * len(breeds) + 1.5)
+    figure, axes = plt.subplots(figsize=(8, height))
+    labels = [f"{breed} ({images})" for breed, images in zip(breeds["breed"], breeds["images"])]
+    positions = np.arange(len(breeds))[::-1]  # worst first, at the top
+    axes.barh(positions, breeds["accuracy"], color=plt.cm.RdYlGn(breeds["accuracy"].to_numpy()), height=0.8)
+    axes.set_yticks(positions, labels, fontsize=9 if len(breeds) <= 40 else 7)
+    axes.set_ylim(-0.6, len(breeds) - 0.4)
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("accuracy (images of the breed in brackets)")
+    if overall is not None:
+        axes.axvline(overall, color="black", linestyle="--", linewidth=1, label=f"all images ({overall:.1%})")
+        axes.legend(loc="lower right", fontsize="small")
+    axes.grid(axis="x", alpha=0.3)
+    if title:
+        axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

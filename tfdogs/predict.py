@@ -19,6 +19,7 @@ not be read, 2 the model could not be loaded.
 Examples:
     python -m tfdogs.predict runs/resnet18-20240101-120000 dog.jpg other_dog.png
     python -m tfdogs.predict saved_models/resnet18-20240101-120000 photos/ --json
+    python -m tfdogs.predict runs/resnet18-20240101-120000 photos/ --json --explain why/   # heat maps
 """
 
 import argparse
@@ -30,7 +31,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tfdogs import data, ensemble, evaluate, export, progress
+from tfdogs import data, ensemble, evaluate, explain, export, progress
 
 
 class PredictError(ValueError):
@@ -244,6 +245,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
                         help="1: a progress bar on a terminal for a few hundred images or more")
+    parser.add_argument("--explain", metavar="DIR", help="write a heat map (Grad-CAM) of each answered image's "
+                        "top breed to DIR/<image name>.png; needs a run or ensemble folder (tfdogs.explain)")
     args = parser.parse_args(argv)
     inputs = image_inputs(args.images)
     try:
@@ -258,6 +261,12 @@ def main(argv=None):
     outputs = predict_files(predictor, files, batch_size=args.batch_size, verbose=args.verbose)
     answered = iter(top5(files, outputs))
     results = [next(answered) if error is None else {"image": path, "error": error} for path, error in inputs]
+    if args.explain:
+        try:
+            explain.add_explanations(args.model, results, args.explain)
+        except explain.ExplainError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return NOTHING_RUN
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     failed = [result for result in results if "error" in result]
     if failed:
