@@ -165,8 +165,8 @@ def plot_confusion_heat_map(counts, class_names, order, path, title=None):
     counts = np.asarray(counts)[np.ix_(order, order)]
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     names = [class_names[index] for index in order]
-    side = max(6.0, 0.13 * len(names) + 3)
-    font = 9 if len(names) <= 30 else max(4.5, 9 - len(names) / 25)
+    side = max(6.0, 0.15 * len(names) + 3)  # 0.15 in (15 px) per breed fits a 7-point label
+    font = 9 if len(names) <= 30 else 7
     figure, axes = plt.subplots(figsize=(side + 1, side))
     image = axes.imshow(shares, cmap="magma_r", norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
                         interpolation="nearest")
