@@ -181,9 +181,7 @@ def plot_confusion_heat_map(counts, class_names, order, path, title=None):
     figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01, label="share of the true breed's images")
     if title:
         axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_breed_accuracy(breeds, path, overall=None, title=None):
@@ -212,6 +210,4 @@ def plot_breed_accuracy(breeds, path, overall=None, title=None):
     axes.grid(axis="x", alpha=0.3)
     if title:
         axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
