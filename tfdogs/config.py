@@ -14,6 +14,10 @@ import pathlib
 import yaml
 
 MODEL_NAMES = ("lenet5", "resnet18", "resnet34")
+# Any keras-hub image backbone: keras_hub:PRESET (a preset name, a handle or a local preset directory;
+# tfdogs.models.hub). Its weights are the preset's: weights "preset" (the default) or none.
+HUB_PREFIX = "keras_hub:"
+HUB_WEIGHTS = "preset"
 
 # Every key a run understands, with its default. The type of the default is
 # the type a value must have (None-valued keys take a string or null).
@@ -128,14 +132,16 @@ RANGES = (
 )
 
 HELP = {
-    "model": "network to train",
+    "model": "network to train: lenet5, resnet18, resnet34, or keras_hub:PRESET for any keras-hub image "
+    "backbone (a preset name such as resnet_50_imagenet, a kaggle:// or hf:// handle, or a local preset folder)",
     "data": "built-in data source: 'synthetic' (offline demo) or 'stanford_dogs' "
     "(tensorflow-datasets download); the default when no --data-dir is given",
     "data_dir": "labelled photos: Kaggle layout (labels.csv + train/) or one folder per breed",
     "strict": "fail when the data check (python -m tfdogs.check) would skip any file or labels.csv row, "
     "instead of skipping and listing them in problems.csv",
-    "weights": "auto (imagenet for ResNets, none for LeNet-5), none (random init), imagenet "
-    "(torchvision), timm (timm a1_in1k) or a .pth/.safetensors/.weights.h5 path",
+    "weights": "auto (imagenet for ResNets, none for LeNet-5, preset for keras_hub:PRESET), none (random init), "
+    "imagenet (torchvision), timm (timm a1_in1k), timm:NAME (another timm checkpoint in the registry), preset "
+    "(a keras-hub preset's own) or a .pth/.safetensors/.weights.h5 path",
     "weights_preprocessing": "input preprocessing of a --weights file the registry does not know (by SHA-256): "
     "auto (torchvision's, said in the output), torchvision (bilinear, crop 0.875) or timm (bicubic, crop 0.95, "
     "floor rounding); registry weights always bring their own",
@@ -241,12 +247,19 @@ def _check_type(key, value):
         if default is not None:
             raise ConfigError(f"Config key '{key}' needs a value (default {default!r}), got null.")
         return value
+    if key == "model" and isinstance(value, str) and value.startswith(HUB_PREFIX):
+        if not value[len(HUB_PREFIX):].strip():
+            raise ConfigError(f"Config key 'model' is {value!r}; name the preset after {HUB_PREFIX!r}, e.g. "
+                              f"{HUB_PREFIX}resnet_50_imagenet or {HUB_PREFIX}/path/to/preset_dir.")
+        return value
     if key in CHOICES:
         choices = CHOICES[key]
         if isinstance(value, str) and value.isdigit() and int(value) in choices:
             value = int(value)
         if value not in choices:
             allowed = ", ".join(str(choice) for choice in choices if choice is not None)
+            if key == "model":
+                allowed += f", {HUB_PREFIX}PRESET (any keras-hub image backbone)"
             raise ConfigError(f"Config key '{key}' is {value!r}; allowed values: {allowed}.")
         return value
     if isinstance(default, bool):
@@ -316,10 +329,16 @@ def validate(config):
     parse_randaugment(checked["randaugment"])  # refuses a malformed value now, naming the key
     if checked["weight_decay"] is None:
         checked["weight_decay"] = DEFAULT_WEIGHT_DECAY[checked["optimizer"]]
+    hub = checked["model"].startswith(HUB_PREFIX)
     if checked["weights"] == "auto":
-        checked["weights"] = None if checked["model"] == "lenet5" else "imagenet"
+        checked["weights"] = None if checked["model"] == "lenet5" else HUB_WEIGHTS if hub else "imagenet"
     elif checked["weights"].lower() == "none":
         checked["weights"] = None
+    if checked["weights"] is not None and hub != (checked["weights"] == HUB_WEIGHTS):
+        raise ConfigError(
+            f"Config key 'weights' is {checked['weights']!r}, but "
+            + (f"{checked['model']} takes its weights from its preset; use weights: {HUB_WEIGHTS} (or none)."
+               if hub else f"only keras_hub:PRESET models have {HUB_WEIGHTS!r} weights."))
     if checked["strategy"] == "auto":
         checked["strategy"] = "scratch" if checked["weights"] is None else "fine-tune"
     elif checked["strategy"] != "scratch" and checked["weights"] is None:

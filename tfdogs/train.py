@@ -564,7 +564,7 @@ def output_folders(config):
     Returns:
         (`output`, default runs/<model>-<timestamp>; `export_dir`, default saved_models/<run folder name>).
     """
-    name = f"{config['model']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    name = f"{models.file_name(config['model'])}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
     return run_dir, pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
 
@@ -1014,7 +1014,7 @@ def main(argv=None):
               f"epoch (up to {distribute.PEER_TIMEOUT_VARIABLE} seconds).", file=sys.stderr)
         atexit._run_exitfuncs()  # exec skips them: this worker's temporary folders go now
         distribute.rejoin()
-    except (config_lib.ConfigError, data.DataError, weights.WeightsError, TrainingError,
+    except (config_lib.ConfigError, data.DataError, weights.WeightsError, models.PresetError, TrainingError,
             distribute.ClusterError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

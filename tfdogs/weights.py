@@ -163,6 +163,10 @@ def resolve_preprocessing(weights, arch, image_size, declared="auto"):
     """
     if declared not in ("auto", *CONVENTIONS):
         raise WeightsError(f"weights_preprocessing is {declared!r}; allowed: auto, {', '.join(CONVENTIONS)}.")
+    from tfdogs.models import hub
+
+    if hub.is_hub_name(arch):
+        return hub_preprocessing(hub.preset_of(arch), image_size, declared)
     spec = _registry_entry(weights, arch)
     if spec is not None:
         if declared not in ("auto", spec.source):
@@ -177,6 +181,89 @@ def resolve_preprocessing(weights, arch, image_size, declared="auto"):
         print(f"Preprocessing: {weights} matches no checkpoint in the registry; assuming {convention}'s "
               f"({record.interpolation}, crop {record.crop_fraction}, resize_rounding {record.resize_rounding}). "
               "For a timm checkpoint pass --weights-preprocessing timm.")
+    return record
+
+
+# keras-hub resize filters tfdogs' Pillow-exact evaluation resize does not have, and its nearest equivalent.
+_NEAREST_INTERPOLATION = {"nearest": "bilinear", "lanczos3": "bicubic", "lanczos5": "bicubic",
+                          "area": "bilinear"}
+
+
+def _per_channel(value, default):
+    if value is None:
+        return (default,) * 3
+    values = tuple(float(item) for item in (value if isinstance(value, (list, tuple)) else [value]))
+    return values * 3 if len(values) == 1 else values
+
+
+def converter_preprocessing(converter, image_size, preset="the preset"):
+    """The `Preprocessing` equal to a keras-hub ``ImageConverter``'s settings (its ``get_config()``).
+
+    keras-hub feeds a network ``pixels * scale + offset`` on pixels in
+    [0, 255]; tfdogs feeds ``(pixels / 255 - mean) / std``, the same for
+    ``std = 1 / (255 * scale)`` and ``mean = -offset * std``. The converter
+    resizes the largest centred square of a photo (``crop_to_aspect_ratio``):
+    crop fraction 1.
+
+    Args:
+        converter: the converter's config mapping.
+        image_size: the run's input side (the record's `image_size`).
+        preset: the preset's name, for the notes printed where tfdogs differs.
+
+    Returns:
+        A `Preprocessing`.
+    """
+    scale = _per_channel(converter.get("scale"), 1.0)
+    offset = _per_channel(converter.get("offset"), 0.0)
+    if len(scale) != 3 or len(offset) != 3 or any(value <= 0 for value in scale):
+        raise WeightsError(f"keras-hub preset {preset!r}: its image converter's scale {converter.get('scale')} and "
+                           f"offset {converter.get('offset')} are not three positive scales and three offsets.")
+    std = tuple(1.0 / (255.0 * value) for value in scale)
+    mean = tuple(-shift * spread for shift, spread in zip(offset, std))
+    interpolation = converter.get("interpolation") or "bilinear"
+    if interpolation not in ("bilinear", "bicubic"):
+        nearest = _NEAREST_INTERPOLATION.get(interpolation, "bilinear")
+        print(f"Preprocessing: keras-hub preset {preset!r} resizes with {interpolation!r}; tfdogs uses {nearest!r}.")
+        interpolation = nearest
+    if not converter.get("crop_to_aspect_ratio", True):
+        print(f"Preprocessing: keras-hub preset {preset!r} resizes whole photos without keeping their aspect "
+              "ratio; tfdogs resizes the largest centred square (crop fraction 1).")
+    own_size = (converter.get("image_size") or [None])[0]
+    if own_size and own_size != image_size:
+        print(f"Preprocessing: keras-hub preset {preset!r} takes {own_size} px images; this run uses "
+              f"{image_size} px (--image-size).")
+    return Preprocessing(image_size=image_size, mean=mean, std=std, crop_fraction=1.0,
+                         interpolation=interpolation, resize_rounding="round")
+
+
+def hub_preprocessing(preset, image_size, declared="auto"):
+    """A keras-hub preset's `Preprocessing`: its image converter's, or ImageNet's for a backbone saved alone.
+
+    Args:
+        preset: the PRESET of ``keras_hub:PRESET``.
+        image_size: the run's input side.
+        declared: config ``weights_preprocessing``; only a preset without a converter may take
+            ``"torchvision"`` or ``"timm"``.
+
+    Raises:
+        WeightsError: `declared` contradicts the preset's own converter.
+        tfdogs.models.PresetError: the preset cannot be read.
+    """
+    from tfdogs.models import hub
+
+    converter = hub.image_converter_config(preset)
+    if converter is not None:
+        if declared != "auto":
+            raise WeightsError(f"weights_preprocessing is {declared!r}, but keras-hub preset {preset!r} brings its "
+                               "own image converter; leave weights_preprocessing at auto.")
+        return converter_preprocessing(converter, image_size, preset)
+    convention = "torchvision" if declared == "auto" else declared
+    record = REGISTRY[("resnet18", convention)].preprocessing(image_size)
+    if declared == "auto":
+        print(f"Preprocessing: keras-hub preset {preset!r} has no image converter (a Backbone saved alone); using "
+              f"ImageNet's mean and std with {convention}'s resize ({record.interpolation}, crop "
+              f"{record.crop_fraction}). Save the preset from an ImageClassifier to keep its own, or pass "
+              "--weights-preprocessing timm.")
     return record
 
 

@@ -4,6 +4,9 @@
     resnet18  ResNet-18, torchvision-identical (He et al. 2016), `tfdogs.models.resnet`.
     resnet34  ResNet-34, likewise.
 
+And any keras-hub image backbone, ``keras_hub:PRESET`` (a preset name, a
+handle or a local preset directory), with the same head: `tfdogs.models.hub`.
+
 Every model takes ImageNet-normalised float NHWC images (no normalisation layer
 inside) and returns float32 class logits from a Dense layer named ``fc``.
 
@@ -16,13 +19,29 @@ Example:
 
 import re
 
+from tfdogs.models.hub import PresetError, hub_model, is_hub_name, preset_of
 from tfdogs.models.lenet import lenet5
 from tfdogs.models.resnet import STAGE_DEPTHS, resnet
 
 MODEL_NAMES = ("lenet5", "resnet18", "resnet34")
+HUB_WEIGHTS = "preset"  # a keras-hub model's pretrained weights are its preset's
 
 HEAD_LAYERS = ("avgpool", "dropout", "fc")
 _STAGE_PATTERN = re.compile(r"^(layer[1-4])\.")
+
+
+def is_known(name):
+    """Whether `build` knows a model name: one of `MODEL_NAMES` or ``keras_hub:PRESET``."""
+    return name in MODEL_NAMES or is_hub_name(name)
+
+
+def file_name(name):
+    """A model name fit for a folder name: ``keras_hub:/a/b/resnet_50`` -> ``keras_hub-resnet_50``."""
+    if not is_hub_name(name):
+        return name
+    preset = preset_of(name).rstrip("/").replace("://", "-")
+    tail = preset.rsplit("/", 1)[-1] or "preset"
+    return "keras_hub-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in tail)
 
 
 def stage_of(layer_name):
@@ -37,6 +56,7 @@ def stage_of(layer_name):
         ``"layer1"`` .. ``"layer4"`` for residual-stage layers, ``"head"`` for
         ``avgpool``, ``dropout`` and ``fc``, and ``"stem"`` for everything else
         (the input, ``conv1`` .. ``maxpool``; for LeNet-5, all layers but the head).
+        keras-hub backbones' layers carry their stage in their names (`tfdogs.models.hub`).
     """
     match = _STAGE_PATTERN.match(layer_name)
     if match:
@@ -50,11 +70,12 @@ def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout
     """Builds one of `MODEL_NAMES`, optionally with pretrained weights.
 
     Args:
-        name: ``"lenet5"``, ``"resnet18"`` or ``"resnet34"``.
+        name: ``"lenet5"``, ``"resnet18"``, ``"resnet34"`` or ``"keras_hub:PRESET"``.
         num_classes: number of output logits.
         weights: None (random init), ``"imagenet"`` (torchvision), ``"timm"``
-            (timm ``a1_in1k``) or a path to a .pth / .safetensors / .weights.h5
-            file; see `tfdogs.weights.load_pretrained`. The ImageNet classifier
+            (timm ``a1_in1k``), ``"timm:NAME"`` or a path to a .pth / .safetensors / .weights.h5
+            file; see `tfdogs.weights.load_pretrained`. For a keras-hub model,
+            ``"preset"`` (the preset's own weights) or None. The ImageNet classifier
             is kept only when its shape matches ``num_classes``; otherwise the
             backbone is loaded and ``fc`` stays freshly initialised.
         input_shape: NHWC shape without batch; ResNets accept None spatial dims.
@@ -67,10 +88,17 @@ def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout
 
     Raises:
         ValueError: unknown name, or pretrained weights requested for LeNet-5.
+        PresetError: a keras-hub preset that cannot be loaded (a ValueError).
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES}.")
     head = dict(dropout=dropout, l1=l1, l2=l2)
+    if is_hub_name(name):
+        if weights not in (None, HUB_WEIGHTS):
+            raise ValueError(f"{name} takes its weights from its preset: weights must be {HUB_WEIGHTS!r} or None, "
+                             f"not {weights!r}.")
+        return hub_model(preset_of(name), num_classes, load_weights=weights == HUB_WEIGHTS,
+                         input_shape=input_shape, **head)
+    if name not in MODEL_NAMES:
+        raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES} or keras_hub:PRESET.")
     if name == "lenet5":
         if weights is not None:
             raise ValueError(
