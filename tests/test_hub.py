@@ -217,3 +217,21 @@ def test_a_builtin_preset_offline_fails_within_seconds(monkeypatch):
     message = str(raised.value)
     assert "'resnet_18_imagenet'" in message and "cannot be reached" in message
     assert "kagglehub" in message and "save_to_preset" in message and "--model keras_hub:DIR" in message
+
+
+@pytest.mark.parametrize("name, arch, interpolation, crop, resized, mean", [
+    ("resnet34.ra4_e3600_r224_in1k", "resnet34", "bicubic", 0.9, 248, (0.5, 0.5, 0.5)),  # floor(224 / 0.9)
+    ("resnet18.fb_swsl_ig1b_ft_in1k", "resnet18", "bilinear", 0.875, 256, IMAGENET_MEAN),
+])
+def test_stronger_timm_resnet_weights_bring_their_preprocessing(name, arch, interpolation, crop, resized, mean):
+    spec = weights.REGISTRY[(arch, f"timm:{name}")]
+    assert spec.url == f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
+    assert spec.sha256 is None  # no published SHA-256 found; the download is checked to be readable safetensors
+    record = weights.resolve_preprocessing(f"timm:{name}", arch, 224)
+    assert (record.interpolation, record.crop_fraction, record.resize_size, record.mean) == (
+        interpolation, crop, resized, mean)
+    assert small_config(model=arch, weights=f"timm:{name}", strategy="auto")["strategy"] == "fine-tune"
+    with pytest.raises(weights.WeightsError, match="resnet34.ra4_e3600_r224_in1k"):
+        weights.resolve_preprocessing("timm:resnet18.nonexistent", arch, 224)
+    with pytest.raises(weights.WeightsError, match="No"):  # a checkpoint of the other depth
+        weights.resolve_preprocessing(f"timm:{name}", "resnet18" if arch == "resnet34" else "resnet34", 224)

@@ -410,7 +410,8 @@ def test_imagenet_weights_load_through_the_registry_and_convert_once(ported, tmp
 
 
 def test_registry_entries_are_consistent():
-    assert set(weights.REGISTRY) == {(a, s) for a in ("resnet18", "resnet34") for s in ("torchvision", "timm")}
+    assert set(weights.REGISTRY) == {(a, s) for a in ("resnet18", "resnet34") for s in ("torchvision", "timm")} | {
+        ("resnet34", "timm:resnet34.ra4_e3600_r224_in1k"), ("resnet18", "timm:resnet18.fb_swsl_ig1b_ft_in1k")}
     for (arch, source), spec in weights.REGISTRY.items():
         assert (spec.arch, spec.source, spec.num_classes) == (arch, source, 1000)
         assert spec.url.startswith("https://")
@@ -419,7 +420,7 @@ def test_registry_entries_are_consistent():
             assert spec.sha256.startswith(spec.file_name.split("-")[1].split(".")[0])
         if spec.sha256 is not None:
             assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
-    assert len({spec.file_name for spec in weights.REGISTRY.values()}) == 4
+    assert len({spec.file_name for spec in weights.REGISTRY.values()}) == len(weights.REGISTRY)
 
 
 def test_unknown_weights_are_rejected():

@@ -123,6 +123,17 @@ def _timm(arch, sha256, top1):
     )
 
 
+def _timm_named(name, sha256, top1, *, crop_fraction, interpolation, mean, std, license):
+    # A timm checkpoint chosen by its full name (--weights timm:NAME), from its pretrained_cfg on the Hugging
+    # Face hub (config.json) or in timm/models/resnet.py; evaluated at its 224 px input_size (not test_input_size).
+    arch = name.split(".")[0]
+    return WeightSpec(
+        arch=arch, source=f"timm:{name}", url=f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors",
+        sha256=sha256, file_name=f"{name}.safetensors", mean=mean, std=std, input_size=224,
+        crop_fraction=crop_fraction, interpolation=interpolation, resize_rounding="floor", num_classes=1000,
+        top1=top1, license=license)
+
+
 REGISTRY = {
     ("resnet18", "torchvision"): _torchvision(
         "resnet18", "resnet18-f37072fd.pth", "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", 69.758
@@ -132,7 +143,19 @@ REGISTRY = {
     ),
     ("resnet18", "timm"): _timm("resnet18", "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612", 71.5),
     ("resnet34", "timm"): _timm("resnet34", None, 76.4),
+    # timm's RA4 recipe (3600 epochs): pretrained_cfg crop_pct 0.9, bicubic, mean = std = 0.5; timm also lists a
+    # 288 px test size (test_crop_pct 1.0). No published SHA-256 of model.safetensors was found from here.
+    ("resnet34", "timm:resnet34.ra4_e3600_r224_in1k"): _timm_named(
+        "resnet34.ra4_e3600_r224_in1k", None, 77.49, crop_fraction=0.9, interpolation="bicubic",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), license="Apache-2.0 (timm)"),
+    # Facebook's semi-weakly supervised ResNet-18 (Yalniz et al. 2019, Instagram-1B then ImageNet): timm's plain
+    # _cfg (crop_pct 0.875, bilinear, ImageNet mean/std). Non-commercial licence. No published SHA-256 found.
+    ("resnet18", "timm:resnet18.fb_swsl_ig1b_ft_in1k"): _timm_named(
+        "resnet18.fb_swsl_ig1b_ft_in1k", None, 73.29, crop_fraction=0.875, interpolation="bilinear",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, license="CC-BY-NC-4.0 (non-commercial; Facebook, via timm)"),
 }
+# --weights timm:NAME names one of the checkpoints above by its timm name.
+SOURCES.update({source: source for _, source in REGISTRY if source.startswith("timm:")})
 
 
 # What `weights_preprocessing` declares for a checkpoint the registry does not know.
@@ -169,7 +192,7 @@ def resolve_preprocessing(weights, arch, image_size, declared="auto"):
         return hub_preprocessing(hub.preset_of(arch), image_size, declared)
     spec = _registry_entry(weights, arch)
     if spec is not None:
-        if declared not in ("auto", spec.source):
+        if declared not in ("auto", spec.source.split(":")[0]):
             raise WeightsError(
                 f"weights_preprocessing is {declared!r}, but the weights {weights!r} are {spec.source}'s "
                 f"{spec.file_name} (resize_rounding {spec.resize_rounding!r}, interpolation "
@@ -276,6 +299,9 @@ def _registry_entry(weights, arch):
         if spec is None:
             raise WeightsError(f"No {weights!r} weights for {arch!r}; available: {sorted(REGISTRY)}.")
         return spec
+    if isinstance(weights, str) and weights.startswith("timm:"):
+        raise WeightsError(f"weights {weights!r} is no timm checkpoint in the registry; known: "
+                           f"{', '.join(sorted(source for source in SOURCES if source.startswith('timm:')))}.")
     path = pathlib.Path(weights)
     if not path.is_file() or path.name.endswith(".weights.h5"):
         return None
@@ -477,7 +503,7 @@ def load_pretrained(model, weights, arch):
     Args:
         model: the Keras ResNet to fill in place.
         weights: ``"imagenet"`` (torchvision V1 weights), ``"timm"`` (timm
-            ``a1_in1k``), or a path to a ``.pth``/``.pt``/``.bin`` (torch state
+            ``a1_in1k``), ``"timm:NAME"`` (a timm checkpoint of the registry), or a path to a ``.pth``/``.pt``/``.bin`` (torch state
             dict, read without torch), ``.safetensors`` or ``.weights.h5``
             (written by ``python -m tfdogs.port`` or ``model.save_weights``).
         arch: ``"resnet18"`` or ``"resnet34"``.
@@ -488,6 +514,8 @@ def load_pretrained(model, weights, arch):
     """
     from tfdogs import port
 
+    if isinstance(weights, str) and weights.startswith("timm:"):
+        _registry_entry(weights, arch)  # an unknown timm:NAME is refused naming the known ones
     if isinstance(weights, str) and weights in SOURCES:
         spec = REGISTRY.get((arch, SOURCES[weights]))
         if spec is None:
