@@ -47,7 +47,7 @@ def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path)
     calibrated = summary["val_calibrated"]
     assert result["scores"] == pytest.approx({key: calibrated[key] for key in result["scores"]}, abs=1e-6)
     assert json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())["scores"] == result["scores"]
-    assert result["num_images"] == summary["num_val"] and result["tta"] is False
+    assert result["num_images"] == summary["num_val"] and result["tta"] == 1
 
     _, _, labels = val_set(lenet_run)
     breeds = pd.read_csv(tmp_path / "evaluation" / "per_breed.csv", keep_default_na=False)
@@ -63,7 +63,8 @@ def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path)
 
 
 def test_flip_tta_averages_each_image_with_its_mirror(lenet_run, tmp_path):
-    result = evaluate.evaluate(lenet_run, tta=True, output=tmp_path / "tta")
+    result = evaluate.evaluate(lenet_run, tta=2, output=tmp_path / "tta")
+    assert result["tta"] == 2
     _, paths, labels = val_set(lenet_run)
     dataset = data.make_dataset(paths, labels, image_size=32, batch_size=8, training=False,
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

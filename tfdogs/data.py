@@ -888,6 +888,65 @@ def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpola
     return _normalize(_centre_crop(image, image_size), mean, std)
 
 
+# Test-time augmentation: the views `eval_views` gives for each allowed count, in order. Each count's views
+# begin with the smaller count's, and view 0 is always the evaluation crop of `preprocess_eval`.
+TTA_VIEWS = {
+    1: ("centre",),
+    2: ("centre", "centre mirrored"),
+    10: ("centre", "centre mirrored", "top-left", "top-left mirrored", "top-right", "top-right mirrored",
+         "bottom-left", "bottom-left mirrored", "bottom-right", "bottom-right mirrored"),
+}
+
+
+def eval_views(image, views, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear",
+               resize_rounding="round") -> tf.Tensor:
+    """Test-time augmentation: `views` crops of one image, preprocessed as `preprocess_eval`.
+
+    The image is resized once, exactly as `preprocess_eval` resizes it
+    (shorter side `Preprocessing.resize_size`, longer side in proportion,
+    Pillow's resampling), and every view is an image_size x image_size crop
+    of that resized image, named in `TTA_VIEWS[views]`:
+
+    - 1: the centre crop, which is `preprocess_eval`'s output, bit for bit;
+    - 2: the centre crop and its mirror image (left-right);
+    - 10: those two, then the crops at the four corners of the whole resized
+      image (top-left, top-right, bottom-left, bottom-right; e.g. rows 0 to
+      image_size - 1 and the last image_size columns for top-right), each
+      followed by its mirror image.
+
+    The ten are torchvision's `Resize(resize_size)` + `TenCrop(image_size)`
+    (the classic AlexNet/ResNet 10-crop evaluation), except that mirrors are
+    of the crops rather than crops of the mirrored image: the two differ
+    only for the centre crop, by one pixel, when the margin is odd. On a
+    4:3 photo at 224 px (resized to 256 x 341) the corner crops reach the
+    far ends of the longer side. Callers average the views' softmax
+    probabilities (not their logits).
+
+    Args:
+        image: [h, w, 3] uint8, or float in [0, 255] (rounded to whole values).
+        views: 1, 2 or 10 (the keys of `TTA_VIEWS`).
+        image_size, mean, std, crop_fraction, interpolation, resize_rounding: as for `preprocess_eval`.
+
+    Returns:
+        float32 [views, image_size, image_size, 3], in the order of `TTA_VIEWS[views]`.
+    """
+    if views not in TTA_VIEWS:
+        raise DataError(f"test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views; got {views!r}")
+    if not 0 < crop_fraction <= 1:
+        raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
+    image = _resize_shorter_side(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
+    crops = [_centre_crop(image, image_size)]
+    if views == 10:
+        shape = tf.shape(image)
+        bottom, right = shape[0] - image_size, shape[1] - image_size
+        crops += [tf.ensure_shape(image[top:top + image_size, left:left + image_size], [image_size, image_size, 3])
+                  for top, left in ((0, 0), (0, right), (bottom, 0), (bottom, right))]
+    crops = tf.stack(crops)
+    if views > 1:  # each crop followed by its mirror image
+        crops = tf.reshape(tf.stack([crops, tf.reverse(crops, [2])], axis=1), [-1, image_size, image_size, 3])
+    return _normalize(crops, mean, std)
+
+
 def _resize_shorter_side(image, size, interpolation="bilinear"):
     """Pillow's `Image.resize` of the shorter side to `size`, exactly, as float32 whole values in [0, 255].
 
@@ -1049,7 +1108,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                  scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
                  interpolation="bilinear", flip=False, cache_size=None, resize_rounding="round",
                  first_epoch=0, num_epochs=1, steps_per_epoch=None, num_classes=None,
-                 part=None) -> tf.data.Dataset:
+                 part=None, views=1) -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
     Training: epochs `first_epoch` to `first_epoch + num_epochs - 1` one
@@ -1070,7 +1129,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     is what makes a resumed run equal an uninterrupted one.
 
     Evaluation: no shuffle or augmentation, `preprocess_eval` per image, the
-    last batch keeps the remainder.
+    last batch keeps the remainder; with `views` > 1, `eval_views` per image
+    (test-time augmentation).
 
     Cache memory per image: training caches uint8 images shrunk to shorter
     side S = round(image_size / crop_fraction * 1.15) and longer side <= 2 S,
@@ -1122,10 +1182,12 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             they are in the whole batch, augmentation included (see
             `augment.augment_batch`). Each worker of a multi-worker run
             loads and augments its own slice of the global batch alone.
+        views: Evaluation: 1, or the test-time augmentation views of each image, 2 or 10 (`eval_views`).
 
     Returns:
         A Dataset of (float32 [B, image_size, image_size, 3], int32 [B] or float32 [B, num_classes]).
-        With `part`, B is batch_size / count.
+        With `part`, B is batch_size / count. With `views` > 1, the images are [B, views, image_size,
+        image_size, 3].
     """
     paths = [str(p) for p in paths]
     labels = np.asarray(labels)
@@ -1148,12 +1210,20 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                           resize_rounding=resize_rounding)
     if cache_size:
         cache_settings["cache_size"] = cache_size
+    if views != 1:
+        if training or views not in TTA_VIEWS:
+            raise DataError(f"make_dataset: views are test-time augmentation, {', '.join(map(str, TTA_VIEWS))} "
+                            f"views of evaluation images; got views={views!r} with training={training}")
+        cache_settings["views"] = views
 
     if not training:
         files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
 
         def load_eval(path, label):
             image = decode_image(tf.io.read_file(path))
+            if views != 1:
+                return eval_views(image, views, image_size, mean, std, crop_fraction, interpolation,
+                                  resize_rounding), label
             return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation,
                                    resize_rounding), label
 

@@ -14,15 +14,17 @@ Scores the run's best model (`model.keras`) on its own validation split (from
 
 Fine-grained errors are the interesting ones: a model that mixes up Siberian
 husky and malamute has learnt something; one that mixes up pug and borzoi has
-not. `--tta` averages each image's probabilities with those of its mirror
-image (horizontal-flip test-time augmentation).
+not. `--tta N` is test-time augmentation: each image's softmax probabilities
+are averaged over N views of it (`data.eval_views`): 2, the evaluation crop and
+its mirror image; 10, the centre and four corner crops of the resized image,
+each with its mirror image (a bare `--tta` means 2).
 
 This module also reads run folders for the other after-training tools
 (`load_run`, `predict_paths`).
 
 Examples:
     python -m tfdogs.evaluate runs/resnet18-20240101-120000
-    python -m tfdogs.evaluate runs/resnet18-20240101-120000 --tta
+    python -m tfdogs.evaluate runs/resnet18-20240101-120000 --tta 10
     python -m tfdogs.evaluate runs/lenet --data-dir path/to/other/labelled/photos --output reports/lenet-other
 """
 
@@ -183,27 +185,44 @@ def read_preprocessing(run_dir, config):
                                          config.get("weights_preprocessing", "auto"))
 
 
-def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=False):
+def tta_views(tta):
+    """The number of test-time augmentation views `tta` asks for: 1, 2 or 10 (`data.TTA_VIEWS`).
+
+    True and False, the flip-only switch of earlier versions, stand for 2 and 1.
+    """
+    if isinstance(tta, bool):
+        return 2 if tta else 1
+    if tta not in data.TTA_VIEWS:
+        raise ValueError(f"--tta takes {', '.join(map(str, data.TTA_VIEWS))} views (1: none, 2: the evaluation "
+                         f"crop and its mirror, 10: five crops and their mirrors); got {tta!r}.")
+    return int(tta)
+
+
+def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=1):
     """Softmax probabilities of a model for image files, through the validation pipeline.
+
+    With test-time augmentation, each image's views (`data.eval_views`) go
+    through the model, and their softmax probabilities are averaged.
 
     Args:
         model: Keras classifier returning logits.
         paths: image file paths.
         preprocessing: the model's `Preprocessing`.
-        batch_size: images per forward pass.
-        tta: also predict the mirror images and average the two.
+        batch_size: images per forward pass (each with all its views).
+        tta: views per image, 1 (the evaluation crop alone), 2 or 10; see `tta_views`.
 
     Returns:
         float32 [len(paths), classes].
     """
+    views = tta_views(tta)
     dataset = data.make_dataset(list(paths), np.zeros(len(paths), np.int64), training=False,
-                                batch_size=batch_size, **preprocessing.as_dict())
-    probabilities = train.predict_probabilities(model, dataset)
-    if tta:
-        # Normalisation is per channel, so mirroring the normalised batch equals normalising the mirror image.
-        mirrored = dataset.map(lambda images, labels: (tf.image.flip_left_right(images), labels))
-        probabilities = (probabilities + train.predict_probabilities(model, mirrored)) / 2
-    return probabilities
+                                batch_size=batch_size, views=views, **preprocessing.as_dict())
+    if views == 1:
+        return train.predict_probabilities(model, dataset)
+    size = preprocessing.image_size
+    views_as_images = dataset.map(lambda images, labels: (tf.reshape(images, [-1, size, size, 3]), labels))
+    probabilities = train.predict_probabilities(model, views_as_images)
+    return probabilities.reshape(len(paths), views, -1).mean(axis=1)
 
 
 def relabel(records, class_names):
@@ -267,16 +286,16 @@ def most_confused_pairs(counts, class_names, top=10):
                              kind="stable").head(top).reset_index(drop=True)
 
 
-def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, top_pairs=10, report=True):
+def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_pairs=10, report=True):
     """Scores a run's best model and writes the per-breed tables and the confusion figure.
 
     Args:
         run_dir: run folder.
         data_dir: another labelled data set (Kaggle or class-folder layout) to
             score on every image of; default: the run's own validation split.
-        tta: average with the horizontally mirrored image.
+        tta: test-time augmentation views per image, 1 (none), 2 or 10; see `predict_paths`.
         output: folder for the results; default `RUN/evaluation` (with
-            `-tta` and/or `-<data folder name>` appended).
+            `-<data folder name>` and/or `-tta<views>` appended).
         batch_size: images per forward pass.
         top_pairs: how many confused pairs to list and plot.
         report: also write the picture report, `output/report/index.html`.
@@ -284,6 +303,7 @@ def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, t
     Returns:
         The `evaluation.json` content, plus `output` (the folder written).
     """
+    views = tta_views(tta)
     run = load_run(run_dir)
     if data_dir is None:
         records, _, val_indices = run.split()
@@ -294,12 +314,13 @@ def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, t
         paths, labels = records.paths, relabel(records, run.class_names)
         source = f"all {len(paths)} labelled images in {records.root}"
     if output is None:
-        suffix = ("" if data_dir is None else f"-{pathlib.Path(records.root).name}") + ("-tta" if tta else "")
+        suffix = "" if data_dir is None else f"-{pathlib.Path(records.root).name}"
+        suffix += f"-tta{views}" if views > 1 else ""
         output = run.run_dir / f"evaluation{suffix}"
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
 
-    probabilities = predict_paths(run.load_model(), paths, run.preprocessing, batch_size=batch_size, tta=tta)
+    probabilities = predict_paths(run.load_model(), paths, run.preprocessing, batch_size=batch_size, tta=views)
     counts = confusion_matrix(probabilities, labels, len(run.class_names))
     breeds = per_breed_accuracy(counts, run.class_names)
     pairs = most_confused_pairs(counts, run.class_names, top=top_pairs)
@@ -308,7 +329,7 @@ def evaluate(run_dir, *, data_dir=None, tta=False, output=None, batch_size=32, t
     plots.plot_confused_pairs(counts, run.class_names, pairs, output / "confusions.png",
                               title=f"{run.name}: most-confused breeds")
     result = {
-        "run": str(run.run_dir), "data": source, "num_images": len(paths), "tta": tta,
+        "run": str(run.run_dir), "data": source, "num_images": len(paths), "tta": views,
         "scores": metrics.scores(probabilities, labels),
         "random_guess": {"accuracy": 1 / len(run.class_names), "log_loss": float(np.log(len(run.class_names)))},
     }
@@ -328,7 +349,10 @@ def main(argv=None):
     parser.add_argument("run_dir", help="run folder written by python -m tfdogs.train")
     parser.add_argument("--data-dir",
                         help="another labelled data set to score on (default: the run's validation split)")
-    parser.add_argument("--tta", action="store_true", help="average with the horizontally mirrored image")
+    parser.add_argument("--tta", type=int, nargs="?", const=2, default=1, choices=sorted(data.TTA_VIEWS),
+                        metavar="N", help="test-time augmentation: average the softmax probabilities of N views "
+                        "of each image: 1 none, 2 the evaluation crop and its mirror (a bare --tta), 10 the centre "
+                        "and four corner crops and their mirrors")
     parser.add_argument("--output", help="results folder (default RUN/evaluation)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--top-pairs", type=int, default=10, help="how many confused breed pairs to show")
@@ -341,7 +365,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     scores, output = result["scores"], pathlib.Path(result["output"])
-    print(f"{result['data']}{' with flip TTA' if result['tta'] else ''}:\n"
+    views = f" with {result['tta']}-view TTA" if result["tta"] > 1 else ""
+    print(f"{result['data']}{views}:\n"
           f"  accuracy {scores['accuracy']:.4f}, top-5 {scores['top5_accuracy']:.4f}, "
           f"log loss {scores['log_loss']:.4f} (random guess {result['random_guess']['accuracy']:.4f})")
     breeds = pd.read_csv(output / "per_breed.csv", keep_default_na=False)

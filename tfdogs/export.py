@@ -20,6 +20,11 @@ BatchNorms are folded into the convolutions, and each member's
 `tfdogs.preprocessing.Preprocessing` record is applied inside the graph and
 written to `tfdogs.json`. Loading the export needs TensorFlow alone.
 
+With test-time augmentation (`--tta 2` or `--tta 10`) the signatures and
+outputs stay the same: each image's views (`data.eval_views`) are taken
+inside the graph, and `probabilities` is the mean of the views' softmax
+probabilities; `tfdogs.json` records the views (`tta_views`, `tta_view_names`).
+
 `export_tflite` writes a float32 TFLite file instead, for phones: it takes
 already resized and centre-cropped pixels (see its docstring for why).
 
@@ -29,6 +34,7 @@ Example:
 
 Command line (a run folder or an ensemble folder):
     python -m tfdogs.export runs/resnet18-demo                  # saved_models/resnet18-demo/<next version>
+    python -m tfdogs.export runs/resnet18-demo --tta 10         # ten views of each image, averaged
     python -m tfdogs.export runs/resnet18-demo --format tflite  # runs/resnet18-demo/tflite/model.tflite
 """
 
@@ -63,10 +69,16 @@ class ServingModule:
     preprocessed once per distinct record among the members (a LeNet-5 at
     64 px and a ResNet at 224 px can vote on the same request), exactly as
     each member's validation pipeline does, and the members' softmax
-    probabilities are averaged with `model_weights`.
+    probabilities are averaged with `model_weights`. With `views` > 1
+    (test-time augmentation), each member's probabilities are first the mean
+    of its softmax over the image's views, `data.eval_views`.
     """
 
-    def __init__(self, models, class_names, preprocessing, model_weights=None):
+    def __init__(self, models, class_names, preprocessing, model_weights=None, views=1):
+        if views not in data.TTA_VIEWS:
+            raise ValueError(f"Test-time augmentation takes {', '.join(map(str, data.TTA_VIEWS))} views; "
+                             f"got {views!r}.")
+        self.views = views
         self.models = list(models)
         self.class_names = tf.constant(list(class_names))
         records = _records(preprocessing, len(self.models))
@@ -81,11 +93,18 @@ class ServingModule:
         self.top_k = min(5, len(class_names))
 
     def probabilities(self, images_per_pipeline):
-        """Weighted mean of the members' softmax probabilities, float32."""
+        """Weighted mean of the members' softmax probabilities (each the mean over the views), float32.
+
+        Args:
+            images_per_pipeline: per distinct `Preprocessing`, [batch, views, size, size, 3].
+        """
         probabilities = 0.0
         for model, weight, pipeline in zip(self.models, self.model_weights, self.pipeline_of_member):
-            logits = tf.cast(model(images_per_pipeline[pipeline], training=False), tf.float32)
-            probabilities += weight * tf.nn.softmax(logits, axis=-1)
+            size = self.pipelines[pipeline].image_size
+            images = images_per_pipeline[pipeline]
+            logits = tf.cast(model(tf.reshape(images, [-1, size, size, 3]), training=False), tf.float32)
+            per_view = tf.reshape(tf.nn.softmax(logits, axis=-1), [tf.shape(images)[0], self.views, -1])
+            probabilities += weight * tf.reduce_mean(per_view, axis=1)
         return probabilities
 
     def _outputs(self, images_per_pipeline):
@@ -98,11 +117,12 @@ class ServingModule:
         }
 
     def _preprocess_all(self, image):
-        return tuple(data.preprocess_eval(image, **record.as_dict()) for record in self.pipelines)
+        return tuple(data.eval_views(image, self.views, **record.as_dict()) for record in self.pipelines)
 
     def _map(self, function, batch):
         return tf.map_fn(function, batch, fn_output_signature=tuple(
-            tf.TensorSpec([record.image_size, record.image_size, 3], tf.float32) for record in self.pipelines))
+            tf.TensorSpec([self.views, record.image_size, record.image_size, 3], tf.float32)
+            for record in self.pipelines))
 
     def from_bytes(self, image_bytes):
         return self._outputs(self._map(lambda encoded: self._preprocess_all(data.decode_image(encoded)), image_bytes))
@@ -122,7 +142,7 @@ def _records(preprocessing, count):
     return records
 
 
-def serving_module(models, class_names, preprocessing, model_weights=None):
+def serving_module(models, class_names, preprocessing, model_weights=None, views=1):
     """The `ServingModule` every export and in-process prediction serves: BatchNorms folded.
 
     Folding (`tfdogs.inference.fold_batch_norms`) changes float32 outputs by
@@ -135,16 +155,18 @@ def serving_module(models, class_names, preprocessing, model_weights=None):
         class_names: breed names in class-index order.
         preprocessing: one `Preprocessing` for all models, or one per model.
         model_weights: optional ensemble weights (normalised to sum to 1).
+        views: test-time augmentation views per image, 1 (none), 2 or 10 (`data.eval_views`).
 
     Returns:
         A `ServingModule`.
     """
     models = [models] if isinstance(models, keras.Model) else list(models)
     return ServingModule([inference.fold_batch_norms(model) for model in models], class_names, preprocessing,
-                         model_weights)
+                         model_weights, views)
 
 
-def export_saved_model(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None):
+def export_saved_model(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None,
+                       views=1):
     """Writes the next numeric version of a SavedModel under `export_base`: the one export of tfdogs.
 
     Training, `python -m tfdogs.export` and `tfdogs.ensemble` all call this: a
@@ -153,7 +175,8 @@ def export_saved_model(models, class_names, export_base, *, preprocessing, model
     hidden temporary folder and renamed into place, so an interrupted export
     never leaves a half-written version that TF Serving would try to load;
     earlier versions stay untouched. `tfdogs.json` beside it records the
-    breeds, the members and their preprocessing records.
+    breeds, the members and their preprocessing records, and the
+    test-time augmentation views (`tta_views`, `tta_view_names`).
 
     Args:
         models: a Keras classifier returning logits, or a list of them (an ensemble).
@@ -162,13 +185,15 @@ def export_saved_model(models, class_names, export_base, *, preprocessing, model
         preprocessing: one `Preprocessing` for all models, or one per model.
         model_weights: optional ensemble weights (normalised to sum to 1).
         metadata: extra JSON-serialisable facts to store in `tfdogs.json`.
+        views: test-time augmentation views per image baked into the graph, 1 (none), 2 or 10
+            (`data.eval_views`); the signatures stay the same.
 
     Returns:
         The path of the new version folder.
     """
     models = [models] if isinstance(models, keras.Model) else list(models)
     records = _records(preprocessing, len(models))
-    module = serving_module(models, class_names, records, model_weights)
+    module = serving_module(models, class_names, records, model_weights, views)
     facts = {
         "class_names": list(class_names),
         # the record every member shares, or null when members differ (see member_preprocessing)
@@ -177,6 +202,9 @@ def export_saved_model(models, class_names, export_base, *, preprocessing, model
         "members": [model.name for model in models],
         "member_weights": module.model_weights,
         "batch_norms_folded": True,
+        # probabilities = mean over these views of each view's softmax (data.eval_views)
+        "tta_views": views,
+        "tta_view_names": list(data.TTA_VIEWS[views]),
         **(metadata or {}),
     }
     return _write_version(_serving_archive(module), export_base, facts)
@@ -350,8 +378,17 @@ def main(argv=None):
                              "labels.txt and tfdogs.json in --output")
     parser.add_argument("--output", help="default: saved_models/<folder name> (saved_model), "
                                          "MODEL/tflite (tflite)")
+    parser.add_argument("--tta", type=int, default=1, choices=sorted(data.TTA_VIEWS), metavar="N",
+                        help="test-time augmentation in the SavedModel: answer the mean softmax of N views of "
+                             "each image: 1 none, 2 the evaluation crop and its mirror, 10 the centre and four "
+                             "corner crops and their mirrors (same signatures)")
     args = parser.parse_args(argv)
     folder = pathlib.Path(args.model)
+    if args.format == "tflite" and args.tta != 1:
+        print(f"error: --tta {args.tta} is for SavedModel exports only: the TFLite file takes one image already "
+              "resized and centre-cropped outside the model (tflite_input), so it cannot take the other views; "
+              "export without --tta, or average the app's own views.", file=sys.stderr)
+        return 2
     try:
         if (folder / ensemble.ENSEMBLE_FILE).is_file():
             runs, member_weights = ensemble.load_ensemble(folder)
@@ -366,11 +403,11 @@ def main(argv=None):
         else:
             export_base = args.output or pathlib.Path("saved_models") / folder.name
             path = export_saved_model(models, runs[0].class_names, export_base, preprocessing=preprocessing,
-                                      model_weights=member_weights, metadata=metadata)
+                                      model_weights=member_weights, metadata=metadata, views=args.tta)
     except (evaluate.RunFolderError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Exported {folder} to {path}")
+    print(f"Exported {folder} to {path}" + (f" ({args.tta} views of each image)" if args.tta > 1 else ""))
     return 0
 
 

@@ -10,6 +10,13 @@ MODEL is any of:
 Run and ensemble folders are rebuilt in process with the serving code of the
 export, so their answers are the SavedModel's (the tests check this).
 
+`--tta N` averages the softmax probabilities of N views of each image
+(test-time augmentation, `data.eval_views`): 1 none, 2 the evaluation crop
+and its mirror image, 10 the centre and four corner crops of the resized
+image and their mirrors. A run or ensemble folder takes any N (default 1); a
+SavedModel answers with the views it was exported with (`tfdogs.export
+--tta`), and refuses another N.
+
 IMAGE is an image file or a folder (its images, sub-folders included). Every
 readable image is answered; every other one is named with the reason (not
 found, empty, not an image or truncated, a URL), in the table or as an
@@ -19,6 +26,7 @@ not be read, 2 the model could not be loaded.
 Examples:
     python -m tfdogs.predict runs/resnet18-20240101-120000 dog.jpg other_dog.png
     python -m tfdogs.predict saved_models/resnet18-20240101-120000 photos/ --json
+    python -m tfdogs.predict runs/resnet18-20240101-120000 dog.jpg --tta 10
     python -m tfdogs.predict runs/resnet18-20240101-120000 photos/ --json --explain why/   # heat maps
 """
 
@@ -44,12 +52,14 @@ class Predictor:
     Attributes:
         class_names: breed names in the order of the `probabilities` columns.
         description: what was loaded, for messages.
+        views: test-time augmentation views averaged per image (1: none).
     """
 
-    def __init__(self, function, class_names, description):
+    def __init__(self, function, class_names, description, views=1):
         self._function = function
         self.class_names = list(class_names)
         self.description = description
+        self.views = views
 
     def __call__(self, image_bytes):
         """Outputs for a list of encoded images: `probabilities`, `top5_breeds` (str), `top5_probabilities`."""
@@ -61,40 +71,56 @@ class Predictor:
         }
 
 
-def _in_process(runs, member_weights, description):
+def _in_process(runs, member_weights, description, views):
     models = [run.load_model() for run in runs]
     module = export.serving_module(models, runs[0].class_names, [run.preprocessing for run in runs],
-                                   model_weights=member_weights)
+                                   model_weights=member_weights, views=views)
     function = tf.function(module.from_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
-    return Predictor(function, runs[0].class_names, description)
+    return Predictor(function, runs[0].class_names, description, views)
 
 
-def load_predictor(model):
+def load_predictor(model, tta=None):
     """Loads a run folder, an ensemble folder or a SavedModel (version or base folder).
 
+    Args:
+        model: the folder.
+        tta: test-time augmentation views per image, 1, 2 or 10 (`data.eval_views`); None: 1 for a
+            run or ensemble folder, the exported views for a SavedModel.
+
     Raises:
-        PredictError: the folder is none of these, naming what is missing.
+        PredictError: the folder is none of these, naming what is missing, or a SavedModel was
+            exported with other views than `tta`.
     """
     path = pathlib.Path(model)
     if not path.is_dir():
         raise PredictError(f"Model folder {path} does not exist.")
     try:
+        views = 1 if tta is None else evaluate.tta_views(tta)
+    except ValueError as error:
+        raise PredictError(str(error)) from None
+    try:
         if (path / ensemble.ENSEMBLE_FILE).is_file():
             runs, member_weights = ensemble.load_ensemble(path)
-            return _in_process(runs, member_weights, f"ensemble {path}")
+            return _in_process(runs, member_weights, f"ensemble {path}", views)
         if (path / "config.yaml").is_file():
-            return _in_process([evaluate.load_run(path)], None, f"run {path}")
+            return _in_process([evaluate.load_run(path)], None, f"run {path}", views)
     except evaluate.RunFolderError as error:
         raise PredictError(str(error)) from None
     try:
         version_dir = export.latest_version(path)
-        class_names = export.read_metadata(version_dir)["class_names"]
+        facts = export.read_metadata(version_dir)
     except FileNotFoundError as error:
         raise PredictError(
             f"{path} is not a run folder (config.yaml), an ensemble folder ({ensemble.ENSEMBLE_FILE}) "
             f"or a tfdogs SavedModel: {error}") from None
+    exported_views = facts.get("tta_views", 1)  # exports from before test-time augmentation have one view
+    if tta is not None and views != exported_views:
+        raise PredictError(
+            f"The SavedModel {version_dir} answers with {exported_views} view(s) of each image, baked in at export "
+            f"(tfdogs.json tta_views), not {views}: leave out --tta, or export it again with "
+            f"python -m tfdogs.export RUN --tta {views}.")
     signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    return Predictor(signature, class_names, f"SavedModel {version_dir}")
+    return Predictor(signature, facts["class_names"], f"SavedModel {version_dir}", exported_views)
 
 
 def image_inputs(arguments):
@@ -243,6 +269,10 @@ def main(argv=None):
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--tta", type=int, choices=sorted(data.TTA_VIEWS), metavar="N",
+                        help="test-time augmentation: the mean softmax of N views of each image: 1 none (default), "
+                             "2 the evaluation crop and its mirror, 10 the centre and four corner crops and their "
+                             "mirrors; a SavedModel has the views it was exported with")
     parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
                         help="1: a progress bar on a terminal for a few hundred images or more")
     parser.add_argument("--explain", metavar="DIR", help="write a heat map (Grad-CAM) of each answered image's "
@@ -250,7 +280,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     inputs = image_inputs(args.images)
     try:
-        predictor = load_predictor(args.model)
+        predictor = load_predictor(args.model, tta=args.tta)
     except PredictError as error:
         print(f"error: {error}", file=sys.stderr)
         if args.json:  # still one entry per input, so that a script reading stdout is not left with nothing

@@ -5,11 +5,13 @@ download for the test ids and the breed column order, predicts
 `test/<id>.jpg` with MODEL (a run folder, an ensemble folder or a SavedModel,
 as for `tfdogs.predict`) and writes `id` plus one probability column per breed,
 in the sample's column order, each row summing to 1. Kaggle scores it by
-multi-class log loss.
+multi-class log loss. `--tta N` averages the softmax probabilities of N views
+of each photo, as for `tfdogs.predict`.
 
 Examples:
     python -m tfdogs.submit runs/resnet34-20240101-120000 --data-dir path/to/dog-breed-identification
     python -m tfdogs.submit runs/ensemble-resnets --data-dir path/to/dog-breed-identification --output ensemble.csv
+    python -m tfdogs.submit runs/resnet34-20240101-120000 --data-dir path/to/dog-breed-identification --tta 10
 """
 
 import argparse
@@ -20,7 +22,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from tfdogs import predict
+from tfdogs import data, predict
 
 SAMPLE_FILE = "sample_submission.csv"
 
@@ -93,7 +95,7 @@ def submission_table(ids, breed_columns, probabilities, class_names, source="the
     return table
 
 
-def write_submission(model, data_dir, output, *, batch_size=32, verbose=1):
+def write_submission(model, data_dir, output, *, batch_size=32, verbose=1, tta=None):
     """Predicts every test image of a Kaggle download and writes the submission CSV.
 
     Args:
@@ -102,6 +104,7 @@ def write_submission(model, data_dir, output, *, batch_size=32, verbose=1):
         output: CSV path to write.
         batch_size: images per forward pass.
         verbose: 0 hides the progress bar shown on a terminal.
+        tta: test-time augmentation views per photo, 1, 2 or 10, as `predict.load_predictor` takes.
 
     Returns:
         The submission as a DataFrame.
@@ -111,7 +114,7 @@ def write_submission(model, data_dir, output, *, batch_size=32, verbose=1):
             read (every one is named, after all the others were predicted).
     """
     ids, breed_columns, paths = read_sample_submission(data_dir)
-    predictor = predict.load_predictor(model)
+    predictor = predict.load_predictor(model, tta=tta)
     outputs = predict.predict_files(predictor, paths, batch_size=batch_size, verbose=verbose)
     failed = [f"{path.name} ({error})" for path, error in zip(paths, outputs["errors"]) if error]
     if failed:
@@ -132,12 +135,16 @@ def main(argv=None):
     parser.add_argument("--data-dir", required=True, help="the Kaggle dog-breed-identification folder")
     parser.add_argument("--output", default="submission.csv", help="CSV file to write")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--tta", type=int, choices=sorted(data.TTA_VIEWS), metavar="N",
+                        help="test-time augmentation: the mean softmax of N views of each photo: 1 none (default), "
+                             "2 the evaluation crop and its mirror, 10 the centre and four corner crops and their "
+                             "mirrors; a SavedModel has the views it was exported with")
     parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
                         help="1: a progress bar on a terminal for a few hundred images or more")
     args = parser.parse_args(argv)
     try:
         table = write_submission(args.model, args.data_dir, args.output, batch_size=args.batch_size,
-                                 verbose=args.verbose)
+                                 verbose=args.verbose, tta=args.tta)
     except (SubmissionError, predict.PredictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
