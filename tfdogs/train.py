@@ -289,11 +289,20 @@ class EpochKeyedSeeds(keras.callbacks.Callback):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds the optimizer's current learning rate to each epoch's logs."""
+    """Adds to each epoch's logs the learning rate of its first step.
+
+    Read when the epoch begins: at its end the step counter has moved on, and
+    the optimizer would report the next epoch's first rate.
+    """
+
+    rate = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs["learning_rate"] = self.rate
 
 
 class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
