@@ -118,7 +118,9 @@ SERVE = textwrap.dedent("""
     from_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
     pixels = tf.cast(tf.io.decode_image(blobs[0], channels=3, expand_animations=False), tf.float32)[None]
     from_images = loaded.signatures["serving_images"](images=pixels)
-    print(json.dumps({"signatures": sorted(loaded.signatures), "outputs": sorted(from_bytes),
+    shapes = {name: str(signature.structured_outputs["probabilities"].shape)
+              for name, signature in loaded.signatures.items()}
+    print(json.dumps({"signatures": sorted(loaded.signatures), "outputs": sorted(from_bytes), "shapes": shapes,
                       "probabilities": from_bytes["probabilities"].numpy().tolist(),
                       "first_from_images": from_images["probabilities"].numpy().tolist(),
                       "tfdogs_imported": any(name.startswith("tfdogs") for name in sys.modules)}))
@@ -137,6 +139,7 @@ def test_an_export_with_ten_views_answers_what_evaluation_does_in_a_tensorflow_o
                                        capture_output=True, text=True, check=True).stdout)
     assert served["signatures"] == ["serving_default", "serving_images"] and not served["tfdogs_imported"]
     assert served["outputs"] == ["probabilities", "top5_breeds", "top5_probabilities"]
+    assert served["shapes"] == {"serving_default": "(None, 4)", "serving_images": "(None, 4)"}
     model = run.load_model()
     expected = evaluate.predict_paths(model, paths, run.preprocessing, tta=10)
     assert_same_answers(served["probabilities"], expected)

@@ -90,6 +90,7 @@ class ServingModule:
             raise ValueError(f"{len(model_weights)} ensemble weights given for {len(self.models)} models.")
         total = float(sum(model_weights))
         self.model_weights = [float(weight) / total for weight in model_weights]
+        self.num_classes = len(class_names)
         self.top_k = min(5, len(class_names))
 
     def probabilities(self, images_per_pipeline):
@@ -103,7 +104,8 @@ class ServingModule:
             size = self.pipelines[pipeline].image_size
             images = images_per_pipeline[pipeline]
             logits = tf.cast(model(tf.reshape(images, [-1, size, size, 3]), training=False), tf.float32)
-            per_view = tf.reshape(tf.nn.softmax(logits, axis=-1), [tf.shape(images)[0], self.views, -1])
+            # the class count stays static, so the signatures keep probabilities' shape (-1, classes)
+            per_view = tf.reshape(tf.nn.softmax(logits, axis=-1), [-1, self.views, self.num_classes])
             probabilities += weight * tf.reduce_mean(per_view, axis=1)
         return probabilities
 
