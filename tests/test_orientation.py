@@ -180,5 +180,10 @@ def test_a_tensorflow_only_server_answers_phone_photos_as_if_upright(lenet_run, 
     assert not served["tfdogs_loaded"]
     for orientation, answer in zip(ORIENTATIONS, served["answers"]):
         np.testing.assert_allclose(answer["bytes"], answer["upright"], atol=1e-6, err_msg=f"orientation {orientation}")
-    # The orientation matters to the model: read as stored, a sideways photo gets other probabilities.
-    assert np.abs(np.subtract(served["answers"][5]["bytes"], served["answers"][5]["as_stored"])).max() > 1e-4
+    # The orientation matters to the model: read as stored, a sideways photo gets other probabilities (compared
+    # as logarithms: the calibrated LeNet on its easy shapes is so sure that the top probability barely moves).
+    def log_probabilities(values):
+        return np.log(np.clip(values, 1e-30, 1.0))
+
+    assert np.abs(log_probabilities(served["answers"][5]["bytes"])
+                  - log_probabilities(served["answers"][5]["as_stored"])).max() > 0.01
