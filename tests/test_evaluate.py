@@ -136,3 +136,16 @@ def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     expected = metrics.scores(train.predict_probabilities(model, dataset), records.labels[val_indices])
     assert result["scores"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluate_refits_the_temperature_on_the_images_it_scores(lenet_run, tmp_path):
+    """The run's temperature was fitted on its validation split; --calibrate refits on whatever is scored."""
+    plain = evaluate.evaluate(lenet_run, output=tmp_path / "plain", report=False)
+    refitted = evaluate.evaluate(lenet_run, output=tmp_path / "refit", report=False, calibrate=True)
+    calibrated = refitted["calibrated"]
+    assert "calibrated" not in plain and refitted["scores"] == plain["scores"]
+    assert calibrated["fitted_on"] == refitted["data"]
+    assert calibrated["accuracy"] == plain["scores"]["accuracy"]  # one temperature keeps every answer
+    assert calibrated["log_loss"] <= plain["scores"]["log_loss"] + 1e-9
+    assert calibrated["temperature"] != pytest.approx(1.0, abs=1e-3)  # a real refit: the scores it gives moved
+    assert calibrated["log_loss"] < plain["scores"]["log_loss"]
