@@ -235,6 +235,7 @@ def empty_folders(base):
     return [directory for directory, subdirectories, files in os.walk(base) if not subdirectories and not files]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGTERM)])
 def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_it_prints_resumes(tmp_path, first, second):
     """A real `python -m tfdogs.train` (default run folder), stopped twice between epochs, then resumed."""

@@ -70,6 +70,7 @@ def test_fine_tune_trains_the_head_first_then_everything(tmp_path, pretrained_fi
         assert not np.array_equal(gamma, before[name][0]) and not np.array_equal(beta, before[name][1]), name
 
 
+@pytest.mark.slow
 def test_without_freeze_bn_the_statistics_follow_the_dog_photos(tmp_path, pretrained_file):
     before = initial(pretrained_file)
     run_dir, _ = run(tmp_path, pretrained_file, strategy="fine-tune", epochs=2, head_epochs=1)

@@ -21,7 +21,8 @@ def png_size(path):
     ("lenet5", dict(epochs=6, image_size=32), 0.6),
     # ResNets: enough steps per epoch for the BatchNorm running statistics to settle
     ("resnet18", dict(epochs=4, image_size=64, learning_rate=1e-3, synthetic_images_per_class=30), 0.75),
-    ("resnet34", dict(epochs=5, image_size=64, learning_rate=1e-3, synthetic_images_per_class=30), 0.75),
+    pytest.param("resnet34", dict(epochs=5, image_size=64, learning_rate=1e-3, synthetic_images_per_class=30), 0.75,
+                 marks=pytest.mark.slow),
 ])
 def test_each_model_learns_the_synthetic_breeds(tmp_path, model_name, overrides, min_accuracy):
     config = small_config(model=model_name, output=str(tmp_path / "run"),

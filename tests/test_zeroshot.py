@@ -46,6 +46,7 @@ def test_zero_shot_run_on_generated_breeds(tmp_path):
     assert result["log_loss"] == pytest.approx(metrics.log_loss(probabilities, records.labels), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseline(tmp_path, monkeypatch):
     """The main command's path: `--weights` left at auto fetches the registry's checkpoint (here a local file)."""
     import dataclasses
