@@ -254,6 +254,20 @@ def format_table(results):
 ALL_ANSWERED, SOME_FAILED, NOTHING_RUN = 0, 1, 2
 
 
+def add_model_arguments(parser, images=False):
+    """The flags `predict` and `submit` share: the model folder, batch size, TTA views and progress."""
+    parser.add_argument("model", help="run folder, ensemble folder or SavedModel folder")
+    if images:
+        parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--tta", type=int, choices=sorted(data.TTA_VIEWS), metavar="N",
+                        help="test-time augmentation: the mean softmax of N views of each image: 1 none (default), "
+                             "2 the evaluation crop and its mirror, 10 the centre and four corner crops and their "
+                             "mirrors; a SavedModel has the views it was exported with")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+                        help="1: a progress bar on a terminal for a few hundred images or more")
+
+
 def main(argv=None):
     """Command-line entry point: prints the top-5 breeds of each image.
 
@@ -265,16 +279,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tfdogs.predict", description=__doc__.split("\n\n")[0],
                                      epilog="Exit status: 0 every image answered, 1 some images could not be read "
                                             "(the rest are answered), 2 the model could not be loaded.")
-    parser.add_argument("model", help="run folder, ensemble folder or SavedModel folder")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    add_model_arguments(parser, images=True)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--tta", type=int, choices=sorted(data.TTA_VIEWS), metavar="N",
-                        help="test-time augmentation: the mean softmax of N views of each image: 1 none (default), "
-                             "2 the evaluation crop and its mirror, 10 the centre and four corner crops and their "
-                             "mirrors; a SavedModel has the views it was exported with")
-    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
-                        help="1: a progress bar on a terminal for a few hundred images or more")
     parser.add_argument("--explain", metavar="DIR", help="write a heat map (Grad-CAM) of each answered image's "
                         "top breed to DIR/<image name>.png; needs a run or ensemble folder (tfdogs.explain)")
     args = parser.parse_args(argv)

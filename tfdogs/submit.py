@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from tfdogs import data, predict
+from tfdogs import predict
 
 SAMPLE_FILE = "sample_submission.csv"
 
@@ -131,16 +131,9 @@ def write_submission(model, data_dir, output, *, batch_size=32, verbose=1, tta=N
 def main(argv=None):
     """Command-line entry point: writes the submission and says where."""
     parser = argparse.ArgumentParser(prog="python -m tfdogs.submit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="run folder, ensemble folder or SavedModel folder")
+    predict.add_model_arguments(parser)
     parser.add_argument("--data-dir", required=True, help="the Kaggle dog-breed-identification folder")
     parser.add_argument("--output", default="submission.csv", help="CSV file to write")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--tta", type=int, choices=sorted(data.TTA_VIEWS), metavar="N",
-                        help="test-time augmentation: the mean softmax of N views of each photo: 1 none (default), "
-                             "2 the evaluation crop and its mirror, 10 the centre and four corner crops and their "
-                             "mirrors; a SavedModel has the views it was exported with")
-    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
-                        help="1: a progress bar on a terminal for a few hundred images or more")
     args = parser.parse_args(argv)
     try:
         table = write_submission(args.model, args.data_dir, args.output, batch_size=args.batch_size,
