@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfdogs import check, data, predict, progress
+from tfdogs import check, data, evaluate, predict, progress
 
 PHOTOS = progress.MIN_PHOTOS
 
@@ -15,7 +15,7 @@ def many_photos(tmp_path_factory):
     """MIN_PHOTOS tiny photos in two breed folders."""
     root = tmp_path_factory.mktemp("many") / "photos"
     for index in range(PHOTOS):
-        folder = root / ("beagle" if index % 2 else "pug")
+        folder = root / ("beagle" if index % 2 else "boxer")  # two of the synthetic runs' breeds
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (12, 12), (index % 256, 7 * index % 256, 90)).save(folder / f"{index}.jpg")
     return root
@@ -52,6 +52,13 @@ def test_predict_over_a_folder_shows_its_count(lenet_run, many_photos, terminal)
     shown = terminal.readouterr().out
     assert f"{PHOTOS}/{PHOTOS}" in shown
     assert predict.main([str(lenet_run), str(many_photos), "--json", "--verbose", "0"]) == predict.ALL_ANSWERED
+    assert f"/{PHOTOS}" not in terminal.readouterr().out
+
+
+def test_evaluate_on_many_photos_shows_its_count(lenet_run, many_photos, terminal, tmp_path):
+    evaluate.evaluate(lenet_run, data_dir=many_photos, output=tmp_path / "shown", report=False)
+    assert f"{PHOTOS}/{PHOTOS}" in terminal.readouterr().out
+    evaluate.evaluate(lenet_run, data_dir=many_photos, output=tmp_path / "quiet", report=False, verbose=0)
     assert f"/{PHOTOS}" not in terminal.readouterr().out
 
 

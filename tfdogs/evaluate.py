@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdogs import check, config as config_lib, data, evaluation_report, metrics, plots, train, weights
+from tfdogs import check, config as config_lib, data, evaluation_report, metrics, plots, progress, train, weights
 from tfdogs.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing, PreprocessingError
 
 
@@ -198,7 +198,7 @@ def tta_views(tta):
     return int(tta)
 
 
-def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=1):
+def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=1, verbose=0):
     """Softmax probabilities of a model for image files, through the validation pipeline.
 
     With test-time augmentation, each image's views (`data.eval_views`) go
@@ -210,18 +210,21 @@ def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=1):
         preprocessing: the model's `Preprocessing`.
         batch_size: images per forward pass (each with all its views).
         tta: views per image, 1 (the evaluation crop alone), 2 or 10; see `tta_views`.
+        verbose: 1 shows a progress bar over the photos (`tfdogs.progress`: many photos, on a terminal).
 
     Returns:
         float32 [len(paths), classes].
     """
     views = tta_views(tta)
+    # each predicted batch holds batch_size photos (with all their views)
+    shown = [progress.PredictCallback(progress.photos(len(paths), verbose), len(paths), batch_size)]
     dataset = data.make_dataset(list(paths), np.zeros(len(paths), np.int64), training=False,
                                 batch_size=batch_size, views=views, **preprocessing.as_dict())
     if views == 1:
-        return train.predict_probabilities(model, dataset)
+        return train.predict_probabilities(model, dataset, shown)
     size = preprocessing.image_size
     views_as_images = dataset.map(lambda images, labels: (tf.reshape(images, [-1, size, size, 3]), labels))
-    probabilities = train.predict_probabilities(model, views_as_images)
+    probabilities = train.predict_probabilities(model, views_as_images, shown)
     return probabilities.reshape(len(paths), views, -1).mean(axis=1)
 
 
@@ -287,7 +290,7 @@ def most_confused_pairs(counts, class_names, top=10):
 
 
 def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_pairs=10, report=True,
-             calibrate=False):
+             calibrate=False, verbose=1):
     """Scores a run's best model and writes the per-breed tables and the confusion figure.
 
     Args:
@@ -304,6 +307,7 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
             model's probabilities, which already hold the run's own temperature) and
             report the scores it would give, under `calibrated`: a refit on
             another split than the one training fitted on.
+        verbose: 1 shows a progress bar over many photos on a terminal, 0 nothing.
 
     Returns:
         The `evaluation.json` content, plus `output` (the folder written).
@@ -325,7 +329,8 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
 
-    probabilities = predict_paths(run.load_model(), paths, run.preprocessing, batch_size=batch_size, tta=views)
+    probabilities = predict_paths(run.load_model(), paths, run.preprocessing, batch_size=batch_size, tta=views,
+                                  verbose=verbose)
     counts = confusion_matrix(probabilities, labels, len(run.class_names))
     breeds = per_breed_accuracy(counts, run.class_names)
     pairs = most_confused_pairs(counts, run.class_names, top=top_pairs)
@@ -368,13 +373,15 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--top-pairs", type=int, default=10, help="how many confused breed pairs to show")
     parser.add_argument("--no-report", action="store_true", help="leave out the picture report (report/index.html)")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+                        help="1: a progress bar on a terminal for a few hundred photos or more")
     parser.add_argument("--calibrate", action="store_true",
                         help="refit the temperature on these images and report the calibrated scores too")
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.run_dir, data_dir=args.data_dir, tta=args.tta, output=args.output,
                           batch_size=args.batch_size, top_pairs=args.top_pairs, report=not args.no_report,
-                          calibrate=args.calibrate)
+                          calibrate=args.calibrate, verbose=args.verbose)
     except (RunFolderError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
