@@ -6,7 +6,7 @@ demand that every bad case is listed and nothing else is.
 
 Example:
     expected = write_kaggle_corpus(tmp_path / "data")
-    report = check.check_data(tmp_path / "data")
+    report = validation.check_data(tmp_path / "data")
 """
 
 import csv

@@ -8,6 +8,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tfdogs import config as config_lib  # noqa: E402
+from tfdogs.training import loop as training_loop
 
 
 def small_config(**overrides):
@@ -27,10 +28,9 @@ def small_config(**overrides):
 @pytest.fixture(scope="session")
 def lenet_run(tmp_path_factory):
     """A finished LeNet-5 run on synthetic data (run folder and export)."""
-    from tfdogs import train
 
     base = tmp_path_factory.mktemp("lenet_run")
-    return train.train(small_config(output=str(base / "run"), export_dir=str(base / "export"), epochs=4))
+    return training_loop.train(small_config(output=str(base / "run"), export_dir=str(base / "export"), epochs=4))
 
 
 @pytest.fixture(scope="session")

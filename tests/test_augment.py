@@ -1,11 +1,11 @@
-"""Tests for tfdogs.augment: the Keras augmentation block for training batches."""
+"""Tests for tfdogs.data.augment: the Keras augmentation block for training batches."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs.augment import build_augmentation
+from tfdogs.data.augment import build_augmentation
 
 
 def _batch(size=8, side=16, seed=0):
@@ -89,7 +89,8 @@ def test_stays_float32_under_mixed_precision():
 
 # ----------------------------------------------------------------------------- the modern recipe
 
-from tfdogs import augment, data  # noqa: E402
+from tfdogs import data  # noqa: E402
+from tfdogs.data import augment  # noqa: E402
 
 NONE = dict(flip=False, rotation=0, zoom=0, translation=0, contrast=0)
 RECIPE = {

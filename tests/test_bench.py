@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from tfdogs import bench
+from tfdogs.bench import steps
+from tfdogs.data import preprocessing
 
 TINY = ["--models", "lenet5", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1",
         "--window-steps", "2", "--windows", "2", "--in-process"]
@@ -44,7 +46,7 @@ def test_full_table_with_pytorch_has_every_part_and_ratio(tmp_path, dogs10_dir, 
     output = tmp_path / "bench"
     bench.main(TINY + ["--data-dir", str(dogs10_dir), "--output", str(output)])
     rows, report = read_table(output)
-    assert list(rows[0]) == list(bench.COLUMNS)
+    assert list(rows[0]) == list(steps.COLUMNS)
     expected = {("pipeline", "", "torch", "dataloader"), ("pipeline", "", "tfdogs", "decode-and-crop"),
                 ("pipeline", "", "tfdogs", "cache (memory)")}
     for part in ("train", "inference"):
@@ -100,11 +102,11 @@ def test_targets_apply_to_resnet18_at_224_against_tuned_pytorch():
 
 
 def test_generated_photos_have_the_kaggle_median_size(tmp_path):
-    paths = bench.make_photo_like_jpegs(tmp_path, count=3)
+    paths = steps.make_photo_like_jpegs(tmp_path, count=3)
     assert len(paths) == 3
     for path in paths:
         with Image.open(path) as image:
-            assert image.format == "JPEG" and image.size == bench.PHOTO_SIZE
+            assert image.format == "JPEG" and image.size == steps.PHOTO_SIZE
             assert np.asarray(image).std() > 10  # not a flat image: decoding costs what a photo does
 
 
@@ -114,7 +116,7 @@ def pipeline(paths, **options):
     from tfdogs import data
 
     return data.make_dataset(paths, np.zeros(len(paths), np.int64), image_size=32, batch_size=8, training=True,
-                             mean=bench.IMAGENET_MEAN, std=bench.IMAGENET_STD, seed=3, **options)
+                             mean=preprocessing.IMAGENET_MEAN, std=preprocessing.IMAGENET_STD, seed=3, **options)
 
 
 def test_per_image_flip_mirrors_some_crops_and_keeps_the_others(dogs10_dir):

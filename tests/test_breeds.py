@@ -2,7 +2,7 @@
 
 import pytest
 
-from tfdogs.breeds import IMAGENET_INDEX, KAGGLE_BREEDS, imagenet_index
+from tfdogs.data.breeds import IMAGENET_INDEX, KAGGLE_BREEDS, imagenet_index
 
 
 def test_kaggle_breeds_are_the_120_sorted_names():

@@ -8,9 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-
 from conftest import small_config
-from tfdogs import evaluate, metrics, models, train
+
+from tfdogs import data, models
+from tfdogs.evaluation import metrics
+from tfdogs.runs import folder as run_folder
+from tfdogs.training import callbacks as training_callbacks, loop as training_loop, resume as training_resume
 
 
 def overconfident(seed=0, count=4000, classes=10, scale=4.0):
@@ -52,7 +55,7 @@ def averaged_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("averaged")
     config = small_config(output=str(base / "run"), export_dir=str(base / "export"), epochs=1, ema=0.5,
                           label_smoothing=0.1, precision="float32")
-    return train.train(config)
+    return training_loop.train(config)
 
 
 def h5_arrays(path):
@@ -96,10 +99,10 @@ def test_model_keras_and_the_export_serve_softmax_of_logits_over_the_temperature
     assert summary["val_calibrated"]["log_loss"] <= summary["val"]["log_loss"] + 1e-9
     assert summary["val_calibrated"]["accuracy"] == summary["val"]["accuracy"]
     assert (averaged_run / "calibration.png").stat().st_size > 10_000
-    run = evaluate.load_run(averaged_run)
+    run = run_folder.load_run(averaged_run)
     records, _, val_indices = run.split()
     paths = [records.paths[i] for i in val_indices][:6]
-    images = np.stack([evaluate.data.preprocess_eval(evaluate.data.decode_image(tf.io.read_file(path)),
+    images = np.stack([data.preprocess_eval(data.decode_image(tf.io.read_file(path)),
                                                      **run.preprocessing.as_dict()) for path in paths])
     expected = metrics.softmax(raw_model(averaged_run, "best.weights.h5").predict(images, verbose=0), temperature)
     served = tf.saved_model.load(summary["export"]).signatures["serving_default"](
@@ -108,7 +111,7 @@ def test_model_keras_and_the_export_serve_softmax_of_logits_over_the_temperature
 
 
 def test_no_calibrate_serves_the_raw_probabilities(tmp_path):
-    run_dir = train.train(small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"),
+    run_dir = training_loop.train(small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"),
                                        epochs=1, calibrate=False))
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert "val_calibrated" not in summary and not (run_dir / "calibration.png").exists()
@@ -117,8 +120,8 @@ def test_no_calibrate_serves_the_raw_probabilities(tmp_path):
 
 @pytest.mark.parametrize("layout, monitor", [("kaggle", "val_log_loss"), ("folders", "val_accuracy")])
 def test_the_monitor_follows_the_layout_by_default(layout, monitor):
-    assert train.resolve_monitor({"monitor": "auto"}, layout) == monitor
-    assert train.resolve_monitor({"monitor": "val_accuracy"}, "kaggle") == "val_accuracy"
+    assert training_callbacks.resolve_monitor({"monitor": "auto"}, layout) == monitor
+    assert training_callbacks.resolve_monitor({"monitor": "val_accuracy"}, "kaggle") == "val_accuracy"
 
 
 def test_the_best_checkpoint_follows_the_monitored_log_loss(lenet_run):
@@ -127,5 +130,5 @@ def test_the_best_checkpoint_follows_the_monitored_log_loss(lenet_run):
     summary = json.loads((lenet_run / "metrics.json").read_text())
     assert summary["monitor"] == "val_log_loss"
     assert summary["best_epoch"] == int(history["val_log_loss"].idxmin()) + 1
-    best, epoch = train.best_so_far(history, "val_log_loss")
+    best, epoch = training_resume.best_so_far(history, "val_log_loss")
     assert best == history["val_log_loss"].min() and epoch == summary["best_epoch"] - 1

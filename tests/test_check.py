@@ -6,14 +6,17 @@ import pathlib
 import shutil
 import sys
 
+import bad_corpus
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import small_config
 from PIL import Image
 
-import bad_corpus
-from conftest import small_config
-from tfdogs import check, config as config_lib, data, export, train
+from tfdogs import check, config as config_lib, data
+from tfdogs.data import validation
+from tfdogs.serving import saved_model
+from tfdogs.training import loop as training_loop, prepare
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -55,7 +58,7 @@ def checked(corpus, tmp_path_factory):
     converted = tmp_path_factory.mktemp("converted")
     OpenedFiles.paths, OpenedFiles.recording = [], True
     try:
-        report = check.check_data(root, converted_dir=converted)
+        report = validation.check_data(root, converted_dir=converted)
     finally:
         OpenedFiles.recording = False
     return report, converted, list(OpenedFiles.paths)
@@ -128,7 +131,7 @@ def test_files_tensorflow_cannot_decode_correctly_get_an_rgb_copy(corpus, checke
 def test_copies_are_reused_by_a_second_check(corpus, checked):
     report, converted, _ = checked
     before = {path.name: path.stat().st_mtime_ns for path in converted.iterdir()}
-    again = check.check_data(corpus[0], converted_dir=converted)
+    again = validation.check_data(corpus[0], converted_dir=converted)
     assert again.sources == report.sources
     assert {path.name: path.stat().st_mtime_ns for path in converted.iterdir()} == before
 
@@ -150,7 +153,7 @@ def test_no_file_outside_the_data_directory_is_opened(corpus, checked):
 
 def test_class_folders_list_broken_files_and_links_out(tmp_path):
     expected, outside = bad_corpus.write_folder_corpus(tmp_path / "data")
-    report = check.check_data(tmp_path / "data")
+    report = validation.check_data(tmp_path / "data")
     assert as_set(report.problems) == as_set(expected)
     assert report.records.class_names == sorted(bad_corpus.GOOD_BREEDS)
     assert str(outside) not in report.sources and len(report.sources) == 4 * 3 + 1
@@ -162,7 +165,7 @@ def test_labels_csv_header_variants_that_name_both_columns_are_read(tmp_path, he
     Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "train" / "abc.jpg")
     row = "abc,pug" if header.strip("\ufeff ").lower().startswith("id") else "pug,abc"
     (tmp_path / "labels.csv").write_text(f"{header}\n{row}\n", encoding="utf-8")
-    report = check.check_data(tmp_path)
+    report = validation.check_data(tmp_path)
     assert report.records.class_names == ["pug"] and report.problems == []
 
 
@@ -179,7 +182,7 @@ def test_unreadable_labels_csv_fails_with_a_clear_message(tmp_path, content, mes
     path = tmp_path / "labels.csv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(data.DataError, match=message) as error:
-        check.check_data(tmp_path)
+        validation.check_data(tmp_path)
     assert str(path) in str(error.value)
 
 
@@ -193,7 +196,7 @@ def test_nothing_usable_fails_and_lists_why(tmp_path):
     (tmp_path / "pug" / "a.jpg").write_bytes(b"")
     (tmp_path / "pug" / "b.jpg").write_text("not a photo")
     with pytest.raises(data.DataError, match="no usable image") as error:
-        check.check_data(tmp_path)
+        validation.check_data(tmp_path)
     assert "pug/a.jpg: skipped, empty file" in str(error.value)
     assert "pug/b.jpg: skipped, not an image" in str(error.value)
 
@@ -233,7 +236,7 @@ def write_copies_corpus(root):
 
 def test_byte_identical_photos_form_one_group_listed_with_each_other(tmp_path, capsys):
     pair, conflict = write_copies_corpus(tmp_path / "data")
-    report = check.check_data(tmp_path / "data")
+    report = validation.check_data(tmp_path / "data")
     files = [pathlib.Path(path).relative_to(tmp_path / "data").as_posix() for path in report.records.paths]
     assert len(files) == 14  # copies are kept
     groups = {file: group for file, group in zip(files, report.groups.tolist())}
@@ -267,7 +270,7 @@ def test_the_split_of_a_run_keeps_byte_identical_photos_on_one_side_for_every_se
         run_dir.mkdir()
         config = small_config(data=None, data_dir=str(tmp_path / "data"), val_fraction=0.5, seed=seed,
                               output=str(run_dir))
-        train.load_data(config, run_dir)
+        prepare.load_data(config, run_dir)
         split = pd.read_csv(run_dir / "split.csv").set_index("path")["subset"]
         assert len(split) == 14
         for group in (pair, conflict):
@@ -284,7 +287,7 @@ def test_a_breed_with_one_photo_is_refused_before_any_work_naming_it(corpus, tmp
     config = small_config(data=None, data_dir=str(corpus[0]), batch_size=8, epochs=2,
                           output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
     with pytest.raises(data.DataError, match=f"breed '{bad_corpus.SOLO_BREED}' .* single usable photo.*val_fraction"):
-        train.train(config)
+        training_loop.train(config)
     assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()
 
 
@@ -298,7 +301,7 @@ def test_training_over_the_mixed_corpus_uses_the_good_files_and_lists_every_bad_
         labels.write(f"solo-1,{bad_corpus.SOLO_BREED}\n")
     config = small_config(data=None, data_dir=str(root), batch_size=8, epochs=2,
                           output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
 
     listed = pd.read_csv(run_dir / "problems.csv", keep_default_na=False)
     lines = [None if line == "" else int(line) for line in listed["line"]]
@@ -314,23 +317,23 @@ def test_training_over_the_mixed_corpus_uses_the_good_files_and_lists_every_bad_
 
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["num_train"] + summary["num_val"] == len(split)
-    facts = export.read_metadata(summary["export"])
+    facts = saved_model.read_metadata(summary["export"])
     assert facts["class_names"] == sorted(bad_corpus.GOOD_BREEDS + (bad_corpus.SOLO_BREED,))
 
     # resuming re-checks the data and maps the saved split onto the same copies
-    records, train_indices, val_indices = train.load_data(config, run_dir)
+    records, train_indices, val_indices = prepare.load_data(config, run_dir)
     assert len(records.paths) == len(split) and all(pathlib.Path(p).is_file() for p in records.paths)
     assert sum(str(run_dir / "converted") in path for path in records.paths) == 4
     # tools re-reading the run's split (evaluate, predict) find the same copies
     original, _, _ = data.read_split(run_dir / "split.csv", root)
-    assert check.with_converted_copies(original, run_dir / "converted").paths == records.paths
+    assert validation.with_converted_copies(original, run_dir / "converted").paths == records.paths
 
 
 def test_strict_training_stops_before_any_work_and_names_the_problems(corpus, tmp_path):
     config = small_config(data=None, data_dir=str(corpus[0]), strict=True, output=str(tmp_path / "run"),
                           export_dir=str(tmp_path / "export"))
     with pytest.raises(data.DataError, match="strict: .* would skip data") as error:
-        train.train(config)
+        training_loop.train(config)
     assert "train/missing-photo.jpg" in str(error.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()
 
@@ -347,7 +350,7 @@ def test_bad_configuration_is_rejected_before_any_work_naming_the_key(tmp_path, 
     if values["model"] != "lenet5":
         values.update(weights="none", strategy="scratch")
     with pytest.raises(config_lib.ConfigError, match=f"'{key}'") as error:
-        train.train(values)
+        training_loop.train(values)
     assert "allowed values" in str(error.value) or "must be" in str(error.value) or "needs" in str(error.value)
     assert not (tmp_path / "run").exists()
 
@@ -357,7 +360,7 @@ def test_unwritable_output_folder_is_rejected_before_any_work(tmp_path):
     blocker.write_text("")  # a folder cannot be made inside a file, even by root
     config = small_config(output=str(blocker / "run"), export_dir=str(tmp_path / "export"))
     with pytest.raises(config_lib.ConfigError, match="'output'.*cannot write"):
-        train.train(config)
+        training_loop.train(config)
     assert not (tmp_path / "export").exists()
 
 
@@ -392,8 +395,8 @@ def test_breed_names_that_differ_only_in_case_or_separators_are_reported_and_ref
 
     assert check.main(["--data-dir", str(root), "--strict"]) == 2
     assert "differ only in case, spaces, hyphens or underscores" in capsys.readouterr().err
-    assert check.comparable_breed_name("Golden  Retriever") == check.comparable_breed_name("golden-retriever")
-    assert check.comparable_breed_name("beagle") != check.comparable_breed_name("beagles")
+    assert validation.comparable_breed_name("Golden  Retriever") == validation.comparable_breed_name("golden-retriever")
+    assert validation.comparable_breed_name("beagle") != validation.comparable_breed_name("beagles")
 
 
 def test_photos_in_sub_folders_of_a_breed_folder_are_used(tmp_path):
@@ -404,7 +407,7 @@ def test_photos_in_sub_folders_of_a_breed_folder_are_used(tmp_path):
     tiny_photo(root / "beagle" / ".thumbnails" / "c.jpg", (0, 0, 0))  # hidden: not photos of the data set
     tiny_photo(root / "pug" / "only-nested" / "d.jpg", (0, 200, 0))
     tiny_photo(root / "pug" / "only-nested" / "e.jpg", (0, 190, 0))
-    report = check.check_data(root)
+    report = validation.check_data(root)
     relative = [pathlib.Path(path).relative_to(root).as_posix() for path in report.records.paths]
     assert relative == ["beagle/2019/a.jpg", "beagle/2019/summer/b.jpg", "beagle/top.jpg",
                         "pug/only-nested/d.jpg", "pug/only-nested/e.jpg"]
@@ -439,6 +442,6 @@ def test_fewer_than_two_breeds_or_a_breed_without_a_validation_photo_is_refused_
     config = small_config(data=None, data_dir=str(root), batch_size=2, output=str(tmp_path / "run"),
                           export_dir=str(tmp_path / "export"))
     with pytest.raises(data.DataError) as error:
-        train.train(config)
+        training_loop.train(config)
     assert named in str(error.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()

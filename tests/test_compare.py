@@ -4,9 +4,10 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from test_evaluate import assert_png
-from tfdogs import compare, config as config_lib, evaluate
+
+from tfdogs import compare, config as config_lib
+from tfdogs.runs import comparison, folder as run_folder
 
 
 def doctored_copy(run_dir, destination, *, accuracy_shift=-0.1, seconds=4000.0, zeroshot=None, move_val_row=False):
@@ -44,7 +45,7 @@ def test_table_holds_each_runs_metrics_and_the_baselines_once(lenet_run, tmp_pat
     extra = tmp_path / "zeroshot-resnet34.json"
     extra.write_text(json.dumps({**ZERO_SHOT, "model": "resnet34", "accuracy": 0.75}))
     output = tmp_path / "reports" / "study"
-    compare.compare([lenet_run, other], output, zeroshot_files=[extra])
+    comparison.compare([lenet_run, other], output, zeroshot_files=[extra])
 
     table = pd.read_csv(output / "table.csv")
     runs = table[table["kind"] == "run"].set_index("name")
@@ -89,7 +90,7 @@ def test_table_holds_each_runs_metrics_and_the_baselines_once(lenet_run, tmp_pat
 
 def test_runs_on_different_splits_get_their_own_baselines_and_a_warning(lenet_run, tmp_path):
     other = doctored_copy(lenet_run, tmp_path / "other", move_val_row=True)
-    table = compare.compare([lenet_run, other], tmp_path / "report")
+    table = comparison.compare([lenet_run, other], tmp_path / "report")
     names = set(table.loc[table["kind"] == "baseline", "name"])
     breed = json.loads((lenet_run / "metrics.json").read_text())["baselines"]["most_frequent"]["breed"]
     assert {f"most frequent breed ({breed}) — {lenet_run.name}", f"most frequent breed ({breed}) — other"} <= names
@@ -100,19 +101,19 @@ def test_runs_on_different_splits_get_their_own_baselines_and_a_warning(lenet_ru
 def test_same_named_runs_are_told_apart_by_their_parent(lenet_run, tmp_path):
     first = doctored_copy(lenet_run, tmp_path / "a" / "run")
     second = doctored_copy(lenet_run, tmp_path / "b" / "run", accuracy_shift=-0.2)
-    table = compare.compare([first, second], tmp_path / "report")
+    table = comparison.compare([first, second], tmp_path / "report")
     assert list(table.loc[table["kind"] == "run", "name"]) == ["a/run", "b/run"]
     assert_png(tmp_path / "report" / "curves" / "a__run.png")
 
 
 def test_overrides_are_read_as_yaml_and_output_is_refused():
-    assert compare.parse_overrides(["epochs=3", "data=synthetic", "flip=false", "learning-rate=0.01",
+    assert comparison.parse_overrides(["epochs=3", "data=synthetic", "flip=false", "learning-rate=0.01",
                                     "cache=null"]) == {
         "epochs": 3, "data": "synthetic", "flip": False, "learning_rate": 0.01, "cache": None}
     with pytest.raises(config_lib.ConfigError, match="--set output"):
-        compare.parse_overrides(["output=runs/x"])
+        comparison.parse_overrides(["output=runs/x"])
     with pytest.raises(config_lib.ConfigError, match="KEY=VALUE"):
-        compare.parse_overrides(["epochs"])
+        comparison.parse_overrides(["epochs"])
 
 
 def test_bad_folders_and_files_are_named(lenet_run, tmp_path, capsys):
@@ -120,8 +121,8 @@ def test_bad_folders_and_files_are_named(lenet_run, tmp_path, capsys):
     summary = json.loads((broken / "metrics.json").read_text())
     del summary["peak_val_accuracy"]
     (broken / "metrics.json").write_text(json.dumps(summary))
-    with pytest.raises(evaluate.RunFolderError, match=r"broken/metrics.json lacks the key 'peak_val_accuracy'"):
-        compare.compare([broken], tmp_path / "report")
+    with pytest.raises(run_folder.RunFolderError, match=r"broken/metrics.json lacks the key 'peak_val_accuracy'"):
+        comparison.compare([broken], tmp_path / "report")
 
     bad_zeroshot = tmp_path / "zs.json"
     bad_zeroshot.write_text(json.dumps({"accuracy": 0.5}))

@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tfdogs import data
-from tfdogs.augment import build_augmentation
+from tfdogs.data.augment import build_augmentation
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -168,7 +168,7 @@ def test_make_synthetic_files(synthetic):
 
 
 def test_make_synthetic_class_count_limits(tmp_path):
-    from tfdogs.breeds import KAGGLE_BREEDS
+    from tfdogs.data.breeds import KAGGLE_BREEDS
 
     many = data.find_records(
         data.make_synthetic(tmp_path / "many", num_classes=20, images_per_class=1, image_size=16))

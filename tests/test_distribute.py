@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from tfdogs import config as config_lib, distribute
+from tfdogs import config as config_lib
+from tfdogs.training import devices
 
 # Runs in a fresh process: logical devices must be set up before TensorFlow starts its runtime.
 TWO_CPU_REPLICAS_SCRIPT = textwrap.dedent("""
@@ -20,7 +21,8 @@ TWO_CPU_REPLICAS_SCRIPT = textwrap.dedent("""
     import keras
     sys.path.insert(0, sys.argv[2])
     from conftest import small_config
-    from tfdogs import distribute, models, train
+    from tfdogs import models
+    from tfdogs.training import devices, loop as training_loop, optimizer as training_optimizer, resume as training_resume
 
     base, out = sys.argv[1], {}
 
@@ -29,13 +31,14 @@ TWO_CPU_REPLICAS_SCRIPT = textwrap.dedent("""
     images = rng.standard_normal((64, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 4, 64).astype("int32")
     for name, per_replica in (("one", 16), ("two", 8)):
-        strategy = distribute.make_strategy("none" if name == "one" else "mirrored")
-        batch, rate = distribute.scale_for_replicas(per_replica, 4e-3 / (16 // per_replica),
+        strategy = devices.make_strategy("none" if name == "one" else "mirrored")
+        batch, rate = devices.scale_for_replicas(per_replica, 4e-3 / (16 // per_replica),
                                                     strategy.num_replicas_in_sync)
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = models.build("lenet5", 4, input_shape=(32, 32, 3))
-            model.compile(optimizer=train.make_optimizer("adam", train.WarmupCosine(rate, 12), 0.9, {}),
+            model.compile(optimizer=training_optimizer.make_optimizer("adam", training_optimizer.WarmupCosine(rate, 12),
+                                                                      0.9, {}),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
         history = model.fit(dataset, epochs=3, verbose=0, shuffle=False).history
@@ -49,9 +52,9 @@ TWO_CPU_REPLICAS_SCRIPT = textwrap.dedent("""
             # Adam: the rate grows with the square root of the replicas (README "Training on several devices")
             "two": small_config(distribute="mirrored", batch_size=8, learning_rate=4e-3 / 2 ** 0.5, **common)}
     for name, config in runs.items():
-        run_dir = train.train({**config, "output": f"{base}/{name}", "export_dir": f"{base}/{name}-export"})
+        run_dir = training_loop.train({**config, "output": f"{base}/{name}", "export_dir": f"{base}/{name}-export"})
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        history = train.read_history(run_dir / "history.csv")
+        history = training_resume.read_history(run_dir / "history.csv")
         out["run_" + name] = {key: metrics[key] for key in
                               ("distribute", "replicas", "global_batch_size", "learning_rate")}
         out["run_" + name].update(loss=history["loss"].tolist(), val_accuracy=metrics["val"]["accuracy"])
@@ -101,33 +104,33 @@ def test_training_with_mirrored_converges_like_one_device(two_replica_runs):
     ("adam", 1, (32, 1e-3)), ("adam", 4, (128, 2e-3)), ("adamw", 16, (512, 4e-3)),  # square root
 ])
 def test_global_batch_and_learning_rate_scale_with_replicas(optimizer, replicas, expected):
-    batch, rate = distribute.scale_for_replicas(32, 1e-3, replicas, optimizer)
+    batch, rate = devices.scale_for_replicas(32, 1e-3, replicas, optimizer)
     assert batch == expected[0] and rate == pytest.approx(expected[1])
 
 
 def test_zero_replicas_is_refused():
     with pytest.raises(ValueError, match="replicas"):
-        distribute.scale_for_replicas(32, 1e-3, 0)
+        devices.scale_for_replicas(32, 1e-3, 0)
 
 
 def test_auto_picks_multi_worker_from_a_tf_config_cluster(monkeypatch):
     cluster = {"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
-    assert distribute.workers_in_tf_config() == 2
-    assert distribute.resolve_name("auto") == "multi-worker"
+    assert devices.workers_in_tf_config() == 2
+    assert devices.resolve_name("auto") == "multi-worker"
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["host1:2222"]}}))
-    assert distribute.resolve_name("auto") == "none"  # one worker and no GPU here
+    assert devices.resolve_name("auto") == "none"  # one worker and no GPU here
     monkeypatch.delenv("TF_CONFIG")
-    assert distribute.resolve_name("auto") == "none"
-    assert distribute.resolve_name("mirrored") == "mirrored"
+    assert devices.resolve_name("auto") == "none"
+    assert devices.resolve_name("mirrored") == "mirrored"
 
 
 def test_bad_tf_config_and_unknown_names_are_explained(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "not json")
     with pytest.raises(ValueError, match="TF_CONFIG"):
-        distribute.workers_in_tf_config()
+        devices.workers_in_tf_config()
     with pytest.raises(ValueError, match="mirrored"):
-        distribute.resolve_name("ring")
+        devices.resolve_name("ring")
 
 
 def test_distribute_is_a_checked_config_key_and_flag():

@@ -8,10 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-
 from conftest import small_config
 from test_evaluate import assert_png
-from tfdogs import compare, config as config_lib, ensemble, evaluate, metrics, predict, submit
+
+from PIL import Image
+
+from tfdogs import compare, config as config_lib, ensemble, evaluate, predict, submit
+from tfdogs.evaluation import gradcam, metrics
+from tfdogs.runs import ensemble as run_ensemble, folder as run_folder, predictor as run_predictor, submission
 
 MEMBER_WEIGHTS = [1.0, 3.0]  # normalised: 0.25 and 0.75
 
@@ -33,7 +37,7 @@ def trained_pair(lenet_run, tmp_path_factory):
 def ensemble_dir(trained_pair, tmp_path_factory):
     first, second, _ = trained_pair
     base = tmp_path_factory.mktemp("ensemble")
-    return ensemble.ensemble([first, second], base / "pair", member_weights=MEMBER_WEIGHTS,
+    return run_ensemble.ensemble([first, second], base / "pair", member_weights=MEMBER_WEIGHTS,
                              export_dir=base / "saved_models")
 
 
@@ -62,9 +66,9 @@ def test_ensemble_scores_are_those_of_the_weighted_mean_of_its_members(trained_p
         # the same split: each member (calibrated in model.keras) scores here exactly what its training reported
         reported = json.loads((run_dir / "metrics.json").read_text())["val_calibrated"]
         assert member["val"] == pytest.approx({key: reported[key] for key in member["val"]}, abs=1e-6)
-        run = evaluate.load_run(run_dir)
+        run = run_folder.load_run(run_dir)
         records, _, val_indices = run.split()
-        members_probabilities.append(evaluate.predict_paths(
+        members_probabilities.append(run_folder.predict_paths(
             run.load_model(), [records.paths[i] for i in val_indices], run.preprocessing))
     labels = records.labels[val_indices]
     expected = metrics.scores(0.25 * members_probabilities[0] + 0.75 * members_probabilities[1], labels)
@@ -77,7 +81,7 @@ def test_ensemble_scores_are_those_of_the_weighted_mean_of_its_members(trained_p
 
 def test_ensemble_export_answers_the_weighted_mean_of_the_member_exports(trained_pair, ensemble_dir):
     first, second, _ = trained_pair
-    records, _, val_indices = evaluate.load_run(first).split()
+    records, _, val_indices = run_folder.load_run(first).split()
     blobs = tf.constant([open(records.paths[i], "rb").read() for i in val_indices[:6]])
 
     def serve(version_dir, signature="serving_default", **inputs):
@@ -97,6 +101,43 @@ def test_ensemble_export_answers_the_weighted_mean_of_the_member_exports(trained
     assert facts["member_weights"] == [0.25, 0.75]
 
 
+def test_evaluate_scores_an_ensemble_folder_as_its_members_weighted_mean(ensemble_dir, capsys):
+    """`evaluate ENSEMBLE`: the same photos and the same weighted mean as the ensemble's own scores, with a report."""
+    assert evaluate.main([str(ensemble_dir), "--verbose", "0"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    result = json.loads((ensemble_dir / "evaluation" / "evaluation.json").read_text())
+    summary = json.loads((ensemble_dir / "ensemble.json").read_text())
+    assert result["num_images"] == summary["num_val"] == 16
+    assert result["scores"] == pytest.approx(summary["val"], abs=1e-6)
+    assert [member["weight"] for member in result["members"]] == [0.25, 0.75]
+    report = ensemble_dir / "evaluation" / "report"
+    page = (report / "index.html").read_text()
+    assert "members&#x27; maps averaged" in page or "members' maps averaged" in page
+    assert "no temperature of its own" in page and "--no-calibrate" not in page
+    maps = sorted((report / "heat_maps").glob("*.jpg"))
+    assert len(maps) == 2 * min(12, 16) and all(Image.open(path).size == (128, 128) for path in maps)
+    per_breed = pd.read_csv(ensemble_dir / "evaluation" / "per_breed.csv")
+    assert per_breed["images"].sum() == 16
+
+
+def test_predict_explain_on_an_ensemble_averages_its_members_maps(trained_pair, ensemble_dir, tmp_path, capsys):
+    first, second, _ = trained_pair
+    photos = sorted((first / "synthetic_data" / "train").glob("*.jpg"))[:2]
+    assert predict.main([str(ensemble_dir), *map(str, photos), "--json", "--explain", str(tmp_path / "why")]) == 0
+    results = json.loads(capsys.readouterr().out)
+    runs = [run_folder.load_run(first), run_folder.load_run(second)]
+    explainers = [gradcam.Explainer(run.load_model()) for run in runs]
+    predicted = [runs[0].class_names.index(result["top5"][0]["breed"]) for result in results]
+    preprocessings = [run.preprocessing for run in runs]
+    weighted = gradcam.explain_paths(explainers, [0.25, 0.75], photos, predicted, preprocessings)
+    first_alone = gradcam.explain_paths(explainers, [1.0, 0.0], photos, predicted, preprocessings)
+    for result, expected, other in zip(results, weighted, first_alone):
+        written = np.asarray(Image.open(result["explanation"]), np.int16)
+        assert written.shape == (224, 224, 3)
+        assert np.abs(written - np.asarray(expected, np.int16)).max() == 0  # PNG: the ensemble's own map, exactly
+        assert np.abs(written - np.asarray(other, np.int16)).mean() > 1  # and not the first member's alone
+
+
 def test_members_with_other_breeds_are_refused_and_other_splits_are_said(lenet_run, tmp_path, capsys):
     renamed = tmp_path / "renamed"
     renamed.mkdir()
@@ -104,8 +145,8 @@ def test_members_with_other_breeds_are_refused_and_other_splits_are_said(lenet_r
     split = pd.read_csv(lenet_run / "split.csv")
     split.loc[split["breed"] == "beagle", "breed"] = "basset"
     split.to_csv(renamed / "split.csv", index=False)
-    with pytest.raises(evaluate.RunFolderError, match=r"same breeds.*only in .*: \['beagle'\].*\['basset'\]"):
-        ensemble.ensemble([lenet_run, renamed], tmp_path / "refused")
+    with pytest.raises(run_folder.RunFolderError, match=r"same breeds.*only in .*: \['beagle'\].*\['basset'\]"):
+        run_ensemble.ensemble([lenet_run, renamed], tmp_path / "refused")
 
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -130,12 +171,12 @@ def test_members_with_other_breeds_are_refused_and_other_splits_are_said(lenet_r
 def test_predict_prints_top5_as_table_or_json_for_runs_ensembles_and_saved_models(
         trained_pair, ensemble_dir, capsys):
     first, _, _ = trained_pair
-    records, _, val_indices = evaluate.load_run(first).split()
+    records, _, val_indices = run_folder.load_run(first).split()
     images = [records.paths[i] for i in val_indices[:3]]
 
     assert predict.main([str(ensemble_dir), *images, "--json"]) == 0
     answers = json.loads(capsys.readouterr().out)
-    outputs = predict.predict_files(predict.load_predictor(ensemble_dir), images)
+    outputs = run_predictor.predict_files(run_predictor.load_predictor(ensemble_dir), images)
     assert [answer["image"] for answer in answers] == images
     for answer, probabilities in zip(answers, outputs["probabilities"]):
         order = np.argsort(-probabilities)[:4]
@@ -143,7 +184,7 @@ def test_predict_prints_top5_as_table_or_json_for_runs_ensembles_and_saved_model
         assert [entry["probability"] for entry in answer["top5"]] == pytest.approx(probabilities[order], abs=1e-7)
 
     # the ensemble folder and its SavedModel (base folder: newest version) answer alike
-    saved = predict.predict_files(predict.load_predictor(ensemble_dir.parent / "saved_models"), images)
+    saved = run_predictor.predict_files(run_predictor.load_predictor(ensemble_dir.parent / "saved_models"), images)
     np.testing.assert_allclose(saved["probabilities"], outputs["probabilities"], atol=1e-6)
 
     assert predict.main([str(first), images[0]]) == 0
@@ -230,8 +271,8 @@ def test_submission_follows_the_sample_and_its_rows_sum_to_one(ensemble_dir, kag
     assert written["id"].tolist() == sample["id"].tolist() and len(written) == 8
     np.testing.assert_allclose(written.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-6)
 
-    predictor = predict.load_predictor(ensemble_dir)
-    outputs = predict.predict_files(predictor, [kaggle_download / "test" / f"{i}.jpg" for i in sample["id"]])
+    predictor = run_predictor.load_predictor(ensemble_dir)
+    outputs = run_predictor.predict_files(predictor, [kaggle_download / "test" / f"{i}.jpg" for i in sample["id"]])
     expected = pd.DataFrame(outputs["probabilities"], columns=predictor.class_names)[list(sample.columns[1:])]
     np.testing.assert_allclose(written.iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=1e-6)
 
@@ -240,12 +281,12 @@ def test_submission_errors_name_the_file(lenet_run, kaggle_download, capsys):
     sample_path = kaggle_download / "sample_submission.csv"
     sample = pd.read_csv(sample_path)
     sample.rename(columns={"beagle": "basset"}).to_csv(sample_path, index=False)
-    with pytest.raises(submit.SubmissionError, match=r"breeds of sample_submission.csv .*\['basset'\].*\['beagle'\]"):
-        submit.write_submission(lenet_run, kaggle_download, kaggle_download / "out.csv")
+    with pytest.raises(submission.SubmissionError, match=r"breeds of sample_submission.csv .*\['basset'\].*\['beagle'\]"):
+        submission.write_submission(lenet_run, kaggle_download, kaggle_download / "out.csv")
 
     (kaggle_download / "test" / f"{sample['id'][0]}.jpg").unlink()
-    with pytest.raises(submit.SubmissionError, match=f"1 of the 8 test images .* missing .*{sample['id'][0]}.jpg"):
-        submit.read_sample_submission(kaggle_download)
+    with pytest.raises(submission.SubmissionError, match=f"1 of the 8 test images .* missing .*{sample['id'][0]}.jpg"):
+        submission.read_sample_submission(kaggle_download)
     shutil.rmtree(kaggle_download / "test")
     assert submit.main([str(lenet_run), "--data-dir", str(kaggle_download)]) == 2
     assert "dog-breed-identification/test is missing" in capsys.readouterr().err
@@ -259,7 +300,7 @@ def test_submission_names_every_unreadable_test_photo(lenet_run, kaggle_download
     truncated, junk = (kaggle_download / "test" / f"{image_id}.jpg" for image_id in sample["id"][:2])
     truncated.write_bytes(truncated.read_bytes()[:200])
     junk.write_text("not a photo")
-    with pytest.raises(submit.SubmissionError, match=f"2 of the 8 test images cannot be read.*{truncated.name} "
+    with pytest.raises(submission.SubmissionError, match=f"2 of the 8 test images cannot be read.*{truncated.name} "
                                                      rf"\(not an image .*{junk.name} \(not an image"):
-        submit.write_submission(lenet_run, kaggle_download, kaggle_download / "out.csv")
+        submission.write_submission(lenet_run, kaggle_download, kaggle_download / "out.csv")
     assert not (kaggle_download / "out.csv").exists()

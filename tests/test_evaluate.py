@@ -7,7 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfdogs import config as config_lib, data, evaluate, metrics, train
+from tfdogs import config as config_lib, data, evaluate
+from tfdogs.data import validation
+from tfdogs.evaluation import confusion, metrics, predictions as predictions_lib
+from tfdogs.runs import evaluation as run_evaluation, folder as run_folder
 
 
 def assert_png(path, min_bytes=10_000, min_width=600):
@@ -18,7 +21,7 @@ def assert_png(path, min_bytes=10_000, min_width=600):
 
 
 def val_set(run_dir):
-    records, _, val_indices = evaluate.load_run(run_dir).split()
+    records, _, val_indices = run_folder.load_run(run_dir).split()
     return records, [records.paths[i] for i in val_indices], records.labels[val_indices]
 
 
@@ -27,21 +30,21 @@ def test_confusion_tables_on_a_known_example():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     predicted = np.array([0, 1, 1, 0, 1, 2, 2, 0])
     probabilities = np.eye(3)[predicted] * 0.8 + 0.2 / 3
-    counts = evaluate.confusion_matrix(probabilities, labels, 3)
+    counts = confusion.confusion_matrix(probabilities, labels, 3)
     assert counts.tolist() == [[1, 2, 0], [1, 1, 0], [1, 0, 2]]
 
-    breeds = evaluate.per_breed_accuracy(counts, names)
+    breeds = confusion.per_breed_accuracy(counts, names)
     assert breeds["breed"].tolist() == ["a", "b", "c"]  # worst first: 1/3, 1/2, 2/3
     assert breeds["accuracy"].tolist() == pytest.approx([1 / 3, 1 / 2, 2 / 3])
     assert breeds["images"].tolist() == [3, 2, 3] and breeds["correct"].tolist() == [1, 1, 2]
     assert breeds["most_predicted_instead"].tolist() == ["b", "a", "a"]
 
-    pairs = evaluate.most_confused_pairs(counts, names, top=5)
+    pairs = confusion.most_confused_pairs(counts, names, top=5)
     assert pairs.values.tolist() == [["a", "b", 2, 1, 3], ["a", "c", 0, 1, 1]]  # b and c never confused
 
 
 def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path):
-    result = evaluate.evaluate(lenet_run, output=tmp_path / "evaluation")
+    result = run_evaluation.evaluate(lenet_run, output=tmp_path / "evaluation")
     summary = json.loads((lenet_run / "metrics.json").read_text())
     # model.keras carries the run's temperature: it scores what metrics.json reports as calibrated
     calibrated = summary["val_calibrated"]
@@ -63,7 +66,7 @@ def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path)
 
 
 def test_flip_tta_averages_each_image_with_its_mirror(lenet_run, tmp_path):
-    result = evaluate.evaluate(lenet_run, tta=2, output=tmp_path / "tta")
+    result = run_evaluation.evaluate(lenet_run, tta=2, output=tmp_path / "tta")
     assert result["tta"] == 2
     _, paths, labels = val_set(lenet_run)
     dataset = data.make_dataset(paths, labels, image_size=32, batch_size=8, training=False,
@@ -78,21 +81,21 @@ def test_flip_tta_averages_each_image_with_its_mirror(lenet_run, tmp_path):
 
 def test_evaluate_on_another_labelled_set_maps_breeds_by_name(lenet_run, tmp_path):
     other = data.make_synthetic(tmp_path / "other", num_classes=4, images_per_class=3, image_size=64, seed=7)
-    result = evaluate.evaluate(lenet_run, data_dir=other)
+    result = run_evaluation.evaluate(lenet_run, data_dir=other)
     assert result["output"] == str(lenet_run / "evaluation-other")
     assert result["num_images"] == 12 and "all 12 labelled images" in result["data"]
     records = data.find_records(other)
     model = keras.saving.load_model(lenet_run / "model.keras")
     dataset = data.make_dataset(records.paths, records.labels, image_size=32, batch_size=8, training=False,
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    expected = metrics.scores(train.predict_probabilities(model, dataset), records.labels)
+    expected = metrics.scores(predictions_lib.predict_probabilities(model, dataset), records.labels)
     assert result["scores"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_set_with_breeds_the_model_does_not_know_is_refused_by_name(lenet_run, tmp_path):
     other = data.make_synthetic(tmp_path / "five", num_classes=5, images_per_class=2, image_size=64, seed=1)
-    with pytest.raises(evaluate.RunFolderError, match="1 breed.*does not know: pug"):
-        evaluate.evaluate(lenet_run, data_dir=other, output=tmp_path / "out")
+    with pytest.raises(run_folder.RunFolderError, match="1 breed.*does not know: pug"):
+        run_evaluation.evaluate(lenet_run, data_dir=other, output=tmp_path / "out")
 
 
 def test_cli_prints_scores_and_names_missing_files(lenet_run, tmp_path, capsys):
@@ -111,7 +114,6 @@ def test_cli_prints_scores_and_names_missing_files(lenet_run, tmp_path, capsys):
 def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
     from PIL import Image
 
-    from tfdogs import check
 
     data_dir = shutil.copytree(lenet_run / "synthetic_data", tmp_path / "data")
     run_dir = tmp_path / "run"
@@ -123,25 +125,25 @@ def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
     records, _, val_indices = data.read_split(run_dir / "split.csv", data_dir)
     victim = records.paths[val_indices[0]]
     Image.open(victim).convert("CMYK").save(victim, format="JPEG")  # TensorFlow misreads CMYK JPEGs
-    check.check_data(data_dir, converted_dir=run_dir / "converted")  # what training does first
+    validation.check_data(data_dir, converted_dir=run_dir / "converted")  # what training does first
 
-    converted, _, _ = evaluate.load_run(run_dir).split()
+    converted, _, _ = run_folder.load_run(run_dir).split()
     copy = converted.paths[val_indices[0]]
     assert copy.startswith(str(run_dir / "converted"))
     assert converted.paths[val_indices[1]] == records.paths[val_indices[1]]  # only the victim is replaced
-    result = evaluate.evaluate(run_dir, output=tmp_path / "evaluation")
+    result = run_evaluation.evaluate(run_dir, output=tmp_path / "evaluation")
     model = keras.saving.load_model(run_dir / "model.keras")
     paths = [converted.paths[i] for i in val_indices]
     dataset = data.make_dataset(paths, records.labels[val_indices], image_size=32, batch_size=8, training=False,
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    expected = metrics.scores(train.predict_probabilities(model, dataset), records.labels[val_indices])
+    expected = metrics.scores(predictions_lib.predict_probabilities(model, dataset), records.labels[val_indices])
     assert result["scores"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_evaluate_refits_the_temperature_on_the_images_it_scores(lenet_run, tmp_path):
     """The run's temperature was fitted on its validation split; --calibrate refits on whatever is scored."""
-    plain = evaluate.evaluate(lenet_run, output=tmp_path / "plain", report=False)
-    refitted = evaluate.evaluate(lenet_run, output=tmp_path / "refit", report=False, calibrate=True)
+    plain = run_evaluation.evaluate(lenet_run, output=tmp_path / "plain", report=False)
+    refitted = run_evaluation.evaluate(lenet_run, output=tmp_path / "refit", report=False, calibrate=True)
     calibrated = refitted["calibrated"]
     assert "calibrated" not in plain and refitted["scores"] == plain["scores"]
     assert calibrated["fitted_on"] == refitted["data"]

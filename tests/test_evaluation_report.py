@@ -12,15 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from test_compare import doctored_copy
-from tfdogs import compare, data, evaluate, evaluation_report, gradcam, metrics, models, predict
+
+from tfdogs import data, models, predict
+from tfdogs.evaluation import gradcam, metrics, report as evaluation_report
+from tfdogs.runs import comparison, evaluation as run_evaluation
 
 
 @pytest.fixture(scope="module")
 def evaluated(lenet_run, tmp_path_factory):
     """`evaluate` of the session's LeNet-5 run, into its own folder."""
-    return evaluate.evaluate(lenet_run, output=tmp_path_factory.mktemp("evaluation") / "evaluation")
+    return run_evaluation.evaluate(lenet_run, output=tmp_path_factory.mktemp("evaluation") / "evaluation")
 
 
 class _References(html.parser.HTMLParser):
@@ -184,7 +186,7 @@ def test_gradcam_puts_its_mass_on_the_shape_not_the_background():
     size, classes = 32, 6
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(classes), 50)
-    pixels = np.stack([data._synthetic_image(rng, label, classes, size) for label in labels])
+    pixels = np.stack([data.synthetic_image(rng, label, classes, size) for label in labels])
     masks = (pixels.max(axis=-1).astype(int) - pixels.min(axis=-1)) > 40
     images = ((pixels / 255 - 0.45) / 0.225).astype(np.float32)
     order = rng.permutation(len(labels))
@@ -232,7 +234,7 @@ def test_compare_links_each_runs_evaluation_report(lenet_run, evaluated, tmp_pat
     with_report = doctored_copy(lenet_run, tmp_path / "evaluated-run")
     shutil.copytree(pathlib.Path(evaluated["output"]) / "report", with_report / "evaluation" / "report")
     without = doctored_copy(lenet_run, tmp_path / "plain-run")
-    compare.compare([with_report, without], tmp_path / "comparison")
+    comparison.compare([with_report, without], tmp_path / "comparison")
     references = _References()
     references.feed((tmp_path / "comparison" / "index.html").read_text())
     reports = [link for link in references.links if link.endswith("index.html")]

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs import data, evaluate, export, train
-from tfdogs.preprocessing import Preprocessing
+from tfdogs import data
+from tfdogs.data.preprocessing import Preprocessing
+from tfdogs.evaluation import predictions as predictions_lib
+from tfdogs.runs import folder as run_folder
+from tfdogs.serving import saved_model
 
 # Runs in a fresh interpreter with TensorFlow alone: the export must not need tfdogs.
 FRESH_PROCESS_PREDICT = """
@@ -25,7 +28,7 @@ print(json.dumps({key: value.numpy().tolist() if value.dtype != tf.string
 
 
 def val_images(run_dir, count=6):
-    records, _, val_indices = evaluate.load_run(run_dir).split()
+    records, _, val_indices = run_folder.load_run(run_dir).split()
     chosen = val_indices[:count]
     return [records.paths[i] for i in chosen], records
 
@@ -43,7 +46,7 @@ def test_export_predicts_in_a_fresh_process_like_the_model_in_process(lenet_run)
     model = keras.saving.load_model(lenet_run / "model.keras")
     dataset = data.make_dataset(paths, np.zeros(len(paths), np.int64), image_size=32, batch_size=4,
                                 training=False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    expected = train.predict_probabilities(model, dataset)
+    expected = predictions_lib.predict_probabilities(model, dataset)
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
     np.testing.assert_allclose(np.sum(served["probabilities"], axis=1), 1.0, atol=1e-5)
     order = np.argsort(-expected, axis=1)[:, :4]
@@ -64,16 +67,16 @@ def test_float_image_signature_matches_bytes_signature(lenet_run):
 
 def test_export_metadata_and_next_version(lenet_run, tmp_path):
     version_dir = json.loads((lenet_run / "metrics.json").read_text())["export"]
-    facts = export.read_metadata(version_dir)
+    facts = saved_model.read_metadata(version_dir)
     record = Preprocessing.from_dict(facts["preprocessing"])
     assert record == Preprocessing.load(lenet_run / "preprocessing.json") and record.image_size == 32
     assert len(facts["class_names"]) == 4 and facts["member_preprocessing"] == [facts["preprocessing"]]
     model = keras.saving.load_model(lenet_run / "model.keras")
     base = tmp_path / "export"
-    first = export.export_saved_model(model, facts["class_names"], base, preprocessing=record)
-    second = export.export_saved_model(model, facts["class_names"], base, preprocessing=record)
+    first = saved_model.export_saved_model(model, facts["class_names"], base, preprocessing=record)
+    second = saved_model.export_saved_model(model, facts["class_names"], base, preprocessing=record)
     assert (first.name, second.name) == ("1", "2")
-    assert export.latest_version(base) == second
+    assert saved_model.latest_version(base) == second
     assert sorted(path.name for path in base.iterdir()) == ["1", "2"]  # no temporary folders left
 
 

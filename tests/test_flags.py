@@ -3,7 +3,7 @@
 Each test checks an outcome: the training batches a run's pipeline gives, the
 split it writes, the step its optimizer takes, the rate each step trains at,
 the epochs it runs, what it prints. Pipelines are built as a run builds them
-(`train.load_data`, `train.build_datasets`); the schedule, early stopping,
+(`prepare.load_data`, `prepare.build_datasets`); the schedule, early stopping,
 `--steps-per-epoch`, `--verbose`, `--output` and `--export-dir` are read off
 three real runs of a few seconds each, shared by the tests below.
 
@@ -63,9 +63,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-
 from conftest import small_config
-from tfdogs import train, weights
+
+from tfdogs import weights
+from tfdogs.training import loop as training_loop, optimizer as training_optimizer, prepare
 
 # 4 breeds x 8 photos: 2 per breed held out, 24 training photos = 6 batches of 4.
 PIPELINE = dict(synthetic_images_per_class=8, batch_size=4, flip=False)
@@ -76,9 +77,9 @@ PIPELINE = dict(synthetic_images_per_class=8, batch_size=4, flip=False)
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    """Photos and split of a run (`train.load_data`), and the preprocessing record the run resolves."""
+    """Photos and split of a run (`prepare.load_data`), and the preprocessing record the run resolves."""
     run_dir = tmp_path_factory.mktemp("split")
-    records, train_indices, val_indices = train.load_data(small_config(**PIPELINE), run_dir)
+    records, train_indices, val_indices = prepare.load_data(small_config(**PIPELINE), run_dir)
     preprocessing = weights.resolve_preprocessing(None, "lenet5", 32)
     return types.SimpleNamespace(records=records, train_indices=train_indices, val_indices=val_indices,
                                  preprocessing=preprocessing, data_dir=run_dir / "synthetic_data")
@@ -87,7 +88,7 @@ def split(tmp_path_factory):
 def batches(split, epochs=1, records=None, **overrides):
     """(training batches of `epochs` epochs, validation batches) of a run with these settings, as numpy."""
     config = small_config(**{**PIPELINE, **overrides})
-    train_epochs, val_dataset = train.build_datasets(config, records or split.records, split.train_indices,
+    train_epochs, val_dataset = prepare.build_datasets(config, records or split.records, split.train_indices,
                                                      split.val_indices, split.preprocessing)
 
     def as_numpy(dataset):  # one-hot labels (as a run's pipelines give them) read back as class indices
@@ -232,7 +233,7 @@ def test_cache_serves_the_decoded_photos_once_the_files_are_gone(split, tmp_path
 def written_split(tmp_path, name, **overrides):
     run_dir = tmp_path / name
     run_dir.mkdir()
-    train.load_data(small_config(**overrides), run_dir)
+    prepare.load_data(small_config(**overrides), run_dir)
     return pd.read_csv(run_dir / "split.csv")
 
 
@@ -269,17 +270,17 @@ def test_l1_and_l2_add_their_penalty_on_the_classifier_kernel_to_the_training_lo
     images = np.asarray(keras.random.normal((8, 32, 32, 3), seed=1))
     labels = np.eye(4)[np.arange(8) % 4]  # one-hot, as the run's pipelines give them
     keras.utils.set_random_seed(0)
-    plain = train.build_model(small_config(), 4, None)
+    plain = training_loop.build_model(small_config(), 4, None)
     assert not plain.losses
     losses = {}
     for l1, l2 in ((0.0, 0.0), (0.01, 0.0), (0.0, 0.03), (0.01, 0.03)):
         config = small_config(l1=l1, l2=l2)
-        model = train.build_model(config, 4, None)
+        model = training_loop.build_model(config, 4, None)
         model.set_weights(plain.get_weights())
         kernel = np.asarray(model.get_layer("fc").kernel)
         penalty = l1 * np.abs(kernel).sum() + l2 * np.square(kernel).sum()
         assert float(sum(model.losses, 0.0)) == pytest.approx(penalty, rel=1e-5)
-        train.compile_model(model, config, 1e-3, {}, jit_compile=False)
+        training_optimizer.compile_model(model, config, 1e-3, {}, jit_compile=False)
         losses[l1, l2] = model.evaluate(images, labels, verbose=0, return_dict=True)["loss"] - penalty
     assert losses[0.01, 0.03] != pytest.approx(losses[0.0, 0.0] + 1.0)  # guard: the penalty is not tiny
     for key, loss in losses.items():  # the objective trained is the data loss plus the penalty
@@ -289,8 +290,8 @@ def test_l1_and_l2_add_their_penalty_on_the_classifier_kernel_to_the_training_lo
 def test_dropout_zeroes_its_share_of_head_features_in_training_only():
     images = np.asarray(keras.random.normal((64, 32, 32, 3), seed=2))
     keras.utils.set_random_seed(0)
-    without = train.build_model(small_config(dropout=0.0), 4, None)
-    with_dropout = train.build_model(small_config(dropout=0.5), 4, None)
+    without = training_loop.build_model(small_config(dropout=0.0), 4, None)
+    with_dropout = training_loop.build_model(small_config(dropout=0.5), 4, None)
     with_dropout.set_weights(without.get_weights())
     np.testing.assert_allclose(with_dropout(images, training=False), without(images, training=False), atol=1e-6)
     np.testing.assert_allclose(without(images, training=True), without(images, training=False), atol=1e-6)
@@ -310,7 +311,7 @@ def first_step(optimizer, learning_rate, steps=1, **overrides):
     labels = np.arange(16) % 3
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, use_bias=False)])
     config = small_config(optimizer=optimizer, learning_rate=learning_rate, **overrides)
-    train.compile_model(model, config, config["learning_rate"], {}, jit_compile=False)
+    training_optimizer.compile_model(model, config, config["learning_rate"], {}, jit_compile=False)
     kernels, gradients = [np.asarray(model.layers[0].kernel)], []
     for _ in range(steps):
         probabilities = np.asarray(keras.ops.softmax(inputs @ kernels[-1]))
@@ -367,7 +368,7 @@ def run(base, name, **overrides):
     config = small_config(learning_rate=FROZEN_RATE, output=str(base / name / "run"),
                           export_dir=str(base / name / "export"), **overrides)
     with contextlib.redirect_stdout(printed):
-        run_dir = train.train(config, extra_callbacks=[recorder])
+        run_dir = training_loop.train(config, extra_callbacks=[recorder])
     return types.SimpleNamespace(run_dir=run_dir, export_dir=base / name / "export", rates=recorder.rates,
                                  steps=recorder.steps, printed=printed.getvalue(),
                                  history=pd.read_csv(run_dir / "history.csv"),
@@ -443,7 +444,7 @@ def test_output_and_export_dir_receive_the_run_and_the_saved_model(runs):
 
 def test_output_and_export_dir_default_to_runs_and_saved_models(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_dir, export_dir, created = train.prepare_output(small_config())
+    run_dir, export_dir, created = prepare.prepare_output(small_config())
     assert run_dir.parent.name == "runs" and run_dir.name.startswith("lenet5-")
     assert export_dir.parent.name == "saved_models" and export_dir.name == run_dir.name
     assert all(folder.is_dir() for folder in created) and len(created) == 2

@@ -15,13 +15,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import small_config
-from tfdogs import data, models, train, weights
-from tfdogs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+from tfdogs import data, models, weights
+from tfdogs.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tfdogs.training import loop as training_loop, phases as training_phases
 
 SIZE = 32
-STAGE_ORDER = {stage: index for index, stage in enumerate(train.STAGES)}
+STAGE_ORDER = {stage: index for index, stage in enumerate(training_phases.STAGES)}
 
 
 def tiny_backbone():
@@ -71,7 +72,7 @@ def run(tmp_path, presets, kind="backbone", **overrides):
     settings = dict(model=hub_name(presets, kind), weights="preset", image_size=SIZE, batch_size=8, epochs=2,
                     precision="float32", output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
     config = small_config(**{**settings, **overrides})
-    return train.train(config)
+    return training_loop.train(config)
 
 
 def test_config_accepts_keras_hub_models_and_their_weights(presets):
@@ -100,17 +101,17 @@ def test_the_model_has_the_tfdogs_head_and_ordered_stages(presets):
     # stages follow the network's order: stem first, then layer1 .. layer4, then the head
     weighted = [models.stage_of(layer.name) for layer in model.layers if layer.weights]
     assert weighted == sorted(weighted, key=STAGE_ORDER.get)
-    assert set(weighted) == set(train.STAGES)
+    assert set(weighted) == set(training_phases.STAGES)
     assert models.stage_of("stem.conv1_conv") == "stem" and models.stage_of("layer2.stack1_block0_1_conv") == "layer2"
     # discriminative rates rise from the stem to the head
-    phase, = train.plan_phases(small_config(model=hub_name(presets), weights="preset", strategy="discriminative",
+    phase, = training_phases.plan_phases(small_config(model=hub_name(presets), weights="preset", strategy="discriminative",
                                             backbone_lr_factor=0.01))
-    factors = train.configure_phase(model, phase, freeze_bn=False)
+    factors = training_phases.configure_phase(model, phase, freeze_bn=False)
     by_stage = {}
     for layer in model.layers:
         for variable in layer.trainable_weights:
             by_stage.setdefault(models.stage_of(layer.name), set()).add(factors[variable.path])
-    rates = [by_stage[stage] for stage in train.STAGES]
+    rates = [by_stage[stage] for stage in training_phases.STAGES]
     assert all(len(rate) == 1 for rate in rates)
     rates = [rate.pop() for rate in rates]
     assert rates[0] == pytest.approx(0.01) and rates[-1] == 1.0 and rates == sorted(rates)

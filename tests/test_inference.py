@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from tfdogs import inference, models
+from tfdogs import models
+from tfdogs.serving import fold
 
 
 def with_trained_statistics(model, seed=0):
@@ -23,7 +24,7 @@ def with_trained_statistics(model, seed=0):
 def test_folded_resnet_answers_like_the_original_without_batch_norms(name):
     keras.utils.set_random_seed(0)
     model = with_trained_statistics(models.build(name, 10, input_shape=(64, 64, 3)))
-    folded = inference.fold_batch_norms(model)
+    folded = fold.fold_batch_norms(model)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
     assert [layer.name for layer in folded.layers] == [layer.name for layer in model.layers]
     assert folded.get_layer("conv1").use_bias and not model.get_layer("conv1").use_bias
@@ -40,7 +41,7 @@ def test_folding_keeps_a_mixed_bfloat16_model_in_bfloat16():
         model = with_trained_statistics(models.build("resnet18", 10, input_shape=(64, 64, 3)))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    folded = inference.fold_batch_norms(model)
+    folded = fold.fold_batch_norms(model)
     assert folded.get_layer("layer1.0.conv1").compute_dtype == "bfloat16"
     images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype("float32")
     logits = folded(images, training=False).numpy()
@@ -53,7 +54,7 @@ def test_folding_keeps_a_mixed_bfloat16_model_in_bfloat16():
 def test_a_model_without_batch_norm_is_copied_unchanged():
     keras.utils.set_random_seed(0)
     model = models.build("lenet5", 4, input_shape=(32, 32, 3))
-    folded = inference.fold_batch_norms(model)
+    folded = fold.fold_batch_norms(model)
     assert folded is not model
     for original, copy in zip(model.get_weights(), folded.get_weights()):
         np.testing.assert_array_equal(original, copy)

@@ -16,8 +16,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfdogs import export, models, train
-from tfdogs.preprocessing import Preprocessing
+from tfdogs import files, models
+from tfdogs.data.preprocessing import Preprocessing
+from tfdogs.serving import saved_model
+from tfdogs.training import callbacks as training_callbacks, resume as training_resume
 
 # `python -m tfdogs.train`, with each epoch printed as it begins and followed by a pause, so the
 # test can kill it between epochs and tell where the next process starts.
@@ -32,7 +34,7 @@ class PauseAfterEachEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         time.sleep(float(sys.argv[1]))
 
-run = train.train
+run = train.train  # the command's own reference to tfdogs.training.loop.train
 train.train = lambda config, extra_callbacks=(): run(config, [*extra_callbacks, PauseAfterEachEpoch()])
 sys.exit(train.main(sys.argv[2:]))
 """
@@ -127,7 +129,7 @@ def loads(path):
 
 @pytest.mark.parametrize("callback, survives", [
     (keras.callbacks.ModelCheckpoint, False),  # Keras writes in place: the kill corrupts the best weights
-    (train.AtomicModelCheckpoint, True),
+    (training_callbacks.AtomicModelCheckpoint, True),
 ])
 def test_kill_while_saving_the_best_checkpoint(tmp_path, monkeypatch, callback, survives):
     path = tmp_path / "best.weights.h5"
@@ -153,7 +155,7 @@ def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, mo
     model = tiny_model()
     model.compile(optimizer="sgd", loss="mse")
     model.optimizer.build(model.trainable_variables)
-    backup = train.AtomicBackupAndRestore(tmp_path / "backup")
+    backup = training_callbacks.AtomicBackupAndRestore(tmp_path / "backup")
     backup.set_model(model)
     backup.on_epoch_end(0)
     good = model.get_weights()
@@ -167,7 +169,7 @@ def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, mo
     # a new run restores the epoch-0 state and would resume at epoch 1
     restored = tiny_model()
     restored.compile(optimizer="sgd", loss="mse")
-    resume = train.AtomicBackupAndRestore(tmp_path / "backup")
+    resume = training_callbacks.AtomicBackupAndRestore(tmp_path / "backup")
     resume.set_model(restored)
     resume.on_train_begin()
     assert restored._initial_epoch == 1
@@ -177,11 +179,11 @@ def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, mo
 def test_kill_while_saving_model_keras_keeps_the_previous_model(tmp_path, monkeypatch):
     path = tmp_path / "model.keras"
     model = tiny_model()
-    train.save_model_atomically(model, path)
+    files.save_model(model, path)
     good = model.get_weights()
     monkeypatch.setattr(model, "save", half_writer)
     with pytest.raises(KilledMidWrite):
-        train.save_model_atomically(model, path)
+        files.save_model(model, path)
     assert same_weights(keras.saving.load_model(path).get_weights(), good)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
 
@@ -197,24 +199,24 @@ def test_history_rewrite_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", half_csv)
     with pytest.raises(KilledMidWrite):
-        train._replace_into(path, lambda temporary: pd.DataFrame({"epoch": [0]}).to_csv(temporary))
+        files.replace_into(path, lambda temporary: pd.DataFrame({"epoch": [0]}).to_csv(temporary))
     monkeypatch.undo()
-    assert list(train.read_history(path)["epoch"]) == [0, 1]
+    assert list(training_resume.read_history(path)["epoch"]) == [0, 1]
 
 
 def test_kill_during_export_keeps_the_previous_version_servable(tmp_path, monkeypatch):
     model = tiny_model()
     options = dict(preprocessing=Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                                                crop_fraction=0.875))
-    first = export.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
+    first = saved_model.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
     backend_archive = type(keras.export.ExportArchive())  # ExportArchive() builds the backend's subclass
     monkeypatch.setattr(backend_archive, "write_out", lambda self, path, **kwargs: half_writer(path))
     with pytest.raises(KilledMidWrite):
-        export.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
+        saved_model.export_saved_model(model, ["a", "b", "c", "d"], tmp_path, **options)
     monkeypatch.undo()
     # TF Serving loads numbered folders only: the half-written one is hidden, version 1 still serves
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["1"]
-    assert export.latest_version(tmp_path) == first
+    assert saved_model.latest_version(tmp_path) == first
     serve = tf.saved_model.load(str(first)).signatures["serving_images"]
     out = serve(images=tf.zeros([1, 40, 40, 3]))
     assert out["probabilities"].shape == (1, 4)

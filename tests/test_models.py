@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfdogs import models
+from tfdogs import models, weights
 
 # torchvision.models.resnet18/34(num_classes=1000): sum(p.numel() for p in parameters()).
 TORCHVISION_PARAMETERS = {"resnet18": 11_689_512, "resnet34": 21_797_672}
@@ -126,7 +126,7 @@ def test_lenet5_rejects_small_inputs():
 
 def test_lenet5_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="lenet5"):
-        models.build("lenet5", 10, weights="imagenet", input_shape=(32, 32, 3))
+        weights.pretrained_model("lenet5", 10, weights="imagenet", input_shape=(32, 32, 3))
 
 
 def test_unknown_model_name_lists_the_choices():

@@ -6,7 +6,6 @@ waiting for its cluster does not stop on SIGTERM), so a hang fails fast.
 
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 
-from tfdogs import distribute
+from tfdogs.training import cluster
 
 TIMEOUT = 300  # seconds for any one worker process
 
@@ -220,18 +219,18 @@ def test_a_task_missing_from_the_cluster_is_refused_before_any_work(tmp_path):
 ])
 def test_tf_config_tasks_are_checked_against_the_cluster(monkeypatch, tf_config, message):
     monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
-    with pytest.raises(distribute.ClusterError, match=message):
-        distribute.read_task()
+    with pytest.raises(cluster.ClusterError, match=message):
+        cluster.read_task()
 
 
 def test_the_chief_is_worker_zero_unless_the_cluster_has_a_chief(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
                                                 "task": {"type": "worker", "index": 1}}))
-    task = distribute.read_task()
+    task = cluster.read_task()
     assert not task.is_chief and task.address == "b:2" and task.peers() == ["a:1"]
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["c:0"], "worker": ["a:1"]},
                                                 "task": {"type": "worker", "index": 0}}))
-    assert not distribute.read_task().is_chief
-    monkeypatch.setenv(distribute.PEER_TIMEOUT_VARIABLE, "soon")
-    with pytest.raises(distribute.ClusterError, match=distribute.PEER_TIMEOUT_VARIABLE):
-        distribute.peer_timeout()
+    assert not cluster.read_task().is_chief
+    monkeypatch.setenv(cluster.PEER_TIMEOUT_VARIABLE, "soon")
+    with pytest.raises(cluster.ClusterError, match=cluster.PEER_TIMEOUT_VARIABLE):
+        cluster.peer_timeout()

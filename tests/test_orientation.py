@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from tfdogs import check, data
+from tfdogs import data
+from tfdogs.data import validation
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ORIENTATIONS = range(1, 9)
@@ -108,9 +109,9 @@ def test_training_crops_of_an_oriented_jpeg_are_crops_of_the_upright_photo(photo
     seed = tf.constant([3, 4], tf.int64)
     for orientation in (2, 6, 7):
         sideways = oriented(photo, orientation)
-        crop = data._random_crop_bytes(tf.constant(sideways), seed, (0.3, 0.6)).numpy()
+        crop = data.random_crop_bytes(tf.constant(sideways), seed, (0.3, 0.6)).numpy()
         upright = upright_reference(photo, orientation)
-        window_crop = data._random_crop_image(tf.constant(upright), seed, (0.3, 0.6)).numpy()
+        window_crop = data.random_crop_image(tf.constant(upright), seed, (0.3, 0.6)).numpy()
         np.testing.assert_array_equal(crop, window_crop)
 
 
@@ -130,7 +131,7 @@ def test_the_data_check_notes_oriented_jpegs_and_converts_other_formats_upright(
     exif[0x0112] = 8
     png.save(root / "pug" / "phone.png", exif=exif.tobytes())
     converted_dir = tmp_path / "converted"
-    report = check.check_data(root, converted_dir=converted_dir)
+    report = validation.check_data(root, converted_dir=converted_dir)
     report.write_csv(tmp_path / "problems.csv")
     problems = problems_of(tmp_path / "problems.csv")
 

@@ -20,10 +20,10 @@ import torch
 from safetensors.numpy import save_file
 from torch import nn
 
-from tfdogs import models, port, pth, weights
-from tfdogs.port import PortError
-from tfdogs.pth import CheckpointFormatError, UnsafeCheckpointError
-from tfdogs.weights import WeightsError
+from tfdogs import models, port as port_command, weights
+from tfdogs.weights import WeightsError, port, pth
+from tfdogs.weights.port import PortError
+from tfdogs.weights.pth import CheckpointFormatError, UnsafeCheckpointError
 
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 TOLERANCE = 1e-4  # max abs difference on logits and pooled features, float32
@@ -285,7 +285,7 @@ def test_without_head_the_classifier_keys_are_dropped(state_dict18):
 def test_port_cli_writes_weights_that_reproduce_the_logits(ported, tmp_path):
     arch, reference, path, model = ported
     output = tmp_path / f"{arch}.weights.h5"
-    assert port.main(["--arch", arch, "--checkpoint", str(path), "--output", str(output)]) == output
+    assert port_command.main(["--arch", arch, "--checkpoint", str(path), "--output", str(output)]) == output
     fresh = models.build(arch, 1000, input_shape=(None, None, 3))
     fresh.load_weights(str(output))
     images = nchw_input(224, seed=2)
@@ -296,10 +296,10 @@ def test_port_cli_writes_weights_that_reproduce_the_logits(ported, tmp_path):
 def test_build_with_a_ported_file_keeps_the_backbone_and_a_fresh_head(ported, tmp_path):
     arch, reference, path, _ = ported
     output = tmp_path / f"{arch}.weights.h5"
-    port.main(["--arch", arch, "--checkpoint", str(path), "--output", str(output)])
+    port_command.main(["--arch", arch, "--checkpoint", str(path), "--output", str(output)])
     expected = numpy_state_dict(reference)
     for weights_file in (output, path):
-        model = models.build(arch, 10, weights=str(weights_file), input_shape=(64, 64, 3))
+        model = weights.pretrained_model(arch, 10, weights=str(weights_file), input_shape=(64, 64, 3))
         assert model.get_layer("fc").kernel.shape == (512, 10)
         assert not np.allclose(model.get_layer("fc").kernel.numpy(), expected["fc.weight"][:10].T)
         for key, (_, variable, layout) in port.torch_names(model).items():
@@ -396,7 +396,7 @@ def test_imagenet_weights_load_through_the_registry_and_convert_once(ported, tmp
     monkeypatch.setitem(weights.REGISTRY, (arch, "torchvision"), spec)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     images = nchw_input(199, seed=4)
-    model = models.build(arch, 1000, weights="imagenet", input_shape=(None, None, 3))
+    model = weights.pretrained_model(arch, 1000, weights="imagenet", input_shape=(None, None, 3))
     assert np.abs(keras_outputs(model, images)[0] - torch_outputs(reference, images)[0]).max() < TOLERANCE
     assert cached_files(tmp_path) == [f"{arch}-test.pth", f"{arch}-test.weights.h5"]
 
@@ -404,7 +404,7 @@ def test_imagenet_weights_load_through_the_registry_and_convert_once(ported, tmp
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(port, "convert_state_dict", no_conversion)
-    again = models.build(arch, 120, weights="imagenet", input_shape=(64, 64, 3))
+    again = weights.pretrained_model(arch, 120, weights="imagenet", input_shape=(64, 64, 3))
     assert again.get_layer("fc").kernel.shape == (512, 120)
     assert np.array_equal(again.get_layer("layer4.1.bn2").gamma.numpy(), model.get_layer("layer4.1.bn2").gamma.numpy())
 
@@ -425,7 +425,7 @@ def test_registry_entries_are_consistent():
 
 def test_unknown_weights_are_rejected():
     with pytest.raises(WeightsError, match="imagenet"):
-        models.build("resnet18", 10, weights="/no/such/file.pth", input_shape=(64, 64, 3))
+        weights.pretrained_model("resnet18", 10, weights="/no/such/file.pth", input_shape=(64, 64, 3))
 
 
 def test_stray_keys_are_not_silently_ignored(small_resnet18, state_dict18):

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-
 from test_inference import with_trained_statistics
-from tfdogs import data, evaluate, export, models, weights
-from tfdogs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+from tfdogs import data, models, weights
+from tfdogs.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tfdogs.runs import folder as run_folder
+from tfdogs.serving import saved_model
 from tfdogs.weights import WeightsError
 
 TIMM = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic", "floor")
@@ -148,27 +150,27 @@ def test_export_folds_batch_norms_and_serves_the_models_probabilities(tmp_path):
     images = np.random.default_rng(3).integers(0, 256, (3, 80, 96, 3)).astype("float32")
     class_names = ["a", "b", "c", "d", "e"]
 
-    single = export.export_saved_model(first, class_names, tmp_path / "single", preprocessing=records[0])
+    single = saved_model.export_saved_model(first, class_names, tmp_path / "single", preprocessing=records[0])
     served = serve_in_fresh_process(single, images, tmp_path)
     assert served["batch_norm_statistics"] == 0  # folded: the graph differs from the model's
     np.testing.assert_allclose(served["probabilities"], keras_probabilities(first, images, records[0]), atol=1e-5)
-    assert export.read_metadata(single)["preprocessing"] == records[0].as_dict()
+    assert saved_model.read_metadata(single)["preprocessing"] == records[0].as_dict()
 
-    pair = export.export_saved_model([first, second], class_names, tmp_path / "ensemble", preprocessing=records,
+    pair = saved_model.export_saved_model([first, second], class_names, tmp_path / "ensemble", preprocessing=records,
                                      model_weights=[1, 3])
     served = serve_in_fresh_process(pair, images, tmp_path)
     assert served["batch_norm_statistics"] == 0
     expected = (0.25 * keras_probabilities(first, images, records[0])
                 + 0.75 * keras_probabilities(second, images, records[1]))
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
-    facts = export.read_metadata(pair)
+    facts = saved_model.read_metadata(pair)
     assert facts["preprocessing"] is None and facts["member_preprocessing"] == [r.as_dict() for r in records]
 
 
 def test_tools_read_the_record_of_the_run_folder(lenet_run, tmp_path):
     recorded = Preprocessing.load(lenet_run / "preprocessing.json")
     assert recorded == TORCHVISION.replace(image_size=32)
-    assert export.read_metadata(json.loads((lenet_run / "metrics.json").read_text())["export"])[
+    assert saved_model.read_metadata(json.loads((lenet_run / "metrics.json").read_text())["export"])[
         "preprocessing"] == recorded.as_dict()
 
     # A record that no name would give: the tools must follow the file, not the config's weights.
@@ -178,17 +180,17 @@ def test_tools_read_the_record_of_the_run_folder(lenet_run, tmp_path):
         shutil.copy(lenet_run / name, copy / name)
     other = recorded.replace(crop_fraction=0.5, interpolation="bicubic", resize_rounding="floor")
     other.save(copy / "preprocessing.json")
-    run = evaluate.load_run(copy)
+    run = run_folder.load_run(copy)
     assert run.preprocessing == other
-    records, _, val_indices = evaluate.load_run(lenet_run).split()
+    records, _, val_indices = run_folder.load_run(lenet_run).split()
     paths = [records.paths[i] for i in val_indices[:4]]
     model = run.load_model()
     np.testing.assert_allclose(
-        evaluate.predict_paths(model, paths, run.preprocessing),
+        run_folder.predict_paths(model, paths, run.preprocessing),
         tf.nn.softmax(model(np.stack([data.preprocess_eval(data.decode_image(tf.io.read_file(path)),
                                                            **other.as_dict()) for path in paths]))).numpy(),
         atol=1e-6)
 
     (copy / "preprocessing.json").write_text("{}")
-    with pytest.raises(evaluate.RunFolderError, match="preprocessing.json"):
-        evaluate.load_run(copy)
+    with pytest.raises(run_folder.RunFolderError, match="preprocessing.json"):
+        run_folder.load_run(copy)

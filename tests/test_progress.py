@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfdogs import check, data, evaluate, predict, progress
+from tfdogs import check, data, predict, progress
+from tfdogs.runs import evaluation as run_evaluation
 
 PHOTOS = progress.MIN_PHOTOS
 
@@ -56,9 +57,9 @@ def test_predict_over_a_folder_shows_its_count(lenet_run, many_photos, terminal)
 
 
 def test_evaluate_on_many_photos_shows_its_count(lenet_run, many_photos, terminal, tmp_path):
-    evaluate.evaluate(lenet_run, data_dir=many_photos, output=tmp_path / "shown", report=False)
+    run_evaluation.evaluate(lenet_run, data_dir=many_photos, output=tmp_path / "shown", report=False)
     assert f"{PHOTOS}/{PHOTOS}" in terminal.readouterr().out
-    evaluate.evaluate(lenet_run, data_dir=many_photos, output=tmp_path / "quiet", report=False, verbose=0)
+    run_evaluation.evaluate(lenet_run, data_dir=many_photos, output=tmp_path / "quiet", report=False, verbose=0)
     assert f"/{PHOTOS}" not in terminal.readouterr().out
 
 

@@ -16,9 +16,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import small_config
-from tfdogs import config as config_lib, data, train
+
+from tfdogs import config as config_lib, data
+from tfdogs.training import loop as training_loop
 
 # `python -m tfdogs.train` that kills itself (SIGKILL, no clean-up at all) at the end of one epoch,
 # after that epoch's history row and backup are written.
@@ -31,7 +32,7 @@ class KillAfter(keras.callbacks.Callback):
         if epoch == int(sys.argv[1]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-run = train.train
+run = train.train  # the command's own reference to tfdogs.training.loop.train
 train.train = lambda config, extra_callbacks=(): run(config, [*extra_callbacks, KillAfter()])
 sys.exit(train.main(sys.argv[2:]))
 """
@@ -137,24 +138,24 @@ def test_fine_tune_killed_in_either_phase_resumes_to_the_uninterrupted_result(tm
 
 def test_an_existing_run_with_other_settings_is_refused_and_its_config_kept(tmp_path):
     config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), epochs=2)
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
     recorded = (run_dir / "config.yaml").read_bytes()
     with pytest.raises(config_lib.ConfigError) as refused:
-        train.train({**config, "image_size": 48, "learning_rate": 1e-2})
+        training_loop.train({**config, "image_size": 48, "learning_rate": 1e-2})
     assert "image_size: 32 in the run, 48 now" in str(refused.value)
     assert "learning_rate: 0.003 in the run, 0.01 now" in str(refused.value)
     assert "--output" in str(refused.value)
     with pytest.raises(config_lib.ConfigError, match="epochs: 2 in the run, 1 now"):
-        train.train({**config, "epochs": 1})
+        training_loop.train({**config, "epochs": 1})
     assert (run_dir / "config.yaml").read_bytes() == recorded
     assert sorted(path.name for path in (tmp_path / "export").iterdir()) == ["1"]  # nothing exported again
 
 
 def test_more_epochs_continue_a_finished_run(tmp_path, capsys):
     config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), epochs=2)
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
     before = pd.read_csv(run_dir / "history.csv")
-    train.train({**config, "epochs": 3})
+    training_loop.train({**config, "epochs": 3})
     after = pd.read_csv(run_dir / "history.csv")
     assert list(after["epoch"]) == [0, 1, 2]
     pd.testing.assert_frame_equal(after.iloc[:2], before)  # the first epochs are kept, not trained again

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs import data, ensemble, evaluate, export, predict
-from tfdogs.preprocessing import Preprocessing
+from tfdogs import data, export, predict
+from tfdogs.data.preprocessing import Preprocessing
+from tfdogs.runs import ensemble as run_ensemble, folder as run_folder
+from tfdogs.serving import tflite
 
 # TFLite float32 against the SavedModel, probabilities in [0, 1]: both run float32 kernels, and
 # the TFLite input goes through the same resize and crop ops; what is left is summation order.
@@ -47,7 +49,7 @@ def twin_ensemble(lenet_run, tmp_path_factory):
     kernel = model.get_layer("fc").kernel
     kernel.assign(0.5 * kernel.numpy() + np.random.default_rng(0).normal(0, 0.2, kernel.shape).astype("float32"))
     model.save(twin / "model.keras")
-    return ensemble.ensemble([lenet_run, twin], base / "twins", export_dir=base / "saved_models")
+    return run_ensemble.ensemble([lenet_run, twin], base / "twins", export_dir=base / "saved_models")
 
 
 def exports(lenet_run, twin_ensemble):
@@ -56,7 +58,7 @@ def exports(lenet_run, twin_ensemble):
 
 
 def val_paths(run_dir, count=5):
-    records, _, val_indices = evaluate.load_run(run_dir).split()
+    records, _, val_indices = run_folder.load_run(run_dir).split()
     return [records.paths[i] for i in val_indices[:count]]
 
 
@@ -89,7 +91,7 @@ def test_saved_model_cli_shows_the_serving_signatures(lenet_run, twin_ensemble, 
 
 def keras_probabilities(run_dir, paths):
     """Softmax of the run's `model.keras`, loaded with Keras, on its own validation preprocessing of the files."""
-    settings = evaluate.load_run(run_dir).preprocessing.as_dict()
+    settings = run_folder.load_run(run_dir).preprocessing.as_dict()
     images = np.stack([data.preprocess_eval(tf.io.decode_image(open(path, "rb").read(), channels=3,
                                                                expand_animations=False), **settings)
                        for path in paths])
@@ -113,7 +115,7 @@ def test_a_fresh_process_answers_like_the_keras_models(lenet_run, twin_ensemble,
         # the SavedModel, alone in its process, answers what Keras computes from the run's model.keras
         np.testing.assert_allclose(served["probabilities"], expected[kind], atol=1e-5)
         top5 = np.argsort(-expected[kind], axis=1, kind="stable")[:, :5]
-        class_names = evaluate.load_run(lenet_run).class_names
+        class_names = run_folder.load_run(lenet_run).class_names
         assert served["top5_breeds"] == [[class_names[i] for i in row] for row in top5]
         # and python -m tfdogs.predict prints those answers
         assert predict.main([str(model_folder), *images, "--json"]) == 0
@@ -134,7 +136,7 @@ def test_tflite_export_matches_the_saved_model(lenet_run, twin_ensemble, tmp_pat
     assert (tmp_path / "tflite" / "labels.txt").read_text().split() == facts["class_names"]
     images = val_paths(lenet_run)
     record = Preprocessing.from_dict(facts["preprocessing"])
-    pixels = np.stack([export.tflite_input(open(path, "rb").read(), record).numpy() for path in images])
+    pixels = np.stack([tflite.tflite_input(open(path, "rb").read(), record).numpy() for path in images])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice that it moves to ai-edge-litert
         interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "tflite" / "model.tflite"))
@@ -149,7 +151,7 @@ def test_tflite_export_matches_the_saved_model(lenet_run, twin_ensemble, tmp_pat
 
 def test_tflite_refuses_members_that_need_different_inputs(lenet_run):
     model = keras.saving.load_model(lenet_run / "model.keras")
-    settings = evaluate.load_run(lenet_run).preprocessing
+    settings = run_folder.load_run(lenet_run).preprocessing
     with pytest.raises(ValueError, match=r"different input preprocessing.*32.*40"):
-        export.export_tflite([model, model], ["a", "b", "c", "d"], "unused",
+        tflite.export_tflite([model, model], ["a", "b", "c", "d"], "unused",
                              preprocessing=[settings, settings.replace(image_size=40)])

@@ -5,9 +5,10 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from conftest import small_config
-from tfdogs import models, train
+
+from tfdogs import models, weights
+from tfdogs.training import loop as training_loop, optimizer as training_optimizer
 
 SIZE = 64
 
@@ -32,12 +33,12 @@ def changed(before, after, layer_name):
 def run(tmp_path, pretrained_file, **overrides):
     config = small_config(model="resnet18", weights=str(pretrained_file), image_size=SIZE,
                           output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), **overrides)
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
     return run_dir, weights_by_layer(keras.saving.load_model(run_dir / "model.keras"))
 
 
 def initial(pretrained_file):
-    return weights_by_layer(models.build("resnet18", 4, weights=str(pretrained_file), input_shape=(SIZE, SIZE, 3)))
+    return weights_by_layer(weights.pretrained_model("resnet18", 4, weights=str(pretrained_file), input_shape=(SIZE, SIZE, 3)))
 
 
 def test_feature_extract_trains_only_the_head(tmp_path, pretrained_file):
@@ -87,7 +88,7 @@ def test_discriminative_rates_scale_each_variables_update():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Add()([layer(inputs) for layer in layers]))
     factors = {layer.kernel.path: factor for layer, factor in zip(layers, (0.25, 0.0, 1.0))}
-    optimizer = train.make_optimizer("sgd", 0.1, 0.0, factors)
+    optimizer = training_optimizer.make_optimizer("sgd", 0.1, 0.0, factors)
     model.compile(optimizer=optimizer, loss="mse")
     before = [np.array(layer.kernel) for layer in layers]
     model.train_on_batch(np.ones((8, 4)), np.zeros((8, 3)))
@@ -105,7 +106,7 @@ def test_weight_decay_follows_each_variables_rate_and_spares_biases(optimizer):
     for layer in (slow, fast):
         layer.bias.assign(np.ones(3))
     factors = {variable.path: 0.25 for variable in slow.weights} | {variable.path: 1.0 for variable in fast.weights}
-    optimizer = train.make_optimizer(optimizer, 0.1, 0.0, factors, weight_decay=0.5)
+    optimizer = training_optimizer.make_optimizer(optimizer, 0.1, 0.0, factors, weight_decay=0.5)
     before = [np.array(variable) for variable in model.trainable_variables]
     # zero gradients: whatever moves is the decay alone
     optimizer.apply_gradients([(np.zeros_like(value), variable)

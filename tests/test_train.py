@@ -6,9 +6,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import small_config
-from tfdogs import config as config_lib, data, evaluate, metrics, train
+
+from tfdogs import config as config_lib, data, models
+from tfdogs.evaluation import metrics, predictions as predictions_lib
+from tfdogs.runs import folder as run_folder
+from tfdogs.training import loop as training_loop, optimizer as training_optimizer, phases as training_phases
 
 
 def png_size(path):
@@ -27,7 +30,7 @@ def png_size(path):
 def test_each_model_learns_the_synthetic_breeds(tmp_path, model_name, overrides, min_accuracy):
     config = small_config(model=model_name, output=str(tmp_path / "run"),
                           export_dir=str(tmp_path / "export"), **overrides)
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
     summary = json.loads((run_dir / "metrics.json").read_text())
     chance = summary["baselines"]["random_guess"]["accuracy"]
     assert chance == pytest.approx(0.25)
@@ -87,12 +90,12 @@ def test_tensorboard_logs_loss_accuracy_and_learning_rate(lenet_run):
 
 
 def test_metrics_agree_with_the_saved_model(lenet_run):
-    records, _, val_indices = evaluate.load_run(lenet_run).split()
+    records, _, val_indices = run_folder.load_run(lenet_run).split()
     model = keras.saving.load_model(lenet_run / "model.keras")
     dataset = data.make_dataset([records.paths[i] for i in val_indices], records.labels[val_indices],
                                 image_size=32, batch_size=8, training=False,
                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    probabilities = train.predict_probabilities(model, dataset)
+    probabilities = predictions_lib.predict_probabilities(model, dataset)
     summary = json.loads((lenet_run / "metrics.json").read_text())
     # model.keras carries the fitted temperature: it scores as val_calibrated, its accuracy as the raw model's
     calibrated = {key: summary["val_calibrated"][key] for key in ("accuracy", "top5_accuracy", "log_loss")}
@@ -122,10 +125,10 @@ class EpochRecorder(keras.callbacks.Callback):
 def test_interrupted_run_resumes_from_last_finished_epoch(tmp_path):
     config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), epochs=4)
     with pytest.raises(KeyboardInterrupt):
-        train.train(config, extra_callbacks=[InterruptAfter(1)])
+        training_loop.train(config, extra_callbacks=[InterruptAfter(1)])
     assert not (tmp_path / "run" / "metrics.json").exists()
     recorder = EpochRecorder()
-    run_dir = train.train(config, extra_callbacks=[recorder])
+    run_dir = training_loop.train(config, extra_callbacks=[recorder])
     assert recorder.epochs == [2, 3]
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2, 3]
@@ -147,11 +150,11 @@ class PoisonWeights(keras.callbacks.Callback):
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_best_weights(tmp_path):
     config = small_config(output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"), epochs=4)
-    with pytest.raises(train.TrainingError, match="non-finite at epoch 2, batch 1") as error:
-        train.train(config, extra_callbacks=[PoisonWeights()])
+    with pytest.raises(training_phases.TrainingError, match="non-finite at epoch 2, batch 1") as error:
+        training_loop.train(config, extra_callbacks=[PoisonWeights()])
     assert "best.weights.h5" in str(error.value)
     kept = tmp_path / "run" / "best.weights.h5"
-    fresh = train.models.build("lenet5", 4, input_shape=(32, 32, 3))
+    fresh = models.build("lenet5", 4, input_shape=(32, 32, 3))
     fresh.load_weights(kept)
     assert all(np.isfinite(weight).all() for weight in fresh.get_weights())
 
@@ -161,7 +164,7 @@ def test_unwritable_output_is_rejected_before_any_work(tmp_path):
     blocker.write_text("")
     config = small_config(output=str(blocker / "run"))
     with pytest.raises(config_lib.ConfigError, match="'output'"):
-        train.train(config)
+        training_loop.train(config)
 
 
 @pytest.mark.parametrize("strategy, frozen_stages", [
@@ -172,23 +175,23 @@ def test_unwritable_output_is_rejected_before_any_work(tmp_path):
 def test_plan_phases(strategy, frozen_stages):
     config = small_config(model="resnet18", weights="imagenet", strategy=strategy, epochs=5, head_epochs=2,
                           backbone_lr_factor=0.01)
-    phases = train.plan_phases(config)
+    phases = training_phases.plan_phases(config)
     assert phases[-1].end_epoch == 5 and phases[-1].frozen_stages == frozen_stages
     if strategy == "fine-tune":
         assert phases[0].frozen_stages and phases[0].end_epoch == 2 and phases[1].start_epoch == 2
         assert phases[1].stage_factors["stem"] == pytest.approx(0.01)
     if strategy == "discriminative":
-        factors = [phases[0].stage_factors[stage] for stage in train.STAGES]
+        factors = [phases[0].stage_factors[stage] for stage in training_phases.STAGES]
         assert factors[0] == pytest.approx(0.01) and factors[-1] == 1.0
         assert all(a < b for a, b in zip(factors, factors[1:]))
 
 
 def test_schedule_warms_up_then_decays():
-    schedule = train.WarmupCosine(1.0, total_steps=100, warmup_steps=10)
+    schedule = training_optimizer.WarmupCosine(1.0, total_steps=100, warmup_steps=10)
     values = [float(schedule(step)) for step in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:])) and values[-1] < 0.01
-    later_phase = train.WarmupCosine(1.0, total_steps=100, warmup_steps=10, offset_steps=50)
+    later_phase = training_optimizer.WarmupCosine(1.0, total_steps=100, warmup_steps=10, offset_steps=50)
     assert float(later_phase(0)) == pytest.approx(values[50])
 
 
@@ -216,7 +219,7 @@ def test_real_photos_in_the_kaggle_layout_train_end_to_end(tmp_path, dogs10_dir)
 
     config = small_config(data=None, data_dir=str(data_dir), epochs=20, image_size=48,
                           output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["num_classes"] == 10 and summary["num_train"] + summary["num_val"] == len(rows) - 1
     assert summary["num_val"] == sum(round(0.2 * count) for count in photos_per_breed.values())  # 20 % of each
@@ -230,7 +233,7 @@ def test_real_photos_in_the_kaggle_layout_train_end_to_end(tmp_path, dogs10_dir)
 
     # the model, fed through the evaluation preprocessing, knows its own training photos: it learnt each photo's
     # breed through the training pipeline, which only shows if labels follow photos and the two pipelines agree
-    run = evaluate.load_run(run_dir)
+    run = run_folder.load_run(run_dir)
     paths = [str(data_dir / path) for path in split["path"]]
     images = np.stack([data.preprocess_eval(data.decode_image(tf.io.read_file(path)), **run.preprocessing.as_dict())
                        for path in paths])
@@ -265,7 +268,7 @@ def test_label_smoothing_reaches_the_training_loss():
     losses = {}
     for smoothing in (0.0, 0.4):
         config = small_config(label_smoothing=smoothing)
-        train.compile_model(model, config, 1e-3, {}, jit_compile=False)
+        training_optimizer.compile_model(model, config, 1e-3, {}, jit_compile=False)
         losses[smoothing] = model.evaluate(images, labels, verbose=0, return_dict=True)
     log_probabilities = np.asarray(keras.ops.log_softmax(model.predict(images, verbose=0)))
     cross_entropy = -(labels * log_probabilities).sum(axis=1).mean()
@@ -280,7 +283,7 @@ def test_label_smoothing_changes_the_logged_training_loss_of_a_run(tmp_path):
     def run(smoothing):
         config = small_config(label_smoothing=smoothing, epochs=1, output=str(tmp_path / f"run-{smoothing}"),
                               export_dir=str(tmp_path / f"export-{smoothing}"), precision="float32")
-        return pd.read_csv(train.train(config) / "history.csv").iloc[0]
+        return pd.read_csv(training_loop.train(config) / "history.csv").iloc[0]
 
     plain, smoothed = run(0.0), run(0.3)
     assert plain["loss"] == pytest.approx(plain["log_loss"], rel=1e-5)  # without smoothing: the log loss itself
@@ -297,10 +300,10 @@ def test_the_last_epochs_train_at_the_finetune_size_and_the_export_takes_it(tmp_
         def on_epoch_begin(self, epoch, logs=None):
             seen_sizes.append(self.model.input_shape[1])
 
-    run_dir = train.train(config, extra_callbacks=[InputSize()])
+    run_dir = training_loop.train(config, extra_callbacks=[InputSize()])
     assert seen_sizes == [32, 32, 48]
     assert json.loads((run_dir / "phases.json").read_text()).keys() == {"all", "large"}
-    assert evaluate.load_run(run_dir).preprocessing.image_size == 48
+    assert run_folder.load_run(run_dir).preprocessing.image_size == 48
     assert keras.saving.load_model(run_dir / "model.keras").input_shape == (None, 48, 48, 3)
     summary = json.loads((run_dir / "metrics.json").read_text())
     import tensorflow as tf

@@ -11,8 +11,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfdogs import data, evaluate, export, predict, submit, train
-from tfdogs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tfdogs import data, export, predict, submit
+from tfdogs.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tfdogs.evaluation import predictions as predictions_lib
+from tfdogs.runs import folder as run_folder, predictor, submission
+from tfdogs.serving import saved_model
 
 # Resized shorter side floor(16 / 0.7) = 22: a 37 x 53 photo becomes 22 x 31, margins 6 and 15 (odd).
 RECORD = Preprocessing(image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_fraction=0.7,
@@ -39,7 +42,7 @@ def differ(first, second):
 
 
 def val_paths(run_dir, count=6):
-    run = evaluate.load_run(run_dir)
+    run = run_folder.load_run(run_dir)
     records, _, val_indices = run.split()
     return run, [records.paths[i] for i in val_indices[:count]]
 
@@ -92,10 +95,10 @@ def test_the_ten_views_are_the_centre_and_the_corners_of_the_resized_image(heigh
 def test_one_view_is_no_tta_exactly(lenet_run):
     run, paths = val_paths(lenet_run, count=16)
     model = run.load_model()
-    plain = train.predict_probabilities(model, data.make_dataset(
+    plain = predictions_lib.predict_probabilities(model, data.make_dataset(
         paths, np.zeros(len(paths)), training=False, batch_size=32, **run.preprocessing.as_dict()))
-    np.testing.assert_array_equal(evaluate.predict_paths(model, paths, run.preprocessing, tta=1), plain)
-    assert differ(evaluate.predict_paths(model, paths, run.preprocessing, tta=2), plain)
+    np.testing.assert_array_equal(run_folder.predict_paths(model, paths, run.preprocessing, tta=1), plain)
+    assert differ(run_folder.predict_paths(model, paths, run.preprocessing, tta=2), plain)
 
 
 def test_two_views_average_the_softmax_of_the_crop_and_of_its_mirror(lenet_run):
@@ -105,7 +108,7 @@ def test_two_views_average_the_softmax_of_the_crop_and_of_its_mirror(lenet_run):
         paths, np.zeros(len(paths)), training=False, batch_size=32, **run.preprocessing.as_dict())])
     crop_probabilities = tf.nn.softmax(model.predict(crops, verbose=0)).numpy()
     mirror_probabilities = tf.nn.softmax(model.predict(crops[:, :, ::-1], verbose=0)).numpy()
-    assert_same_answers(evaluate.predict_paths(model, paths, run.preprocessing, tta=2, batch_size=5),
+    assert_same_answers(run_folder.predict_paths(model, paths, run.preprocessing, tta=2, batch_size=5),
                         (crop_probabilities + mirror_probabilities) / 2, atol=1e-6)
     assert differ(crop_probabilities, mirror_probabilities)
 
@@ -132,7 +135,7 @@ def test_an_export_with_ten_views_answers_what_evaluation_does_in_a_tensorflow_o
     run, paths = val_paths(lenet_run)
     assert export.main([str(lenet_run), "--tta", "10", "--output", str(tmp_path / "saved")]) == 0
     version_dir = tmp_path / "saved" / "1"
-    facts = export.read_metadata(version_dir)
+    facts = saved_model.read_metadata(version_dir)
     assert facts["tta_views"] == 10 and facts["tta_view_names"] == list(data.TTA_VIEWS[10])
 
     served = json.loads(subprocess.run([sys.executable, "-c", SERVE, str(version_dir), *map(str, paths)],
@@ -141,16 +144,16 @@ def test_an_export_with_ten_views_answers_what_evaluation_does_in_a_tensorflow_o
     assert served["outputs"] == ["probabilities", "top5_breeds", "top5_probabilities"]
     assert served["shapes"] == {"serving_default": "(None, 4)", "serving_images": "(None, 4)"}
     model = run.load_model()
-    expected = evaluate.predict_paths(model, paths, run.preprocessing, tta=10)
+    expected = run_folder.predict_paths(model, paths, run.preprocessing, tta=10)
     assert_same_answers(served["probabilities"], expected)
     assert_same_answers(served["first_from_images"], expected[:1])
-    assert differ(expected, evaluate.predict_paths(model, paths, run.preprocessing, tta=1))
-    assert differ(expected, evaluate.predict_paths(model, paths, run.preprocessing, tta=2))
+    assert differ(expected, run_folder.predict_paths(model, paths, run.preprocessing, tta=1))
+    assert differ(expected, run_folder.predict_paths(model, paths, run.preprocessing, tta=2))
 
     # the SavedModel answers with its own views; another count is refused, and TFLite takes none
-    assert predict.load_predictor(version_dir).views == 10
-    with pytest.raises(predict.PredictError, match="answers with 10 view.*not 2.*--tta 2"):
-        predict.load_predictor(version_dir, tta=2)
+    assert predictor.load_predictor(version_dir).views == 10
+    with pytest.raises(predictor.PredictError, match="answers with 10 view.*not 2.*--tta 2"):
+        predictor.load_predictor(version_dir, tta=2)
     capsys.readouterr()
     assert export.main([str(lenet_run), "--format", "tflite", "--tta", "10", "--output", str(tmp_path / "t")]) == 2
     assert "--tta 10 is for SavedModel exports only" in capsys.readouterr().err
@@ -170,19 +173,19 @@ def test_predict_and_submit_with_two_views_answer_the_mean_of_the_views(lenet_ru
                           for breed in run.class_names] for answer in answers])
 
     two, one = predicted("--tta", "2"), predicted("--tta", "1")
-    assert_same_answers(two, evaluate.predict_paths(model, paths, run.preprocessing, tta=2))
-    assert_same_answers(one, evaluate.predict_paths(model, paths, run.preprocessing, tta=1))
+    assert_same_answers(two, run_folder.predict_paths(model, paths, run.preprocessing, tta=2))
+    assert_same_answers(one, run_folder.predict_paths(model, paths, run.preprocessing, tta=1))
     assert differ(two, one)
 
     kaggle = lenet_run / "synthetic_data"
-    ids, breed_columns, test_paths = submit.read_sample_submission(kaggle)
+    ids, breed_columns, test_paths = submission.read_sample_submission(kaggle)
     tables = {}
     for views in ("1", "2"):
         output = tmp_path / f"submission-tta{views}.csv"
         assert submit.main([str(lenet_run), "--data-dir", str(kaggle), "--output", str(output),
                             "--verbose", "0", "--tta", views]) == 0
         tables[views] = pd.read_csv(output)
-    expected = evaluate.predict_paths(model, test_paths, run.preprocessing, tta=2)
+    expected = run_folder.predict_paths(model, test_paths, run.preprocessing, tta=2)
     order = [run.class_names.index(breed) for breed in breed_columns]
     assert tables["2"]["id"].tolist() == ids
     assert_same_answers(tables["2"][breed_columns].to_numpy(), expected[:, order])

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfdogs import config as config_lib, data, evaluate, models
+from tfdogs import config as config_lib, data, models
+from tfdogs.runs import folder as run_folder
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfdogs"
 
@@ -35,7 +36,7 @@ def test_keras_model_loading_refuses_code_and_runs_none(tmp_path):
     model_with_code(marker).save(run_dir / "model.keras")
     marker.unlink(missing_ok=True)  # saving traced the layer once
 
-    run = evaluate.Run(run_dir=run_dir, name="run", config={}, class_names=[], preprocessing={})
+    run = run_folder.Run(run_dir=run_dir, name="run", config={}, class_names=[], preprocessing={})
     with pytest.raises(ValueError, match="safe_mode"):
         run.load_model()
     assert not marker.exists()

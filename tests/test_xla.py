@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs import models, train
+from tfdogs import models
+from tfdogs.training import devices, optimizer as training_optimizer
 
 
 def compiled_model(name, size, policy="float32", jit_compile=True, dropout=0.2):
@@ -20,7 +21,7 @@ def compiled_model(name, size, policy="float32", jit_compile=True, dropout=0.2):
         model = models.build(name, 4, input_shape=(size, size, 3), dropout=dropout)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    model.compile(optimizer=train.make_optimizer("adam", 1e-3, 0.9, {}),
+    model.compile(optimizer=training_optimizer.make_optimizer("adam", 1e-3, 0.9, {}),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
     return model
@@ -70,7 +71,7 @@ def test_gpu_defaults_are_xla_and_mixed_float16(monkeypatch):
 
     monkeypatch.setattr(tf.config, "list_physical_devices",
                         lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
-    runtime = train.resolve_runtime(small_config())
+    runtime = devices.resolve_runtime(small_config())
     assert (runtime["device"], runtime["jit_compile"], runtime["precision"]) == ("GPU", True, "mixed_float16")
 
 
@@ -79,11 +80,10 @@ def test_gpu_defaults_are_xla_and_mixed_float16(monkeypatch):
     ("lenet5", True, "float32"), ("resnet18", False, "float32")])
 def test_cpu_defaults_are_no_xla_and_bfloat16_only_where_it_pays(monkeypatch, model_name, native_bfloat16, expected):
     from conftest import small_config
-    from tfdogs import distribute
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(distribute, "cpu_has_native_bfloat16", lambda: native_bfloat16)
-    runtime = train.resolve_runtime(small_config(model=model_name, image_size=64))
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native_bfloat16)
+    runtime = devices.resolve_runtime(small_config(model=model_name, image_size=64))
     assert (runtime["device"], runtime["jit_compile"], runtime["precision"]) == ("CPU", False, expected)
-    named = train.resolve_runtime(small_config(model=model_name, image_size=64, precision="float32"))
+    named = devices.resolve_runtime(small_config(model=model_name, image_size=64, precision="float32"))
     assert named["precision"] == "float32"

@@ -4,13 +4,16 @@ import keras
 import numpy as np
 import pytest
 
-from tfdogs import breeds, data, metrics, models, zeroshot
+from tfdogs import data, models, zeroshot
+from tfdogs.data import breeds
+from tfdogs.evaluation import metrics, zeroshot as zeroshot_lib
+from tfdogs.training import loop as training_loop
 
 
 def test_breed_probabilities_take_the_breeds_imagenet_logits():
     class_names = ["golden_retriever", "chihuahua", "dingo"]
     logits = np.random.default_rng(0).normal(size=(5, 1000)).astype("float32")
-    probabilities = zeroshot.breed_probabilities(logits, class_names)
+    probabilities = zeroshot_lib.breed_probabilities(logits, class_names)
     picked = logits[:, [207, 151, 273]]  # ImageNet: golden retriever, Chihuahua, dingo
     expected = np.exp(picked) / np.exp(picked).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5)
@@ -18,7 +21,7 @@ def test_breed_probabilities_take_the_breeds_imagenet_logits():
 
 def test_breeds_without_an_imagenet_class_are_named():
     with pytest.raises(ValueError, match="dachshund, bulldog"):
-        zeroshot.breed_columns(["beagle", "dachshund", "bulldog"])
+        zeroshot_lib.breed_columns(["beagle", "dachshund", "bulldog"])
 
 
 def test_zero_shot_run_on_generated_breeds(tmp_path):
@@ -53,9 +56,10 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
     import hashlib
 
     import safetensors.numpy
-
     from conftest import small_config
-    from tfdogs import port, train, weights
+
+    from tfdogs import weights
+    from tfdogs.weights import port
 
     keras.utils.set_random_seed(5)
     reference = models.build("resnet18", 1000, input_shape=(64, 64, 3))
@@ -74,7 +78,7 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
     config = small_config(model="resnet18", weights="auto", strategy="auto", image_size=64, epochs=2,
                           head_epochs=1, output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
     assert config["weights"] == "imagenet" and config["strategy"] == "fine-tune"
-    run_dir = train.train(config)
+    run_dir = training_loop.train(config)
     summary = json.loads((run_dir / "metrics.json").read_text())
     zero_shot = summary["baselines"]["imagenet_zero_shot"]
     assert json.loads((run_dir / "zeroshot.json").read_text()) == zero_shot
@@ -83,7 +87,7 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
 
     # the figure in the run folder is reproduced by the zero-shot command on the same split
     config_records, _, val_indices = data.read_split(run_dir / "split.csv", str(run_dir / "synthetic_data"))
-    expected = zeroshot.evaluate_zero_shot("resnet18", config_records, val_indices, weights_source="imagenet",
+    expected = zeroshot_lib.evaluate_zero_shot("resnet18", config_records, val_indices, weights_source="imagenet",
                                            preprocessing=weights.REGISTRY[("resnet18", "torchvision")].preprocessing(64))
     assert zero_shot["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
 
@@ -95,12 +99,12 @@ def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_f
     and give metrics.json's numbers; the command's own defaults (224 px) give others.
     """
     from conftest import small_config
-    from tfdogs import train
+
 
     keras.utils.set_random_seed(7)
     checkpoint = tmp_path / "imagenet-like.weights.h5"
     models.build("resnet18", 1000, input_shape=(64, 64, 3)).save_weights(checkpoint)
-    run_dir = train.train(small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract",
+    run_dir = training_loop.train(small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract",
                                        image_size=64, epochs=1, output=str(tmp_path / "run"),
                                        export_dir=str(tmp_path / "export")))
     summary = json.loads((run_dir / "metrics.json").read_text())

@@ -1,23 +1,18 @@
 """tfdogs: fine-grained dog-breed classification by transfer learning in Keras 3.
 
-Modules:
-    data, check: dataset layouts, synthetic data, stratified split, tf.data pipeline; the data check.
-    preprocessing: the input preprocessing record that travels with the weights (`RUN/preprocessing.json`).
-    augment: Keras preprocessing-layer augmentation, the modern recipe's included, seeded per batch.
-    models: LeNet-5, torchvision-identical ResNet-18/34 and keras-hub backbones (`models.build`).
-    weights, pth, port: checkpoint registry, reading .pth without torch, PyTorch-to-Keras conversion.
-    config: YAML configs, command-line overrides and validation.
-    distribute: devices and machines (mirrored, multi-worker).
-    train: `python -m tfdogs.train`, the end-to-end experiment (resumable, calibrated).
-    metrics, plots: scores, baselines and calibration; the figures.
-    export, inference: SavedModel (ensembles, TTA views) and TFLite export with BatchNorms folded.
-    evaluate, evaluation_report, gradcam, explain: `python -m tfdogs.evaluate`, its picture report, heat maps.
-    compare, report: `python -m tfdogs.compare`, the runs' table, curves and index.html.
-    ensemble: `python -m tfdogs.ensemble`, runs averaged into one model and one SavedModel.
-    predict, submit: `python -m tfdogs.predict` (top-5 per photo), `python -m tfdogs.submit` (Kaggle CSV).
-    zeroshot: the untrained ImageNet classifier as a baseline.
-    progress, interruption: progress bars over photos; Ctrl-C and SIGTERM that end with one line.
-    bench, measure: `python -m tfdogs.bench`, speed against PyTorch.
+Packages, in the order the data flows (each imports only those above it):
+    data: layouts, synthetic data, splits, image ops, the preprocessing record, augmentation, tf.data.
+    models: LeNet-5, torchvision-identical ResNet-18/34 and keras-hub backbones, built with random weights.
+    weights: the checkpoint registry, download, .pth reading and conversion, loaded into built models.
+    config: the table of run settings; YAML files and flags.
+    evaluation: metrics and calibration, confusions, Grad-CAM, figures, the HTML report.
+    serving: BatchNorm folding, SavedModel (ensembles, test-time views) and TFLite export.
+    training: phases, optimizer, callbacks, devices and machines, resume, the loop (`training.loop.train`).
+    runs: finished run and ensemble folders: evaluation, ensembles, comparison, predictions, submission.
+Helpers for all: files (written whole or not at all), progress (progress bars).
+
+Command lines, each a thin module over those: `python -m tfdogs.train`, `check`, `evaluate`,
+`compare`, `ensemble`, `predict`, `submit`, `export`, `zeroshot`, `port`, `bench`.
 """
 
 import os

@@ -32,240 +32,21 @@ Examples:
 
 import argparse
 import json
-import pathlib
-import re
 import sys
 
-import numpy as np
-import tensorflow as tf
+from tfdogs.runs.explain import ExplainError, add_explanations
+from tfdogs.runs.predictor import (
+    PredictError,
+    add_model_arguments,
+    format_table,
+    image_inputs,
+    load_predictor,
+    predict_files,
+    top5,
+)
 
-from tfdogs import data, ensemble, evaluate, explain, export, progress
-
-
-class PredictError(ValueError):
-    """A model folder or image that cannot be used; the message names it."""
-
-
-class Predictor:
-    """Answers batches of encoded images with the outputs of the serving signature.
-
-    Attributes:
-        class_names: breed names in the order of the `probabilities` columns.
-        description: what was loaded, for messages.
-        views: test-time augmentation views averaged per image (1: none).
-    """
-
-    def __init__(self, function, class_names, description, views=1):
-        self._function = function
-        self.class_names = list(class_names)
-        self.description = description
-        self.views = views
-
-    def __call__(self, image_bytes):
-        """Outputs for a list of encoded images: `probabilities`, `top5_breeds` (str), `top5_probabilities`."""
-        outputs = self._function(image_bytes=tf.constant(list(image_bytes), tf.string))
-        return {
-            "probabilities": outputs["probabilities"].numpy(),
-            "top5_breeds": [[name.decode() for name in row] for row in outputs["top5_breeds"].numpy()],
-            "top5_probabilities": outputs["top5_probabilities"].numpy(),
-        }
-
-
-def _in_process(runs, member_weights, description, views):
-    models = [run.load_model() for run in runs]
-    module = export.serving_module(models, runs[0].class_names, [run.preprocessing for run in runs],
-                                   model_weights=member_weights, views=views)
-    function = tf.function(module.from_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
-    return Predictor(function, runs[0].class_names, description, views)
-
-
-def load_predictor(model, tta=None):
-    """Loads a run folder, an ensemble folder or a SavedModel (version or base folder).
-
-    Args:
-        model: the folder.
-        tta: test-time augmentation views per image, 1, 2 or 10 (`data.eval_views`); None: 1 for a
-            run or ensemble folder, the exported views for a SavedModel.
-
-    Raises:
-        PredictError: the folder is none of these, naming what is missing, or a SavedModel was
-            exported with other views than `tta`.
-    """
-    path = pathlib.Path(model)
-    if not path.is_dir():
-        raise PredictError(f"Model folder {path} does not exist.")
-    try:
-        views = 1 if tta is None else evaluate.tta_views(tta)
-    except ValueError as error:
-        raise PredictError(str(error)) from None
-    try:
-        if (path / ensemble.ENSEMBLE_FILE).is_file():
-            runs, member_weights = ensemble.load_ensemble(path)
-            return _in_process(runs, member_weights, f"ensemble {path}", views)
-        if (path / "config.yaml").is_file():
-            return _in_process([evaluate.load_run(path)], None, f"run {path}", views)
-    except evaluate.RunFolderError as error:
-        raise PredictError(str(error)) from None
-    try:
-        version_dir = export.latest_version(path)
-        facts = export.read_metadata(version_dir)
-    except FileNotFoundError as error:
-        raise PredictError(
-            f"{path} is not a run folder (config.yaml), an ensemble folder ({ensemble.ENSEMBLE_FILE}) "
-            f"or a tfdogs SavedModel: {error}") from None
-    exported_views = facts.get("tta_views", 1)  # exports from before test-time augmentation have one view
-    if tta is not None and views != exported_views:
-        raise PredictError(
-            f"The SavedModel {version_dir} answers with {exported_views} view(s) of each image, baked in at export "
-            f"(tfdogs.json tta_views), not {views}: leave out --tta, or export it again with "
-            f"python -m tfdogs.export RUN --tta {views}.")
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    return Predictor(signature, facts["class_names"], f"SavedModel {version_dir}", exported_views)
-
-
-def image_inputs(arguments):
-    """The image files that command-line arguments name, and why the others cannot be read.
-
-    A folder stands for the images in it and its sub-folders (by extension,
-    sorted); a URL is not fetched.
-
-    Returns:
-        [(path, None) per image file, (argument, reason) per argument that names no image].
-    """
-    inputs = []
-    for argument in map(str, arguments):
-        path = pathlib.Path(argument)
-        if _URL.match(argument):
-            inputs.append((argument, "URLs are not read: download the photo first"))
-        elif path.is_dir():
-            images = data.images_in(path)
-            inputs += [(str(image), None) for image in images] or [
-                (argument, f"a folder without images ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")]
-        else:
-            inputs.append((argument, None))
-    return inputs
-
-
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
-def predict_files(predictor, paths, *, batch_size=32, verbose=1):
-    """Runs a predictor over image files, in batches; a file that cannot be read fails alone.
-
-    Args:
-        predictor: a `Predictor` (see `load_predictor`).
-        paths: image files.
-        batch_size: images per forward pass.
-        verbose: 0 hides the progress bar shown on a terminal for a few hundred images or more.
-
-    Returns:
-        Dict of `probabilities` [N, C] (NaN rows for failed files), `top5_breeds`
-        (N lists of names, empty for failed files), `top5_probabilities` [N, k]
-        and `errors` (N reasons, None for each file answered), in the order of `paths`.
-    """
-    paths = [str(path) for path in paths]
-    blobs, errors = [], []
-    for path in paths:
-        blob, error = _read(path)
-        blobs.append(blob)
-        errors.append(error)
-    readable = [index for index, error in enumerate(errors) if error is None]
-    classes, top_k = len(predictor.class_names), min(5, len(predictor.class_names))
-    outputs = {"probabilities": np.full((len(paths), classes), np.nan, np.float32),
-               "top5_breeds": [[] for _ in paths],
-               "top5_probabilities": np.full((len(paths), top_k), np.nan, np.float32),
-               "errors": errors}
-    bar = progress.photos(len(paths), verbose)
-    bar.add(len(paths) - len(readable))
-    for start in range(0, len(readable), batch_size):
-        batch = readable[start:start + batch_size]
-        for indices, answers in _answer(predictor, batch, blobs, errors):
-            for index, row in zip(indices, range(len(indices))):
-                outputs["probabilities"][index] = answers["probabilities"][row]
-                outputs["top5_breeds"][index] = answers["top5_breeds"][row]
-                outputs["top5_probabilities"][index] = answers["top5_probabilities"][row]
-        bar.add(len(batch))
-    return outputs
-
-
-def _read(path):
-    """(bytes, None), or (None, why the file cannot be used)."""
-    try:
-        blob = pathlib.Path(path).read_bytes()
-    except FileNotFoundError:
-        return None, "not found"
-    except IsADirectoryError:
-        return None, "a folder, not an image file"
-    except OSError as error:
-        return None, f"cannot be read ({error.strerror})"
-    return (blob, None) if blob else (None, "empty file (0 bytes)")
-
-
-def _answer(predictor, indices, blobs, errors):
-    """Yields (indices, outputs) for a batch; when one image breaks it, each image alone, noting failures."""
-    try:
-        yield indices, predictor([blobs[index] for index in indices])
-        return
-    except tf.errors.InvalidArgumentError:
-        pass
-    for index in indices:
-        try:
-            yield [index], predictor([blobs[index]])
-        except tf.errors.InvalidArgumentError:
-            errors[index] = ("not an image TensorFlow can decode (JPEG, PNG, GIF, BMP or WebP), or truncated"
-                             + _decode_error(blobs[index]))
-
-
-def _decode_error(blob):
-    """': <TensorFlow's own words>' on decoding the bytes, or ''."""
-    try:
-        data.decode_image(blob)
-    except tf.errors.OpError as error:
-        words = error.message.split("}}")[-1].strip().splitlines()
-        return f": {words[0]}" if words and words[0] else ""
-    return ""
-
-
-def top5(paths, outputs):
-    """Per image: {"image": path, "top5": [{"breed", "probability"}, ...]} most likely first, or {"image", "error"}."""
-    errors = outputs.get("errors") or [None] * len(paths)
-    return [{"image": str(path), "error": error} if error else
-            {"image": str(path),
-             "top5": [{"breed": breed, "probability": float(probability)}
-                      for breed, probability in zip(breeds, probabilities)]}
-            for path, breeds, probabilities, error in zip(paths, outputs["top5_breeds"],
-                                                          outputs["top5_probabilities"], errors)]
-
-
-def format_table(results):
-    """The answers as a plain-text table: image, then rank, breed, probability (or the error)."""
-    width = max([len("breed")] + [len(entry["breed"]) for result in results for entry in result.get("top5", [])])
-    lines = []
-    for result in results:
-        lines.append(result["image"])
-        if "error" in result:
-            lines.append(f"  error: {result['error']}")
-        for rank, entry in enumerate(result.get("top5", []), start=1):
-            lines.append(f"  {rank}. {entry['breed']:<{width}}  {100 * entry['probability']:6.2f} %")
-    return "\n".join(lines)
-
-
-# Exit codes of `main`.
+# Exit status: every image answered, some could not be read, the model could not be loaded.
 ALL_ANSWERED, SOME_FAILED, NOTHING_RUN = 0, 1, 2
-
-
-def add_model_arguments(parser, images=False):
-    """The flags `predict` and `submit` share: the model folder, batch size, TTA views and progress."""
-    parser.add_argument("model", help="run folder, ensemble folder or SavedModel folder")
-    if images:
-        parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--tta", type=int, choices=sorted(data.TTA_VIEWS), metavar="N",
-                        help="test-time augmentation: the mean softmax of N views of each image: 1 none (default), "
-                             "2 the evaluation crop and its mirror, 10 the centre and four corner crops and their "
-                             "mirrors; a SavedModel has the views it was exported with")
-    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
-                        help="1: a progress bar on a terminal for a few hundred images or more")
 
 
 def main(argv=None):
@@ -282,7 +63,7 @@ def main(argv=None):
     add_model_arguments(parser, images=True)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--explain", metavar="DIR", help="write a heat map (Grad-CAM) of each answered image's "
-                        "top breed to DIR/<image name>.png; needs a run or ensemble folder (tfdogs.explain)")
+                        "top breed to DIR/<image name>.png; needs a run or ensemble folder (tfdogs.runs.explain)")
     args = parser.parse_args(argv)
     inputs = image_inputs(args.images)
     try:
@@ -299,8 +80,8 @@ def main(argv=None):
     results = [next(answered) if error is None else {"image": path, "error": error} for path, error in inputs]
     if args.explain:
         try:
-            explain.add_explanations(args.model, results, args.explain)
-        except explain.ExplainError as error:
+            add_explanations(args.model, results, args.explain)
+        except ExplainError as error:
             print(f"error: {error}", file=sys.stderr)
             return NOTHING_RUN
     print(json.dumps(results, indent=2) if args.json else format_table(results))

@@ -4,6 +4,9 @@
     resnet18  ResNet-18, torchvision-identical (He et al. 2016), `tfdogs.models.resnet`.
     resnet34  ResNet-34, likewise.
 
+Pretrained weights are loaded into a built model by `tfdogs.weights`
+(`weights.pretrained_model`); model code never imports weight code.
+
 And any keras-hub image backbone, ``keras_hub:PRESET`` (a preset name, a
 handle or a local preset directory), with the same head: `tfdogs.models.hub`.
 
@@ -12,7 +15,7 @@ inside) and returns float32 class logits from a Dense layer named ``fc``.
 
 Example:
     >>> from tfdogs import models
-    >>> model = models.build("resnet18", 120, weights="imagenet", dropout=0.2)
+    >>> model = models.build("resnet18", 120, dropout=0.2)
     >>> {models.stage_of(layer.name) for layer in model.layers}
     {'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'}
 """
@@ -22,6 +25,9 @@ import re
 from tfdogs.models.hub import PresetError, hub_model, is_hub_name, preset_of
 from tfdogs.models.lenet import lenet5
 from tfdogs.models.resnet import STAGE_DEPTHS, resnet
+
+__all__ = ["HEAD_LAYERS", "HUB_WEIGHTS", "MODEL_NAMES", "PresetError", "STAGE_DEPTHS", "build", "file_name",
+           "is_hub_name", "is_known", "preset_of", "stage_of"]
 
 MODEL_NAMES = ("lenet5", "resnet18", "resnet34")
 HUB_WEIGHTS = "preset"  # a keras-hub model's pretrained weights are its preset's
@@ -67,17 +73,14 @@ def stage_of(layer_name):
 
 
 def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout=0.0, l1=0.0, l2=0.0):
-    """Builds one of `MODEL_NAMES`, optionally with pretrained weights.
+    """Builds one of `MODEL_NAMES` with random weights, or a keras-hub model with its preset's.
 
     Args:
         name: ``"lenet5"``, ``"resnet18"``, ``"resnet34"`` or ``"keras_hub:PRESET"``.
         num_classes: number of output logits.
-        weights: None (random init), ``"imagenet"`` (torchvision), ``"timm"``
-            (timm ``a1_in1k``), ``"timm:NAME"`` or a path to a .pth / .safetensors / .weights.h5
-            file; see `tfdogs.weights.load_pretrained`. For a keras-hub model,
-            ``"preset"`` (the preset's own weights) or None. The ImageNet classifier
-            is kept only when its shape matches ``num_classes``; otherwise the
-            backbone is loaded and ``fc`` stays freshly initialised.
+        weights: None (random init), or for a keras-hub model ``"preset"`` (the
+            preset's own weights, which come with the architecture). Checkpoints
+            for the hand-built ResNets are loaded by `tfdogs.weights.pretrained_model`.
         input_shape: NHWC shape without batch; ResNets accept None spatial dims.
         dropout: dropout rate before ``fc``.
         l1: L1 penalty on the ``fc`` kernel.
@@ -87,7 +90,7 @@ def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout
         A `keras.Model` whose ``name`` is ``name``.
 
     Raises:
-        ValueError: unknown name, or pretrained weights requested for LeNet-5.
+        ValueError: unknown name, or weights other than a keras-hub preset's.
         PresetError: a keras-hub preset that cannot be loaded (a ValueError).
     """
     head = dict(dropout=dropout, l1=l1, l2=l2)
@@ -99,17 +102,11 @@ def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout
                          input_shape=input_shape, **head)
     if name not in MODEL_NAMES:
         raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES} or keras_hub:PRESET.")
+    if weights is not None:
+        raise ValueError(f"models.build makes {name} with random weights; load {weights!r} with "
+                         "tfdogs.weights.pretrained_model.")
     if name == "lenet5":
-        if weights is not None:
-            raise ValueError(
-                f"lenet5 is trained from scratch and has no pretrained weights; got weights={weights!r}."
-            )
         return lenet5(num_classes, input_shape=input_shape, **head)
     depth = int(name.removeprefix("resnet"))
     assert depth in STAGE_DEPTHS
-    model = resnet(depth, num_classes, input_shape=input_shape, **head)
-    if weights is not None:
-        from tfdogs.weights import load_pretrained  # lazy: weights -> port -> models
-
-        load_pretrained(model, weights, arch=name)
-    return model
+    return resnet(depth, num_classes, input_shape=input_shape, **head)

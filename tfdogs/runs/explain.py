@@ -1,7 +1,7 @@
 """Heat maps for `python -m tfdogs.predict --explain DIR`: where the model saw the breed it answered.
 
 One PNG per answered photo, `DIR/<photo name>.png`: the Grad-CAM map
-(`tfdogs.gradcam`) of the predicted breed over the centre crop the model
+(`tfdogs.evaluation.gradcam`) of the predicted breed over the centre crop the model
 sees, at 224 px. An ensemble's map is its members' maps averaged with the
 ensemble's weights. A SavedModel keeps no layers to explain, so `--explain`
 needs the run or ensemble folder.
@@ -12,7 +12,8 @@ Example:
 
 import pathlib
 
-from tfdogs import ensemble, evaluate, gradcam
+from tfdogs.evaluation import gradcam
+from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError, load_ensemble, load_run
 
 
 class ExplainError(ValueError):
@@ -27,11 +28,11 @@ def load_members(model):
     """
     path = pathlib.Path(model)
     try:
-        if (path / ensemble.ENSEMBLE_FILE).is_file():
-            return ensemble.load_ensemble(path)
+        if (path / ENSEMBLE_FILE).is_file():
+            return load_ensemble(path)
         if (path / "config.yaml").is_file():
-            return [evaluate.load_run(path)], [1.0]
-    except evaluate.RunFolderError as error:
+            return [load_run(path)], [1.0]
+    except RunFolderError as error:
         raise ExplainError(str(error)) from None
     raise ExplainError(f"--explain needs a run or ensemble folder: {path} is a SavedModel or neither, "
                        "and a SavedModel keeps no layers to explain.")

@@ -12,7 +12,7 @@ Performance section). In float32 the outputs agree to about 1e-6.
 
 Example:
     serving_model = fold_batch_norms(model)
-    export.export_saved_model(serving_model, class_names, "saved_models/run", ...)
+    export_saved_model(serving_model, class_names, "saved_models/run", ...)
 """
 
 import keras

@@ -157,7 +157,7 @@ def plot_confusion_heat_map(counts, class_names, order, path, title=None):
         counts: confusion matrix, counts[true, predicted].
         class_names: breed names in class-index order.
         order: class indices in display order (confused breeds together, see
-            `tfdogs.evaluation_report.confusion_order`).
+            `tfdogs.evaluation.report.confusion_order`).
         path: output PNG path.
         title: optional figure title.
     """

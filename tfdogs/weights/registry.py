@@ -1,4 +1,4 @@
-"""Pretrained ResNet checkpoints: registry, download, conversion, loading.
+"""The checkpoint registry, and the preprocessing each run's weights call for.
 
 One `WeightSpec` per checkpoint holds where it comes from, how to check it,
 and the preprocessing it was trained with. `fetch` downloads into the Keras
@@ -22,12 +22,10 @@ Example:
 
 import dataclasses
 import hashlib
-import os
 import pathlib
 
-import keras
-
-from tfdogs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tfdogs.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tfdogs.models import hub
 
 CACHE_SUBDIR = "models/tfdogs"
 SOURCES = {"imagenet": "torchvision", "timm": "timm"}
@@ -186,11 +184,9 @@ def resolve_preprocessing(weights, arch, image_size, declared="auto"):
     """
     if declared not in ("auto", *CONVENTIONS):
         raise WeightsError(f"weights_preprocessing is {declared!r}; allowed: auto, {', '.join(CONVENTIONS)}.")
-    from tfdogs.models import hub
-
     if hub.is_hub_name(arch):
         return hub_preprocessing(hub.preset_of(arch), image_size, declared)
-    spec = _registry_entry(weights, arch)
+    spec = registry_entry(weights, arch)
     if spec is not None:
         if declared not in ("auto", spec.source.split(":")[0]):
             raise WeightsError(
@@ -272,8 +268,6 @@ def hub_preprocessing(preset, image_size, declared="auto"):
         WeightsError: `declared` contradicts the preset's own converter.
         tfdogs.models.PresetError: the preset cannot be read.
     """
-    from tfdogs.models import hub
-
     converter = hub.image_converter_config(preset)
     if converter is not None:
         if declared != "auto":
@@ -290,7 +284,7 @@ def hub_preprocessing(preset, image_size, declared="auto"):
     return record
 
 
-def _registry_entry(weights, arch):
+def registry_entry(weights, arch):
     """The `WeightSpec` that `weights` names or whose file it is (by SHA-256), else None."""
     if weights is None:
         return None
@@ -305,236 +299,13 @@ def _registry_entry(weights, arch):
     path = pathlib.Path(weights)
     if not path.is_file() or path.name.endswith(".weights.h5"):
         return None
-    digest = _sha256(path)
+    digest = sha256_of(path)
     return next((spec for spec in REGISTRY.values() if spec.sha256 == digest), None)
 
 
-def imagenet_head(weights, arch):
-    """Whether `weights` hold a 1000-class ImageNet classifier, which the zero-shot baseline needs.
-
-    Args:
-        weights: None, ``"imagenet"``, ``"timm"`` or a checkpoint path.
-        arch: a model name.
-
-    Returns:
-        True for registry weights and for checkpoints whose classifier has 1000 outputs.
-    """
-    if weights is None or arch not in {key[0] for key in REGISTRY}:
-        return False
-    if weights in SOURCES:
-        return (arch, SOURCES[weights]) in REGISTRY
-    path = pathlib.Path(weights)
-    if not path.is_file():
-        return False
-    if path.name.endswith(".weights.h5"):
-        return _h5_num_classes(path) == 1000
-    from tfdogs import port
-
-    return port.checkpoint_num_classes(port.read_checkpoint(path)) == 1000
-
-
-def default_cache_dir():
-    """The Keras cache root that `keras.utils.get_file` uses: ``$KERAS_HOME`` or ``~/.keras``."""
-    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-
-
-def _sha256(path):
+def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _is_readable_safetensors(path):
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as file:
-            file.keys()
-        return True
-    except Exception:
-        return False
-
-
-def _intact(spec, path):
-    """Whether a cached file is the one `spec` describes, as far as we can tell."""
-    if spec.sha256 is not None:
-        return _sha256(path) == spec.sha256
-    return spec.file_name.endswith(".safetensors") and _is_readable_safetensors(path)
-
-
-def _download_hint(spec):
-    return (
-        f"Download {spec.url} by other means and pass it with `--weights PATH` "
-        f"(weights='/path/to/{spec.file_name}')."
-    )
-
-
-def fetch(spec, cache_dir=None):
-    """Downloads a checkpoint into the Keras cache, verified.
-
-    A cached file that fails verification (e.g. a truncated earlier download)
-    is deleted and fetched again. On failure nothing is left in the cache.
-
-    Args:
-        spec: a `WeightSpec`.
-        cache_dir: cache root; default `default_cache_dir()`. Files go
-            to ``<cache_dir>/models/tfdogs/<spec.file_name>``.
-
-    Returns:
-        `pathlib.Path` of the verified file.
-
-    Raises:
-        WeightsError: offline, unreachable URL or hash mismatch; the message
-            names the URL and says how to supply the file with ``--weights PATH``.
-    """
-    cache_root = os.path.expanduser(cache_dir if cache_dir is not None else default_cache_dir())
-    target = pathlib.Path(cache_root, CACHE_SUBDIR, spec.file_name)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        message = f"Cannot create the weights cache {target.parent}: {error}. "
-        raise WeightsError(message + _download_hint(spec)) from error
-    if target.exists() and not _intact(spec, target):
-        target.unlink()  # corrupt or stale: fetch again
-    try:
-        path = keras.utils.get_file(
-            fname=spec.file_name,
-            origin=spec.url,
-            file_hash=spec.sha256,
-            hash_algorithm="sha256",
-            cache_subdir=CACHE_SUBDIR,
-            cache_dir=cache_root,
-        )
-    except Exception as error:
-        # get_file removes partial downloads itself but keeps a file whose hash mismatches.
-        target.unlink(missing_ok=True)
-        raise WeightsError(
-            f"Could not fetch {spec.arch} {spec.source} weights from {spec.url}: {error} " + _download_hint(spec)
-        ) from error
-    path = pathlib.Path(path)
-    if not _intact(spec, path):
-        path.unlink(missing_ok=True)
-        raise WeightsError(f"The file downloaded from {spec.url} is not a valid checkpoint. " + _download_hint(spec))
-    return path
-
-
-def _classifier_width(model):
-    return model.get_layer("fc").units
-
-
-def _reference_model(arch, num_classes):
-    """A same-architecture model to load a checkpoint into before copying from it."""
-    from tfdogs.models import build
-
-    return build(arch, num_classes, input_shape=(None, None, 3))
-
-
-def _h5_num_classes(path):
-    """Class count of a ResNet ``.weights.h5``: the fc kernel is its only 2-D array."""
-    import h5py
-
-    shapes = []
-    with h5py.File(path, "r") as file:
-        file.visititems(
-            lambda _, item: shapes.append(item.shape) if isinstance(item, h5py.Dataset) and item.ndim == 2 else None
-        )
-    if len(shapes) != 1:
-        raise WeightsError(f"{path} is not a ResNet weights file written by tfdogs (found {len(shapes)} 2-D arrays).")
-    return int(shapes[0][1])
-
-
-def _converted(spec, source):
-    """The 1000-class Keras ResNet holding `source`, converting it on first use.
-
-    The conversion is cached as ``<file stem>.weights.h5`` beside the download
-    and redone when missing, older than the download, or unreadable.
-    """
-    from tfdogs import port
-
-    cached = source.with_name(source.name.removesuffix(source.suffix) + ".weights.h5")
-    reference = _reference_model(spec.arch, spec.num_classes)
-    if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
-        try:
-            reference.load_weights(str(cached))
-            return reference
-        except Exception:
-            cached.unlink(missing_ok=True)  # corrupt cache: convert again
-    state_dict = port.read_checkpoint(source)
-    if port.checkpoint_num_classes(state_dict) != spec.num_classes:
-        raise WeightsError(
-            f"{source} does not match its registry entry: num_classes is {spec.num_classes} in the "
-            f"registry but {port.checkpoint_num_classes(state_dict)} in the checkpoint."
-        )
-    port.convert_state_dict(reference, state_dict, include_head=True)
-    partial = cached.with_name(f"{cached.name.removesuffix('.weights.h5')}.partial-{os.getpid()}.weights.h5")
-    try:
-        reference.save_weights(str(partial))
-        os.replace(partial, cached)
-    finally:
-        partial.unlink(missing_ok=True)
-    return reference
-
-
-def _copy_weights(reference, model):
-    """Copies every weighted layer by name; the head only when its shape matches."""
-    from tfdogs.models import stage_of
-
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        values = reference.get_layer(layer.name).get_weights()
-        shapes_match = all(v.shape == tuple(w.shape) for v, w in zip(values, layer.weights))
-        if stage_of(layer.name) == "head" and not shapes_match:
-            continue  # a new task: keep the freshly initialised classifier
-        if not shapes_match or len(values) != len(layer.weights):
-            raise WeightsError(f"Pretrained weights for layer {layer.name!r} do not fit {model.name!r}.")
-        layer.set_weights(values)
-
-
-def load_pretrained(model, weights, arch):
-    """Loads pretrained weights into a ResNet built by `tfdogs.models.build`.
-
-    The backbone is always loaded; ``fc`` is loaded only when the checkpoint's
-    classifier has the model's width (e.g. 1000 ImageNet classes), otherwise it
-    keeps its fresh initialisation.
-
-    Args:
-        model: the Keras ResNet to fill in place.
-        weights: ``"imagenet"`` (torchvision V1 weights), ``"timm"`` (timm
-            ``a1_in1k``), ``"timm:NAME"`` (a timm checkpoint of the registry), or a path to a ``.pth``/``.pt``/``.bin`` (torch state
-            dict, read without torch), ``.safetensors`` or ``.weights.h5``
-            (written by ``python -m tfdogs.port`` or ``model.save_weights``).
-        arch: ``"resnet18"`` or ``"resnet34"``.
-
-    Raises:
-        WeightsError: unknown weights, download failure, or weights that do not fit.
-        tfdogs.port.PortError: a checkpoint whose keys or shapes do not match.
-    """
-    from tfdogs import port
-
-    if isinstance(weights, str) and weights.startswith("timm:"):
-        _registry_entry(weights, arch)  # an unknown timm:NAME is refused naming the known ones
-    if isinstance(weights, str) and weights in SOURCES:
-        spec = REGISTRY.get((arch, SOURCES[weights]))
-        if spec is None:
-            raise WeightsError(f"No {weights!r} weights for {arch!r}; available: {sorted(REGISTRY)}.")
-        _copy_weights(_converted(spec, fetch(spec)), model)
-        return
-    path = pathlib.Path(weights)
-    if not path.is_file():
-        raise WeightsError(
-            f"weights={weights!r} is neither 'imagenet', 'timm' nor an existing .pth / .safetensors / .weights.h5 file."
-        )
-    if path.name.endswith(".weights.h5"):
-        reference = _reference_model(arch, _h5_num_classes(path))
-        try:
-            reference.load_weights(str(path))
-        except Exception as error:
-            raise WeightsError(f"{path} does not hold {arch} weights: {error}") from error
-        _copy_weights(reference, model)
-        return
-    state_dict = port.read_checkpoint(path)
-    include_head = port.checkpoint_num_classes(state_dict) == _classifier_width(model)
-    port.convert_state_dict(model, state_dict, include_head=include_head)

@@ -151,3 +151,24 @@ def calibrated_scores(logits, labels, temperature):
     probabilities = softmax(logits, temperature)
     return {"temperature": float(temperature), **scores(probabilities, labels),
             "ece": reliability(probabilities, labels)[1]}
+
+
+def normalised_weights(member_weights, count):
+    """Ensemble member weights scaled to sum to 1 (equal when None); ValueError for negative or mismatched ones."""
+    if member_weights is None:
+        return [1.0 / count] * count
+    if len(member_weights) != count:
+        raise ValueError(f"{len(member_weights)} member weights given for {count} members.")
+    if any(weight < 0 for weight in member_weights) or sum(member_weights) <= 0:
+        raise ValueError(f"Member weights must be >= 0 with a positive sum; got {list(member_weights)}.")
+    total = float(sum(member_weights))
+    return [float(weight) / total for weight in member_weights]
+
+
+def weighted_mean(probabilities, member_weights=None):
+    """An ensemble's probabilities: the members' [N, C] probabilities averaged with `normalised_weights`.
+
+    Works on NumPy arrays and on TensorFlow tensors alike (the serving graph uses it too).
+    """
+    member_weights = normalised_weights(member_weights, len(probabilities))
+    return sum(weight * member for weight, member in zip(member_weights, probabilities))

@@ -6,7 +6,7 @@
     index.html          the page; opens from disk, every picture by a relative path
     predictions.csv     per image: path, true breed, its probability, loss, the top-5 breeds and probabilities
     thumbnails/         128 px JPEGs of the photos shown
-    heat_maps/          Grad-CAM overlays (`tfdogs.gradcam`) of the top-loss photos
+    heat_maps/          Grad-CAM overlays (`tfdogs.evaluation.gradcam`) of the top-loss photos
     confusion_matrix.png, breed_accuracy.png, reliability.png (and calibration.png, the run's own)
 
 The page shows the photos with the highest loss, each most-confused breed
@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from tfdogs import gradcam, metrics, plots, report
+from tfdogs.evaluation import gradcam, metrics, plots
+from tfdogs.evaluation.html import STYLE
 
 THUMBNAIL_SIZE = 128
 
-PAGE_STYLE = report.STYLE + """
+PAGE_STYLE = STYLE + """
 nav a { margin-right: 1em; }
 .gallery { display: flex; flex-wrap: wrap; gap: 10px; }
 .gallery figure, .pair figure, .explained figure { margin: 0; width: 136px; font-size: 0.75em; }
@@ -159,8 +160,8 @@ def _examples(table, breed, other, count):
 
 
 def write_report(folder, *, title, paths, labels, probabilities, class_names, counts, breeds, pairs,
-                 model, preprocessing, source="", scores=None, run_dir=None, top_losses=24, explained=12,
-                 examples_per_breed=3, links=()):
+                 models, preprocessings, member_weights=None, source="", scores=None, run_dir=None, top_losses=24,
+                 explained=12, examples_per_breed=3, links=()):
     """Writes the evaluation report page and its pictures.
 
     Args:
@@ -173,11 +174,13 @@ def write_report(folder, *, title, paths, labels, probabilities, class_names, co
         counts: confusion matrix, counts[true, predicted].
         breeds: per-breed accuracy (`tfdogs.evaluate.per_breed_accuracy`).
         pairs: most-confused pairs (`tfdogs.evaluate.most_confused_pairs`).
-        model: the Keras classifier, for the heat maps.
-        preprocessing: its `Preprocessing`.
+        models: the Keras classifiers (one for a run, the members of an ensemble), for the heat maps.
+        preprocessings: each model's `Preprocessing`.
+        member_weights: an ensemble's member weights (None: equal); its heat maps are the
+            members' maps averaged with them, as its probabilities are.
         source: a sentence on what was evaluated.
         scores: `metrics.scores` of the probabilities, shown at the top.
-        run_dir: the run folder, for its `calibration.png` and `metrics.json`.
+        run_dir: the run (or ensemble) folder, for its `calibration.png` and `metrics.json`.
         top_losses: photos in the top-loss gallery.
         explained: top-loss photos given heat maps.
         examples_per_breed: photos of each breed of a confused pair.
@@ -196,7 +199,8 @@ def write_report(folder, *, title, paths, labels, probabilities, class_names, co
     worst = list(table.sort_values("loss", ascending=False, kind="stable").index[:top_losses])
 
     sections = [_top_losses_section(table, worst, pictures),
-                _heat_map_section(table, worst[:explained], pictures, model, preprocessing, class_names, folder),
+                _heat_map_section(table, worst[:explained], pictures, models, preprocessings, member_weights,
+                                  class_names, folder),
                 _pairs_section(table, pairs, pictures, examples_per_breed),
                 _confusion_section(counts, class_names, folder, title),
                 _accuracy_section(breeds, scores, folder, title),
@@ -228,22 +232,21 @@ def _top_losses_section(table, worst, pictures):
     return "top-losses", "Top losses", content
 
 
-def _heat_map_section(table, indices, pictures, model, preprocessing, class_names, folder):
-    explainer = gradcam.Explainer(model)
-    if not explainer.has_maps:
+def _heat_map_section(table, indices, pictures, models, preprocessings, member_weights, class_names, folder):
+    explainers = [gradcam.Explainer(model) for model in models]
+    if not any(explainer.has_maps for explainer in explainers):
         return "heat-maps", "Where the model looked", f'<p class="note">{html.escape(gradcam.NO_CONVOLUTION_NOTE)}</p>'
     (folder / "heat_maps").mkdir(exist_ok=True)
+    weights = metrics.normalised_weights(member_weights, len(models))
     index_of = {name: position for position, name in enumerate(class_names)}
     photos = [table.at[index, "path"] for index in indices]
-    images = gradcam.load_images(photos, preprocessing)
-    predicted = [index_of[table.at[index, "top1_breed"]] for index in indices]
-    true = [index_of[table.at[index, "true_breed"]] for index in indices]
+    for which, column in (("predicted", "top1_breed"), ("true", "true_breed")):
+        classes = [index_of[table.at[index, column]] for index in indices]
+        overlays = gradcam.explain_paths(explainers, weights, photos, classes, preprocessings,
+                                         size=THUMBNAIL_SIZE) if len(indices) else []
+        for index, overlay in zip(indices, overlays):
+            overlay.save(folder / f"heat_maps/{index:05d}-{which}.jpg", "JPEG", quality=80)
     blocks = []
-    for which, classes in (("predicted", predicted), ("true", true)):
-        maps = explainer.heat_maps(images, classes) if len(indices) else []
-        for index, image, heat_map in zip(indices, images, maps):
-            gradcam.overlay(gradcam.display_image(image, preprocessing), heat_map, size=THUMBNAIL_SIZE).save(
-                folder / f"heat_maps/{index:05d}-{which}.jpg", "JPEG", quality=80)
     for index in indices:
         row = table.loc[index]
         blocks.append(
@@ -253,13 +256,18 @@ def _heat_map_section(table, indices, pictures, model, preprocessing, class_name
             + _figure(f"heat_maps/{index:05d}-true.jpg",
                       f"where <b>{html.escape(row['true_breed'])}</b> (true) is seen", "heat map of the true breed")
             + "</div>")
-    note = (f"Grad-CAM (Selvaraju et al. 2017) on <code>{html.escape(explainer.layer_name)}</code>, over the "
-            f"{preprocessing.image_size} px centre crop the model sees: red is where the evidence for the breed "
-            "lies. The top-loss photos, each with the map of the breed predicted and of the true breed.")
-    if not any(isinstance(layer, keras.layers.GlobalAveragePooling2D) for layer in model.layers):
-        note += (" This network flattens its last convolution into dense layers (as LeNet-5 does), so its maps "
-                 "are weak evidence of where it looks; the ResNets' global average pooling is what Grad-CAM is "
-                 "made for.")
+    layers = ", ".join(dict.fromkeys(f"<code>{html.escape(explainer.layer_name)}</code>"
+                                     for explainer in explainers if explainer.has_maps))
+    note = (f"Grad-CAM (Selvaraju et al. 2017) on {layers}, over the {preprocessings[0].image_size} px centre crop "
+            "the model sees: red is where the evidence for the breed lies. The top-loss photos, each with the map "
+            "of the breed predicted and of the true breed.")
+    if len(models) > 1:
+        note += (f" The ensemble's map is its {len(models)} members' maps averaged with the ensemble's weights "
+                 "(a member without convolutions adds nothing).")
+    if not all(any(isinstance(layer, keras.layers.GlobalAveragePooling2D) for layer in model.layers)
+               for model, explainer in zip(models, explainers) if explainer.has_maps):
+        note += (" A network that flattens its last convolution into dense layers (as LeNet-5 does) gives weak "
+                 "evidence of where it looks; the ResNets' global average pooling is what Grad-CAM is made for.")
     return "heat-maps", "Where the model looked", f"<p>{note}</p>\n" + '<div class="explained">' + "".join(
         blocks) + "</div>"
 
@@ -305,7 +313,9 @@ def _calibration_section(probabilities, labels, run_dir, folder, title):
     calibrated = None
     if summary_path and summary_path.is_file():
         calibrated = json.loads(summary_path.read_text()).get("val_calibrated")
-    label = (f"these probabilities (temperature {calibrated['temperature']:.3f})" if calibrated
+    ensemble = bool(run_dir) and (pathlib.Path(run_dir) / "ensemble.json").is_file()
+    label = ("the ensemble's probabilities (each member's own temperature)" if ensemble
+             else f"these probabilities (temperature {calibrated['temperature']:.3f})" if calibrated
              else "these probabilities (not calibrated)")
     plots.plot_reliability({label: metrics.reliability(probabilities, labels)}, folder / "reliability.png",
                            title=f"{title}: reliability")
@@ -318,7 +328,10 @@ def _calibration_section(probabilities, labels, run_dir, folder, title):
         content.append('<figure><img src="calibration.png" alt="calibration at training time">'
                        "<figcaption>At the end of training: raw against temperature-scaled probabilities on the "
                        "validation split the temperature was fitted on.</figcaption></figure>")
-    if not calibrated:
+    if ensemble:
+        content.append('<p class="note">An ensemble averages its members\' probabilities, each already scaled by '
+                       "the temperature its run fitted; it has no temperature of its own.</p>")
+    elif not calibrated:
         content.append('<p class="note">This run was trained with --no-calibrate: its probabilities are the raw '
                        "softmax, no temperature was fitted.</p>")
     return "calibration", "Calibration", "\n".join(content)

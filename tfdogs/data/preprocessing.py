@@ -22,6 +22,8 @@ import json
 import math
 import pathlib
 
+from tfdogs import files
+
 FILE_NAME = "preprocessing.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,10 +114,7 @@ class Preprocessing:
 
     def save(self, path):
         """Writes the record as JSON (to a temporary name, then renamed into place)."""
-        path = pathlib.Path(path)
-        temporary = path.with_name(f".partial-{path.name}")
-        temporary.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
-        temporary.replace(path)
+        files.write_json(self.as_dict(), path)
 
     @classmethod
     def load(cls, path):

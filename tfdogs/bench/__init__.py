@@ -1,0 +1,255 @@
+"""`python -m tfdogs.bench`: tfdogs against PyTorch on the same machine, side by side.
+
+Measures, for each model and each TensorFlow setting that applies to the
+device, the throughput (images per second: the median of several timed
+windows after a warm-up) and peak resident memory of
+
+    pipeline   the training input pipeline (`tfdogs.data.make_dataset`: decode,
+               random-resized crop, flip, normalise) on JPEG files, without
+               and with the in-memory cache, against a torchvision
+               `DataLoader` with as many worker processes as tf.data threads;
+    train      the training step (Adam, model only, a fixed random batch),
+               against torchvision in float32 and tuned (channels-last +
+               bfloat16 autocast on CPU, float16 AMP on GPU);
+    inference  the model as training exports it (BatchNorms folded) in a
+               model-only SavedModel loaded with `tf.saved_model.load`, plain
+               and with TensorFlow's oneDNN bfloat16 rewrite, against the same
+               two PyTorch settings in inference mode;
+
+and prints one table with the ratios (tfdogs / PyTorch), also written as
+`<output>.csv` and `<output>.json`. Each measurement runs in a fresh process
+(so memory peaks and thread settings don't leak between rows); `--in-process`
+trades that for speed. The PyTorch side is `benchmarks/torch_bench.py`, run
+with `--torch-python` (default: this Python), so torch and torchvision may
+live in a virtual environment of their own; without them tfdogs is measured
+alone and the table says "PyTorch absent".
+
+Examples:
+    python -m tfdogs.bench --torch-python venv-bench/bin/python
+    python -m tfdogs.bench --models resnet18 --parts train inference --repeats 3
+    python -m tfdogs.bench --models lenet5 --image-size 32 --windows 2 --in-process   # seconds
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+
+from tfdogs.bench import measure
+from tfdogs.bench.pytorch import probe_torch, run_torch
+from tfdogs.bench.steps import (
+    COLUMNS,
+    PARTS,
+    PHOTO_SIZE,
+    TARGETS,
+    Setting,
+    jpeg_files,
+    run_isolated,
+    run_job,
+    tensorflow_settings,
+)
+from tfdogs.training.devices import cpu_has_native_bfloat16
+
+
+def plan(args, settings_for, workdir, paths, files_list):
+    """The measurements to make, as (row key, framework, job) in the order they run."""
+    base = dict(image_size=args.image_size, batch_size=args.batch_size, num_classes=args.num_classes,
+                timing=dataclasses.asdict(measure.Timing(args.warmup_steps, args.window_steps, args.windows)))
+    jobs = []
+    if "pipeline" in args.parts:
+        pipeline = dict(base, part="pipeline", model=None, workers=args.workers,
+                        crop_scale_min=args.crop_scale_min)
+        jobs.append(("torch", dict(pipeline, setting="dataloader", files=files_list)))
+        for cache in (False, True):
+            name = "cache (memory)" if cache else "decode-and-crop"
+            jobs.append(("tfdogs", dict(pipeline, setting=dataclasses.asdict(Setting(name)), cache=cache,
+                                        paths=list(paths))))
+    for part in ("train", "inference"):
+        if part not in args.parts:
+            continue
+        for model in args.models:
+            job = dict(base, part=part, model=model, workdir=str(workdir))
+            jobs += [("torch", dict(job, setting=name)) for name in ("fp32", "tuned")]
+            jobs += [("tfdogs", dict(job, setting=dataclasses.asdict(setting))) for setting in settings_for(part)]
+    return jobs
+
+
+def _setting_name(job):
+    return job["setting"] if isinstance(job["setting"], str) else job["setting"]["name"]
+
+
+def run_plan(jobs, *, repeats, isolate, torch_python):
+    """Runs every job `repeats` times (interleaved, so drift hits all alike); returns rows of medians."""
+    results = {}
+    for _ in range(repeats):
+        for index, (framework, job) in enumerate(jobs):
+            if framework == "torch":
+                result = run_torch(torch_python, job)
+            else:
+                result = run_isolated(job) if isolate else run_job(job)
+            results.setdefault(index, []).append(result)
+            print(f"  {job['part']:<9} {job.get('model') or '':<8} {framework:<6} {_setting_name(job):<24} "
+                  f"{result['images_per_second']:9.1f} img/s", file=sys.stderr, flush=True)
+    rows = []
+    for index, (framework, job) in enumerate(jobs):
+        runs = results[index]
+        rows.append({
+            "part": job["part"], "model": job.get("model") or "", "framework": framework,
+            "setting": _setting_name(job), "batch_size": job["batch_size"], "image_size": job["image_size"],
+            "images_per_second": statistics.median(run["images_per_second"] for run in runs),
+            "spread_percent": statistics.median(run["spread_percent"] for run in runs),
+            "peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in runs),
+            "runs": [run["images_per_second"] for run in runs],
+        })
+    return add_ratios(rows)
+
+
+def add_ratios(rows):
+    """Fills tfdogs rows' ratios against the PyTorch rows of the same part and model, and the targets."""
+    torch_rate = {(row["part"], row["model"], row["setting"]): row["images_per_second"]
+                  for row in rows if row["framework"] == "torch"}
+    for row in rows:
+        row.update(ratio_vs_torch=None, ratio_vs_torch_tuned=None, target=None, target_met=None)
+        if row["framework"] != "tfdogs":
+            continue
+        key = (row["part"], row["model"])
+        baseline = torch_rate.get(key + ("dataloader" if row["part"] == "pipeline" else "fp32",))
+        tuned = torch_rate.get(key + ("tuned",))
+        if baseline:
+            row["ratio_vs_torch"] = row["images_per_second"] / baseline
+        if tuned:
+            row["ratio_vs_torch_tuned"] = row["images_per_second"] / tuned
+        model_key = (None, None) if row["part"] == "pipeline" else (row["model"], row["image_size"])
+        target = TARGETS.get((row["part"],) + model_key)
+        if target:
+            reference, lowest = target
+            ratio = row["ratio_vs_torch_tuned"] if reference == "tuned" else row["ratio_vs_torch"]
+            row["target"] = f">= {lowest:g}x torch {reference}"
+            row["target_met"] = None if ratio is None else ratio >= lowest
+    return rows
+
+
+def _format(value, digits=1):
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows, torch_note):
+    """The rows as an aligned text table, with the PyTorch note on top."""
+    header = ("part", "model", "framework", "setting", "img/s", "spread %", "peak MB",
+              "x torch", "x tuned", "target", "met")
+    lines = [[row["part"], row["model"], row["framework"], row["setting"],
+              _format(row["images_per_second"]), _format(row["spread_percent"], 0), _format(row["peak_rss_mb"], 0),
+              _format(row["ratio_vs_torch"], 2), _format(row["ratio_vs_torch_tuned"], 2),
+              _format(row["target"]), _format(row["target_met"])] for row in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+    text = [torch_note, ""]
+    for line in [header, ["-" * width for width in widths]] + lines:
+        text.append("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return "\n".join(text)
+
+
+def write_outputs(rows, report, output):
+    """Writes `<output>.csv` (the rows) and `<output>.json` (rows plus how they were measured)."""
+    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    output.with_suffix(".json").write_text(json.dumps({**report, "rows": rows}, indent=2))
+    return output.with_suffix(".csv"), output.with_suffix(".json")
+
+
+def environment_report():
+    """What the numbers were measured on."""
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [device.name for device in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus,
+            "cpu_bfloat16": cpu_has_native_bfloat16(), "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet18", "resnet34"],
+                        choices=("lenet5", "resnet18", "resnet34"))
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-classes", type=int, default=120)
+    parser.add_argument("--data-dir", help="JPEGs for the pipeline (Kaggle or class-folder layout); "
+                        f"default: generated {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} photo-like JPEGs")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = tf.data threads")
+    parser.add_argument("--crop-scale-min", type=float, default=0.25, help="random-resized-crop area range low")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--window-steps", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1, help="run everything this often; report medians")
+    parser.add_argument("--torch-python", default=os.environ.get("TFDOGS_TORCH_PYTHON", sys.executable),
+                        help="Python with torch and torchvision (env TFDOGS_TORCH_PYTHON)")
+    parser.add_argument("--no-torch", action="store_true", help="measure tfdogs alone")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure TensorFlow rows in this process (faster; memory peaks less clean, "
+                        "settings' environment variables ignored)")
+    parser.add_argument("--output", default="benchmark", help="writes OUTPUT.csv and OUTPUT.json")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one isolated measurement
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Command-line entry point; returns the rows it measured (or prints one job's result)."""
+    args = parse_args(argv)
+    if args.job:
+        print(json.dumps(run_job(json.loads(args.job))))
+        return None
+    import tensorflow as tf
+
+    report = {"environment": environment_report(), "settings": {
+        key: value for key, value in vars(args).items() if key not in ("job", "output")}}
+    torch_versions, reason = (None, "--no-torch") if args.no_torch else probe_torch(args.torch_python)
+    torch_note = (f"PyTorch: {torch_versions} ({args.torch_python})" if torch_versions
+                  else f"PyTorch absent ({reason}): tfdogs measured alone, no ratios.")
+    report["torch"] = torch_versions or f"PyTorch absent: {reason}"
+    print(torch_note, file=sys.stderr)
+    has_gpu, bfloat16 = bool(tf.config.list_physical_devices("GPU")), cpu_has_native_bfloat16()
+
+    def settings_for(part):
+        return tensorflow_settings(part, has_gpu, bfloat16)
+
+    with tempfile.TemporaryDirectory(prefix="tfdogs-bench-") as workdir:
+        paths = jpeg_files(args.data_dir, workdir) if "pipeline" in args.parts else []
+        files_list = pathlib.Path(workdir) / "files.txt"
+        files_list.write_text("\n".join(paths))
+        jobs = plan(args, settings_for, workdir, paths, str(files_list))
+        if not torch_versions:
+            jobs = [(framework, job) for framework, job in jobs if framework != "torch"]
+        report["load_average_before"] = os.getloadavg()
+        rows = run_plan(jobs, repeats=args.repeats, isolate=not args.in_process,
+                        torch_python=args.torch_python)
+        report["load_average_after"] = os.getloadavg()
+    print(format_table(rows, torch_note))
+    csv_path, json_path = write_outputs(rows, report, args.output)
+    print(f"\nWritten: {csv_path}, {json_path}")
+    return rows

@@ -1,0 +1,192 @@
+"""Every key a run understands: its default, allowed choices or range, and its help line.
+
+One flat table (`DEFAULTS`, `CHOICES`, `RANGES`, `HELP`) drives the YAML
+configs, the command-line flags and validation (`tfdogs.config`).
+"""
+
+from tfdogs.models import MODEL_NAMES
+
+# Every key a run understands, with its default. The type of the default is
+# the type a value must have (None-valued keys take a string or null).
+DEFAULTS = {
+    "model": "resnet18",
+    "data": None,
+    "data_dir": None,
+    "strict": False,
+    "weights": "auto",
+    "weights_preprocessing": "auto",
+    "strategy": "auto",
+    "epochs": 10,
+    "head_epochs": 2,
+    "batch_size": 32,
+    "image_size": 224,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "backbone_lr_factor": 0.1,
+    "momentum": 0.9,
+    "weight_decay": None,
+    "schedule": "cosine",
+    "warmup_epochs": 0,
+    "dropout": 0.2,
+    "l1": 0.0,
+    "l2": 0.0,
+    "freeze_bn": False,
+    "label_smoothing": 0.0,
+    "val_fraction": 0.2,
+    "seed": 0,
+    "flip": True,
+    "rotation": 0.05,
+    "zoom": 0.1,
+    "translation": 0.1,
+    "contrast": 0.1,
+    "crop_scale_min": 0.25,
+    "randaugment": None,
+    "augmix": False,
+    "random_erasing": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "ema": 0.0,
+    "monitor": "auto",
+    "calibrate": True,
+    "cache": None,
+    "early_stopping_patience": 5,
+    "jit_compile": "auto",
+    "precision": "auto",
+    "distribute": "auto",
+    "output": None,
+    "export_dir": None,
+    "synthetic_classes": 6,
+    "synthetic_images_per_class": 30,
+    "steps_per_epoch": None,
+    "finetune_image_size": None,
+    "finetune_epochs": 1,
+    "verbose": "auto",
+}
+
+CHOICES = {
+    "model": MODEL_NAMES,
+    "data": (None, "synthetic", "stanford_dogs"),
+    "weights_preprocessing": ("auto", "torchvision", "timm"),
+    "strategy": ("auto", "scratch", "feature-extract", "fine-tune", "discriminative"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("cosine", "constant"),
+    "jit_compile": ("auto", "on", "off"),
+    "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "distribute": ("auto", "none", "mirrored", "multi-worker"),
+    "verbose": ("auto", 0, 1, 2),
+    "monitor": ("auto", "val_accuracy", "val_log_loss"),
+}
+
+# Decoupled weight decay when `weight_decay` is null: none for Adam, PyTorch's AdamW default, and
+# the torchvision ImageNet recipe's value for SGD.
+DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 1e-4}
+# Keys whose null default is resolved to a number (see `validate`), and whole-number keys that may be null.
+NUMBER_OR_NULL = ("weight_decay",)
+WHOLE_OR_NULL = ("steps_per_epoch", "finetune_image_size")
+
+# (key, lowest allowed, highest allowed, whether the lowest itself is allowed)
+RANGES = (
+    ("epochs", 1, None, True),
+    ("head_epochs", 0, None, True),
+    ("batch_size", 1, None, True),
+    ("image_size", 16, None, True),
+    ("learning_rate", 0.0, None, False),
+    ("backbone_lr_factor", 0.0, 1.0, True),
+    ("momentum", 0.0, 1.0, True),
+    ("warmup_epochs", 0, None, True),
+    ("weight_decay", 0.0, None, True),
+    ("dropout", 0.0, 0.99, True),
+    ("l1", 0.0, None, True),
+    ("l2", 0.0, None, True),
+    ("label_smoothing", 0.0, 0.99, True),
+    ("val_fraction", 0.0, 0.9, False),
+    ("seed", 0, None, True),
+    ("rotation", 0.0, 0.5, True),
+    ("zoom", 0.0, 0.9, True),
+    ("translation", 0.0, 0.5, True),
+    ("contrast", 0.0, 1.0, True),
+    ("crop_scale_min", 0.0, 1.0, False),
+    ("random_erasing", 0.0, 1.0, True),
+    ("mixup", 0.0, None, True),
+    ("cutmix", 0.0, None, True),
+    ("ema", 0.0, 0.99999, True),
+    ("early_stopping_patience", 0, None, True),
+    ("synthetic_classes", 2, None, True),
+    ("synthetic_images_per_class", 2, None, True),
+    ("steps_per_epoch", 1, None, True),
+    ("finetune_image_size", 32, None, True),
+    ("finetune_epochs", 1, None, True),
+)
+
+HELP = {
+    "model": "network to train: lenet5, resnet18, resnet34, or keras_hub:PRESET for any keras-hub image "
+    "backbone (a preset name such as resnet_50_imagenet, a kaggle:// or hf:// handle, or a local preset folder)",
+    "data": "built-in data source: 'synthetic' (offline demo) or 'stanford_dogs' "
+    "(tensorflow-datasets download); the default when no --data-dir is given",
+    "data_dir": "labelled photos: Kaggle layout (labels.csv + train/) or one folder per breed",
+    "strict": "fail when the data check (python -m tfdogs.check) would skip any file or labels.csv row, "
+    "instead of skipping and listing them in problems.csv",
+    "weights": "auto (imagenet for ResNets, none for LeNet-5, preset for keras_hub:PRESET), none (random init), "
+    "imagenet (torchvision), timm (timm a1_in1k), timm:NAME (another timm checkpoint in the registry), preset "
+    "(a keras-hub preset's own) or a .pth/.safetensors/.weights.h5 path",
+    "weights_preprocessing": "input preprocessing of a --weights file the registry does not know (by SHA-256): "
+    "auto (torchvision's, said in the output), torchvision (bilinear, crop 0.875) or timm (bicubic, crop 0.95, "
+    "floor rounding); registry weights always bring their own",
+    "strategy": "auto (scratch without weights, else fine-tune), scratch, feature-extract "
+    "(frozen backbone), fine-tune (head first, then all) or discriminative (per-stage rates)",
+    "epochs": "total training epochs",
+    "head_epochs": "fine-tune: epochs that train only the head before the whole network",
+    "batch_size": "images per training step",
+    "image_size": "square input size in pixels",
+    "optimizer": "adam, adamw or sgd (with --momentum)",
+    "learning_rate": "peak learning rate (of the head, where rates differ)",
+    "backbone_lr_factor": "fine-tune/discriminative: backbone rate as a fraction of the head's",
+    "momentum": "SGD momentum",
+    "weight_decay": "decoupled weight decay, scaled like each variable's learning rate and never applied to "
+    "biases or BatchNorm; default 0 for adam, 0.01 for adamw, 1e-4 for sgd",
+    "schedule": "learning-rate schedule over the run: cosine decay or constant",
+    "warmup_epochs": "epochs of linear warm-up before the schedule",
+    "dropout": "dropout rate before the classifier",
+    "l1": "L1 penalty on the classifier weights",
+    "l2": "L2 penalty on the classifier weights",
+    "freeze_bn": "keep BatchNorm statistics frozen while fine-tuning (BatchNorm normalises with its "
+    "moving statistics, as PyTorch's bn.eval(); gamma and beta still train)",
+    "label_smoothing": "label smoothing of the training loss",
+    "val_fraction": "fraction of each breed held out for validation",
+    "seed": "one seed for the split, initialisation, shuffling and augmentation",
+    "flip": "random horizontal flips",
+    "rotation": "random rotation, as a fraction of a full turn",
+    "zoom": "random zoom range",
+    "translation": "random translation, as a fraction of the size",
+    "contrast": "random contrast factor",
+    "crop_scale_min": "smallest area fraction of a random-resized crop",
+    "randaugment": "RandAugment 'N,M': N random operations of magnitude M (of 10) per batch, e.g. '2,9' "
+    "(default off)",
+    "augmix": "AugMix augmentation",
+    "random_erasing": "probability of erasing a random rectangle of each training image",
+    "mixup": "MixUp: Beta(alpha, alpha) mixing of image pairs and their labels (0: off; 0.2 is usual)",
+    "cutmix": "CutMix: pasted patches, labels mixed by area, Beta(alpha, alpha) (0: off; 1.0 is usual)",
+    "ema": "exponential moving average of the weights with this decay (e.g. 0.999), used for validation, "
+    "the best checkpoint and the export (0: off)",
+    "monitor": "what the best checkpoint and early stopping follow: auto (val_log_loss for the Kaggle layout, "
+    "scored by log loss, else val_accuracy), val_accuracy, val_log_loss",
+    "calibrate": "fit a temperature on the validation logits after training and serve calibrated "
+    "probabilities (--no-calibrate: off)",
+    "cache": "cache decoded images: 'memory' or a file prefix (default off)",
+    "early_stopping_patience": "epochs without validation-accuracy gain before stopping (0: never)",
+    "jit_compile": "XLA compilation: auto (on with a GPU, off on CPU), on, off",
+    "precision": "auto (mixed_float16 on GPU; on CPU mixed_bfloat16 for ResNets where the CPU has native "
+    "bfloat16, else float32), float32, mixed_float16, mixed_bfloat16",
+    "distribute": "devices: auto (multi-worker with a TF_CONFIG cluster, mirrored with several GPUs, "
+    "else none), none, mirrored (all local GPUs), multi-worker (TF_CONFIG); --batch-size is per "
+    "replica and the learning rate scales with the replicas",
+    "output": "run folder (default runs/<model>-<timestamp>)",
+    "export_dir": "SavedModel base folder (default saved_models/<run name>)",
+    "synthetic_classes": "--data synthetic: number of classes",
+    "synthetic_images_per_class": "--data synthetic: images per class",
+    "steps_per_epoch": "cap on training steps per epoch (default: the whole training set)",
+    "finetune_image_size": "train the last --finetune-epochs epochs at this larger size, which the export then "
+    "uses (the train/test resolution effect; ResNets only)",
+    "finetune_epochs": "with --finetune-image-size: how many of the last epochs train at that size",
+    "verbose": "Keras progress output: auto, 0, 1 or 2",
+}

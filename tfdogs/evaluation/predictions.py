@@ -1,0 +1,27 @@
+"""A model's logits and probabilities over a dataset, and the calibrated model."""
+
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def predict_logits(model, dataset, callbacks=()):
+    """Logits (float32 numpy) of a classifier over a dataset of (images, labels); `callbacks` see each batch."""
+    return np.asarray(model.predict(dataset.map(lambda images, labels: images), verbose=0,
+                                    callbacks=list(callbacks)), np.float32)
+
+
+def predict_probabilities(model, dataset, callbacks=()):
+    """Softmax probabilities (float32 numpy) of a classifier over a dataset of (images, labels)."""
+    return tf.nn.softmax(predict_logits(model, dataset, callbacks), axis=-1).numpy()
+
+
+def with_temperature(model, temperature):
+    """The model with its logits divided by a fitted temperature, as a final plain Keras layer.
+
+    model.keras and the export hold it, so every later tool (evaluate,
+    ensemble, predict, submit, TF Serving) gives calibrated probabilities.
+    """
+    scaled = keras.layers.Rescaling(1.0 / temperature, name="temperature")(model.output)
+    return keras.Model(model.input, scaled, name=model.name)

@@ -1,0 +1,7 @@
+"""A trained model made servable: BatchNorm folding, the SavedModel for TF Serving, the TFLite file.
+
+Modules:
+    fold: BatchNorms folded into the convolutions before them.
+    saved_model: versioned SavedModels of one model or an ensemble, test-time views inside the graph.
+    tflite: a float32 TFLite file for phones.
+"""

@@ -1,0 +1,242 @@
+"""SavedModel export for TF Serving: one export for runs, ensembles and test-time views.
+
+An export is a numbered version folder under a base folder
+(`saved_models/<run>/1/`, `2/`, ...), the layout TF Serving watches. Each holds
+two signatures with the same outputs:
+
+- `serving_default`: `image_bytes`, a batch of encoded images (`tf.string`:
+  JPEG, PNG, GIF or BMP), decoded, resized and normalised exactly as the
+  validation pipeline does.
+- `serving_images`: `images`, float32 RGB pixels in [0, 255], shape
+  `[batch, height, width, 3]` of any size, preprocessed the same way
+  (rounded to whole values first, as the 8-bit images Pillow resizes).
+
+Outputs: `probabilities` `[batch, classes]` (float32, rows sum to 1),
+`top5_breeds` `[batch, k]` (strings) and `top5_probabilities` `[batch, k]`,
+with k = min(5, classes). `export_saved_model` is the one export: of a
+trained run, of `python -m tfdogs.export` and of an ensemble (which averages
+its members' probabilities, each member with its own input preprocessing).
+BatchNorms are folded into the convolutions, and each member's
+`tfdogs.data.preprocessing.Preprocessing` record is applied inside the graph and
+written to `tfdogs.json`. Loading the export needs TensorFlow alone.
+
+With test-time augmentation (`--tta 2` or `--tta 10`) the signatures and
+outputs stay the same: each image's views (`data.eval_views`) are taken
+inside the graph, and `probabilities` is the mean of the views' softmax
+probabilities; `tfdogs.json` records the views (`tta_views`, `tta_view_names`).
+
+`export_tflite` writes a float32 TFLite file instead, for phones: it takes
+already resized and centre-cropped pixels (see its docstring for why).
+
+Example:
+    loaded = tf.saved_model.load("saved_models/resnet18-demo/1")
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg]))
+"""
+
+import json
+import pathlib
+
+import keras
+import tensorflow as tf
+
+from tfdogs import data, files
+from tfdogs.data.preprocessing import Preprocessing
+from tfdogs.serving.fold import fold_batch_norms
+from tfdogs.evaluation import metrics
+
+METADATA_FILE = "tfdogs.json"
+
+
+def next_version(export_base):
+    """Returns the next free numeric version under `export_base` (1 when empty)."""
+    export_base = pathlib.Path(export_base)
+    versions = [int(path.name) for path in export_base.glob("*") if path.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+class ServingModule:
+    """Builds the serving functions around one or more trained classifiers.
+
+    Each member keeps its own `Preprocessing`: every image is decoded once and
+    preprocessed once per distinct record among the members (a LeNet-5 at
+    64 px and a ResNet at 224 px can vote on the same request), exactly as
+    each member's validation pipeline does, and the members' softmax
+    probabilities are averaged with `model_weights`. With `views` > 1
+    (test-time augmentation), each member's probabilities are first the mean
+    of its softmax over the image's views, `data.eval_views`.
+    """
+
+    def __init__(self, models, class_names, preprocessing, model_weights=None, views=1):
+        if views not in data.TTA_VIEWS:
+            raise ValueError(f"Test-time augmentation takes {', '.join(map(str, data.TTA_VIEWS))} views; "
+                             f"got {views!r}.")
+        self.views = views
+        self.models = list(models)
+        self.class_names = tf.constant(list(class_names))
+        records = preprocessing_records(preprocessing, len(self.models))
+        self.pipelines = list(dict.fromkeys(records))  # distinct records, first-seen order
+        self.pipeline_of_member = [self.pipelines.index(record) for record in records]
+        self.model_weights = metrics.normalised_weights(model_weights, len(self.models))
+        self.num_classes = len(class_names)
+        self.top_k = min(5, len(class_names))
+
+    def probabilities(self, images_per_pipeline):
+        """Weighted mean of the members' softmax probabilities (each the mean over the views), float32.
+
+        Args:
+            images_per_pipeline: per distinct `Preprocessing`, [batch, views, size, size, 3].
+        """
+        members = []
+        for model, pipeline in zip(self.models, self.pipeline_of_member):
+            size = self.pipelines[pipeline].image_size
+            images = images_per_pipeline[pipeline]
+            logits = tf.cast(model(tf.reshape(images, [-1, size, size, 3]), training=False), tf.float32)
+            # the class count stays static, so the signatures keep probabilities' shape (-1, classes)
+            per_view = tf.reshape(tf.nn.softmax(logits, axis=-1), [-1, self.views, self.num_classes])
+            members.append(tf.reduce_mean(per_view, axis=1))
+        return metrics.weighted_mean(members, self.model_weights)
+
+    def _outputs(self, images_per_pipeline):
+        probabilities = self.probabilities(images_per_pipeline)
+        top_probabilities, top_indices = tf.math.top_k(probabilities, k=self.top_k)
+        return {
+            "probabilities": probabilities,
+            "top5_breeds": tf.gather(self.class_names, top_indices),
+            "top5_probabilities": top_probabilities,
+        }
+
+    def _preprocess_all(self, image):
+        return tuple(data.eval_views(image, self.views, **record.as_dict()) for record in self.pipelines)
+
+    def _map(self, function, batch):
+        return tf.map_fn(function, batch, fn_output_signature=tuple(
+            tf.TensorSpec([self.views, record.image_size, record.image_size, 3], tf.float32)
+            for record in self.pipelines))
+
+    def from_bytes(self, image_bytes):
+        return self._outputs(self._map(lambda encoded: self._preprocess_all(data.decode_image(encoded)), image_bytes))
+
+    def from_images(self, images):
+        return self._outputs(self._map(self._preprocess_all, images))
+
+
+def preprocessing_records(preprocessing, count):
+    """One `Preprocessing` per member from one record or a list of them."""
+    records = [preprocessing] * count if isinstance(preprocessing, Preprocessing) else list(preprocessing)
+    if len(records) != count:
+        raise ValueError(f"{len(records)} preprocessing records given for {count} models.")
+    for record in records:
+        if not isinstance(record, Preprocessing):
+            raise TypeError(f"preprocessing must be tfdogs.data.preprocessing.Preprocessing records; got {record!r}.")
+    return records
+
+
+def serving_module(models, class_names, preprocessing, model_weights=None, views=1):
+    """The `ServingModule` every export and in-process prediction serves: BatchNorms folded.
+
+    Folding (`tfdogs.serving.fold.fold_batch_norms`) changes float32 outputs by
+    about 1e-6 and serves faster; doing it here, in one place, means the
+    training export, `python -m tfdogs.export`, ensembles and `tfdogs.predict`
+    answer alike.
+
+    Args:
+        models: a Keras classifier returning logits, or a list of them (an ensemble).
+        class_names: breed names in class-index order.
+        preprocessing: one `Preprocessing` for all models, or one per model.
+        model_weights: optional ensemble weights (normalised to sum to 1).
+        views: test-time augmentation views per image, 1 (none), 2 or 10 (`data.eval_views`).
+
+    Returns:
+        A `ServingModule`.
+    """
+    models = [models] if isinstance(models, keras.Model) else list(models)
+    return ServingModule([fold_batch_norms(model) for model in models], class_names, preprocessing,
+                         model_weights, views)
+
+
+def export_saved_model(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None,
+                       views=1):
+    """Writes the next numeric version of a SavedModel under `export_base`: the one export of tfdogs.
+
+    Training, `python -m tfdogs.export` and `tfdogs.ensemble` all call this: a
+    single model or an ensemble, BatchNorms folded (see `serving_module`),
+    each member with its own `Preprocessing`. The version is written to a
+    hidden temporary folder and renamed into place, so an interrupted export
+    never leaves a half-written version that TF Serving would try to load;
+    earlier versions stay untouched. `tfdogs.json` beside it records the
+    breeds, the members and their preprocessing records, and the
+    test-time augmentation views (`tta_views`, `tta_view_names`).
+
+    Args:
+        models: a Keras classifier returning logits, or a list of them (an ensemble).
+        class_names: breed names in class-index order.
+        export_base: folder holding the numbered versions.
+        preprocessing: one `Preprocessing` for all models, or one per model.
+        model_weights: optional ensemble weights (normalised to sum to 1).
+        metadata: extra JSON-serialisable facts to store in `tfdogs.json`.
+        views: test-time augmentation views per image baked into the graph, 1 (none), 2 or 10
+            (`data.eval_views`); the signatures stay the same.
+
+    Returns:
+        The path of the new version folder.
+    """
+    models = [models] if isinstance(models, keras.Model) else list(models)
+    records = preprocessing_records(preprocessing, len(models))
+    module = serving_module(models, class_names, records, model_weights, views)
+    facts = {
+        "class_names": list(class_names),
+        # the record every member shares, or null when members differ (see member_preprocessing)
+        "preprocessing": module.pipelines[0].as_dict() if len(module.pipelines) == 1 else None,
+        "member_preprocessing": [record.as_dict() for record in records],
+        "members": [model.name for model in models],
+        "member_weights": module.model_weights,
+        "batch_norms_folded": True,
+        # probabilities = mean over these views of each view's softmax (data.eval_views)
+        "tta_views": views,
+        "tta_view_names": list(data.TTA_VIEWS[views]),
+        **(metadata or {}),
+    }
+    return _write_version(_serving_archive(module), export_base, facts)
+
+
+def _serving_archive(module):
+    """An ExportArchive of the module's models with the two serving signatures."""
+    archive = keras.export.ExportArchive()
+    for model in module.models:
+        archive.track(model)
+    archive.add_endpoint("serving_default", module.from_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("serving_images", module.from_images,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    return archive
+
+
+def _write_version(archive, export_base, facts):
+    """Writes an ExportArchive as the next numeric version, atomically, with `tfdogs.json` facts."""
+    export_base = pathlib.Path(export_base)
+    export_base.mkdir(parents=True, exist_ok=True)
+
+    def write(temporary):
+        archive.write_out(str(temporary), verbose=False)
+        (temporary / METADATA_FILE).write_text(json.dumps(facts, indent=2))
+
+    return files.replace_into(export_base / str(next_version(export_base)), write)
+
+
+def read_metadata(version_dir):
+    """Returns the `tfdogs.json` facts stored beside a SavedModel version."""
+    path = pathlib.Path(version_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {version_dir} is not a tfdogs SavedModel export.")
+    return json.loads(path.read_text())
+
+
+def latest_version(export_base):
+    """Returns the highest numeric version folder under `export_base`, or the folder itself if it is a version."""
+    export_base = pathlib.Path(export_base)
+    if (export_base / "saved_model.pb").is_file():
+        return export_base
+    versions = sorted((path for path in export_base.glob("*") if path.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise FileNotFoundError(f"No numeric SavedModel version folder (1/, 2/, ...) in {export_base}.")
+    return versions[-1]

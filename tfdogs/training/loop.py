@@ -1,0 +1,289 @@
+"""One experiment end to end: phases trained, the best model calibrated, saved, scored and exported."""
+
+import atexit
+import pathlib
+import shutil
+import time
+
+import keras
+import numpy as np
+
+from tfdogs import config as config_lib, files, weights
+from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
+from tfdogs.evaluation import metrics, plots
+from tfdogs.evaluation.predictions import predict_logits, with_temperature
+from tfdogs.evaluation.zeroshot import breed_columns, evaluate_zero_shot
+from tfdogs.serving.saved_model import export_saved_model
+from tfdogs.training.callbacks import SyncFromChief, fit_under_multi_worker, make_callbacks, resolve_monitor
+from tfdogs.training.cluster import (
+    PEER_ERRORS,
+    Cluster,
+    PeerLost,
+    first_line,
+    peer_timeout,
+    per_worker_dataset,
+    read_task,
+)
+from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
+from tfdogs.training.optimizer import WarmupCosine, compile_model
+from tfdogs.training.phases import TrainingError, configure_phase, plan_phases
+from tfdogs.training.prepare import build_datasets, load_data, prepare_output
+from tfdogs.training.resume import (
+    PHASES_FILE,
+    backed_up_epoch,
+    best_so_far,
+    check_resumable,
+    phase_is_finished,
+    publish_run_state,
+    read_finished_phases,
+    read_history,
+    receive_run_state,
+    worker_scratch,
+)
+
+
+def build_model(config, num_classes, weights_source):
+    """The run's network at its input size and head regularisation, from `weights_source` (None: random)."""
+    return weights.pretrained_model(config["model"], num_classes, weights_source,
+                                    input_shape=(config["image_size"], config["image_size"], 3),
+                                    dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+
+
+def train(config, extra_callbacks=()):
+    """Runs one experiment from a validated config (see `tfdogs.config`).
+
+    Args:
+        config: mapping from `tfdogs.config.resolve` or `validate`.
+        extra_callbacks: Keras callbacks added to every phase's `fit`.
+
+    With `distribute` multi-worker and a TF_CONFIG cluster, every worker
+    calls this with the same config: the chief writes the run, the others
+    train from temporary folders and return None.
+
+    Returns:
+        The run folder (None on a worker other than the chief).
+    """
+    config = requested = config_lib.validate(config)
+    task = read_task() if resolve_name(config["distribute"]) == "multi-worker" else None
+    if task is None or task.is_chief:
+        run_dir, export_dir, created = prepare_output(config)
+    else:  # only the chief writes the run: this worker keeps what the strategy needs until it ends
+        scratch = worker_scratch(task, config)
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        run_dir, export_dir, created = scratch / "run", scratch / "export", [scratch]
+    config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
+    runtime = resolve_runtime(config)
+    cluster = None
+    try:
+        # First: multi-worker precedes other TF work. A worker that gives up waiting for its peers
+        # removes the folders this run created.
+        strategy = make_strategy(config["distribute"], cleanup=created)
+        if task is not None:
+            cluster = Cluster(task, peer_timeout())
+            # Only the chief's output and export folders are used; verbose changes nothing trained.
+            cluster.check_same_settings(requested, ignore=("verbose", "output", "export_dir"))
+        check_resumable(config, run_dir)
+        runtime.update(replica_facts(strategy, config["batch_size"], config["learning_rate"],
+                                                config["optimizer"]))
+        chief_weights = receive_run_state(cluster, run_dir) if task and not task.is_chief else set()
+        records, train_indices, val_indices = load_data(config, run_dir)
+        if task and task.is_chief:
+            publish_run_state(cluster, run_dir)
+        if len(train_indices) < runtime["global_batch_size"]:
+            raise config_lib.ConfigError(
+                f"Config key 'batch_size' is {config['batch_size']} per replica ({runtime['replicas']} "
+                f"replicas), larger than the {len(train_indices)} training images; lower it.")
+        keras.utils.set_random_seed(config["seed"])
+        keras.mixed_precision.set_dtype_policy(runtime["precision"])
+        try:
+            with strategy.scope():
+                model = build_model(config, len(records.class_names), config["weights"])
+            if task is not None:
+                fit_under_multi_worker(model)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+    except Exception as error:
+        for folder in created:  # a run that never started leaves no empty folders behind
+            shutil.rmtree(folder, ignore_errors=True)
+        if cluster is not None:
+            cluster.report(error)
+        raise
+    if config["data"] == "synthetic":  # where the generated photos are: evaluate, ensemble and predict read them
+        config["data_dir"] = str(run_dir / "synthetic_data")
+    config_lib.write(config, run_dir / "config.yaml")
+    num_classes = len(records.class_names)
+    final_size = config["finetune_image_size"] or config["image_size"]  # what the export takes
+
+    def preprocessing_at(size):
+        return weights.resolve_preprocessing(config["weights"], config["model"], size, config["weights_preprocessing"])
+
+    preprocessing = preprocessing_at(final_size)
+    preprocessing.save(run_dir / PREPROCESSING_FILE)  # evaluation, ensembles and predict read it back
+    steps = len(train_indices) // runtime["global_batch_size"]
+    if config["steps_per_epoch"]:
+        steps = min(steps, config["steps_per_epoch"])
+    pipelines = {}  # image size -> (train_epochs, val_dataset)
+
+    def pipelines_at(size):
+        if size not in pipelines:
+            global_config = {**config, "batch_size": runtime["global_batch_size"], "image_size": size}
+            train_epochs, val_dataset = build_datasets(global_config, records, train_indices, val_indices,
+                                                       preprocessing_at(size), steps_per_epoch=steps)
+            pipelines[size] = train_epochs, shard_by_data(val_dataset)
+        return pipelines[size]
+
+    def model_at(size, current):
+        """The network at another input size, with the current weights (a ResNet's do not depend on it)."""
+        if current.input_shape[1] == size:
+            return current
+        keras.mixed_precision.set_dtype_policy(runtime["precision"])
+        try:
+            with strategy.scope():
+                resized = build_model({**config, "image_size": size}, len(records.class_names), weights_source=None)
+            if task is not None:
+                fit_under_multi_worker(resized)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        resized.set_weights(current.get_weights())
+        return resized
+    monitor = resolve_monitor(config, records.layout)
+    print(f"The best checkpoint and early stopping follow {monitor}"
+          + (f" ({records.layout} layout)." if config["monitor"] == "auto" else "."))
+
+    started = time.time()
+    finished = read_finished_phases(run_dir)
+    resumed = False
+    for phase in plan_phases(config):
+        done = run_dir / f"phase-{phase.name}.weights.h5"
+        if phase_is_finished(finished.get(phase.name), phase) and (done.is_file() or done.name in chief_weights):
+            if done.is_file():  # finished before an interruption (other workers: the chief's, in the next fit)
+                model.load_weights(done)
+            resumed = True
+            continue
+        backup_dir = run_dir / "backup" / phase.name
+        first_epoch = max(phase.start_epoch, backed_up_epoch(backup_dir))
+        if resumed or first_epoch > phase.start_epoch:
+            print(f"Resuming the run in {run_dir} at epoch {first_epoch + 1} of {config['epochs']} "
+                  f"(phase '{phase.name}', state from {backup_dir if first_epoch > phase.start_epoch else done}).")
+            resumed = False  # said once
+        model = model_at(phase.image_size or config["image_size"], model)
+        train_epochs, val_dataset = pipelines_at(phase.image_size or config["image_size"])
+        factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
+        schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
+                                config["warmup_epochs"] * steps, phase.start_epoch * steps,
+                                decay=config["schedule"] == "cosine")
+        with strategy.scope():  # metrics and optimizer variables are mirrored too
+            compile_model(model, config, schedule, factors, runtime["jit_compile"])
+        history = read_history(run_dir / "history.csv")
+        callbacks, non_finite = make_callbacks(config, run_dir, phase, history, monitor)
+        if task is None:
+            train_dataset = shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
+        else:  # each worker reads its own slice of every global batch
+            train_dataset = per_worker_dataset(
+                strategy, lambda part: train_epochs(first_epoch, phase.end_epoch - first_epoch, part))
+            callbacks.append(SyncFromChief(strategy))  # after the backup's restore, which only the chief has
+        # BackupAndRestore sets the epoch to resume at on the model, and Keras prefers it to `initial_epoch`
+        # in every later fit: a phase resumed from its backup would make the next phase start there too.
+        model._initial_epoch = None
+        try:
+            fit = model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
+                            initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
+                            callbacks=callbacks + list(extra_callbacks),
+                            verbose=1 if config["verbose"] == "auto" else config["verbose"])
+        except PEER_ERRORS as error:
+            if task is None:
+                raise
+            raise PeerLost(f"{task.name} lost a peer while training phase '{phase.name}' "
+                                      f"({first_line(error)}).") from None
+        if non_finite.stopped_at is not None:
+            epoch, batch = non_finite.stopped_at
+            kept = run_dir / "best.weights.h5"
+            raise TrainingError(
+                f"Training loss became non-finite at epoch {epoch + 1}, batch {batch}; stopped. "
+                f"The best weights so far are kept in {kept if kept.is_file() else '(none yet)'}. "
+                "Lower --learning-rate or check the data.")
+        files.save_weights(model, done)
+        last_epoch = max(fit.epoch, default=first_epoch - 1) + 1
+        finished[phase.name] = {"end_epoch": phase.end_epoch, "epochs_run": last_epoch}
+        files.write_json(finished, run_dir / PHASES_FILE)
+        if phase.end_epoch < config["epochs"]:  # a later phase follows: this one cannot be extended
+            shutil.rmtree(backup_dir, ignore_errors=True)
+    train_seconds = time.time() - started
+    if task is not None and not task.is_chief:
+        return None  # the chief writes the run folder and the export
+
+    history = read_history(run_dir / "history.csv")
+    files.replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
+    best_weights = run_dir / "best.weights.h5"
+    if best_weights.is_file():
+        model.load_weights(best_weights)
+    # float32, all trainable, no optimizer, at the size it is exported at
+    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
+    final_model.set_weights(model.get_weights())
+    val_dataset = pipelines_at(final_size)[1]
+
+    val_labels = records.labels[val_indices]
+    logits = predict_logits(final_model, val_dataset)
+    raw_table, raw_ece = metrics.reliability(metrics.softmax(logits), val_labels)
+    _, best_epoch = best_so_far(history, monitor)
+    summary = {
+        "model": config["model"], "weights": config["weights"], "strategy": config["strategy"],
+        "num_classes": num_classes, "num_train": int(len(train_indices)), "num_val": int(len(val_indices)),
+        "epochs_run": int(len(history)), "monitor": monitor,
+        "best_epoch": None if best_epoch is None else best_epoch + 1,
+        "val": {**metrics.scores(metrics.softmax(logits), val_labels), "ece": raw_ece},
+        "peak_val_accuracy": float(history["val_accuracy"].max()),
+        "final_val_accuracy": float(history["val_accuracy"].iloc[-1]),
+        "baselines": metrics.baselines(records.labels[train_indices], val_labels, num_classes, records.class_names),
+        "train_seconds": round(train_seconds, 1),
+        "parameters": {"total": int(final_model.count_params()),
+                       "trainable": int(sum(np.prod(w.shape) for w in final_model.trainable_weights))},
+        **runtime,
+    }
+    if config["calibrate"]:
+        temperature = metrics.fit_temperature(logits, val_labels)
+        summary["val_calibrated"] = {**metrics.calibrated_scores(logits, val_labels, temperature),
+                                     "fitted_on": "the validation split these scores are measured on"}
+        calibrated_table, calibrated_ece = metrics.reliability(metrics.softmax(logits, temperature), val_labels)
+        plots.plot_reliability({"raw": (raw_table, raw_ece), f"temperature {temperature:.3f}": (
+            calibrated_table, calibrated_ece)}, run_dir / "calibration.png", title=f"{run_dir.name}: validation")
+        final_model = with_temperature(final_model, temperature)
+    files.save_model(final_model, run_dir / "model.keras")
+    plots.plot_curves(history, run_dir / "curves.png", title=run_dir.name)
+    version_dir = export_saved_model(final_model, records.class_names, export_dir, preprocessing=preprocessing,
+                                            metadata={"run": str(run_dir.resolve()), "config": config})
+    summary["export"] = str(version_dir)
+    zero_shot = zero_shot_baseline(config, records, val_indices)
+    if zero_shot is not None:
+        summary["baselines"]["imagenet_zero_shot"] = zero_shot
+        files.write_json(zero_shot, run_dir / "zeroshot.json")
+    if config["weights"] is not None:
+        summary["imagenet_overlap"] = IMAGENET_OVERLAP
+    files.write_json(summary, run_dir / "metrics.json")
+    return run_dir
+
+
+# Written into metrics.json beside the scores of every run that starts from pretrained weights.
+IMAGENET_OVERLAP = (
+    "The Kaggle dog-breed-identification and Stanford Dogs photos are ImageNet images, and ImageNet-pretrained "
+    "weights like this run's may have been trained on some of its validation photos: its validation scores and "
+    "the ImageNet zero-shot baseline may be higher than on dog photos from elsewhere.")
+
+
+def zero_shot_baseline(config, records, val_indices):
+    """The untrained ImageNet classifier's scores on the run's validation split.
+
+    Computed for runs starting from any checkpoint with a 1000-class ImageNet
+    head (registry weights or a file) when every breed of the data set is an
+    ImageNet class, with the run's own preprocessing record; None otherwise.
+    """
+    if not weights.imagenet_head(config["weights"], config["model"]):
+        return None
+    try:
+        breed_columns(records.class_names)
+    except ValueError:
+        return None
+    preprocessing = Preprocessing.load(pathlib.Path(config["output"]) / PREPROCESSING_FILE)
+    return evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],
+                                       preprocessing=preprocessing, batch_size=config["batch_size"],
+                                       verbose=config["verbose"] != 0)

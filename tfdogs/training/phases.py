@@ -1,0 +1,97 @@
+"""Training phases (head first, then the whole network) and what each freezes."""
+
+import dataclasses
+import types
+
+import keras
+
+from tfdogs import models
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one set of frozen stages and per-stage rate factors."""
+
+    name: str
+    start_epoch: int
+    end_epoch: int
+    frozen_stages: tuple = ()
+    stage_factors: dict = dataclasses.field(default_factory=dict)
+    image_size: int | None = None  # None: the config's image_size
+
+
+def plan_phases(config):
+    """Turns the transfer strategy into training phases.
+
+    scratch and discriminative train everything in one phase (discriminative
+    with learning rates growing geometrically from `backbone_lr_factor` at the
+    stem to 1 at the head); feature-extract trains only the head; fine-tune
+    trains the head for `head_epochs`, then the whole network at
+    `backbone_lr_factor` times the rate. With `finetune_image_size`, the last
+    `finetune_epochs` epochs become a phase of their own at that size, with
+    the settings of the phase they end (Touvron et al. 2019, "Fixing the
+    train-test resolution discrepancy": a network trained on random crops
+    sees objects larger than at evaluation, and a few epochs at a larger size
+    close the gap).
+    """
+    phases = _strategy_phases(config)
+    if not config.get("finetune_image_size"):
+        return phases
+    *earlier, last = phases
+    start = config["epochs"] - config["finetune_epochs"]
+    return [*earlier, dataclasses.replace(last, end_epoch=start),
+            dataclasses.replace(last, name="large", start_epoch=start, image_size=config["finetune_image_size"])]
+
+
+def _strategy_phases(config):
+    epochs, factor = config["epochs"], config["backbone_lr_factor"]
+    backbone = STAGES[:-1]
+    strategy = config["strategy"]
+    if strategy == "feature-extract":
+        return [Phase("head", 0, epochs, frozen_stages=backbone)]
+    if strategy == "fine-tune":
+        head_epochs = config["head_epochs"]
+        whole = Phase("all", head_epochs, epochs, stage_factors={stage: factor for stage in STAGES})
+        return ([Phase("head", 0, head_epochs, frozen_stages=backbone)] if head_epochs else []) + [whole]
+    if strategy == "discriminative":
+        last = len(STAGES) - 1
+        return [Phase("all", 0, epochs, stage_factors={
+            stage: factor ** ((last - index) / last) for index, stage in enumerate(STAGES)})]
+    return [Phase("all", 0, epochs)]
+
+
+def _normalise_with_moving_statistics(layer, inputs, training=None, mask=None):
+    return keras.layers.BatchNormalization.call(layer, inputs, training=False, mask=mask)
+
+
+def freeze_statistics(layer, frozen):
+    """Makes a BatchNormalization layer normalise with its moving statistics (or undoes it).
+
+    What PyTorch's `bn.eval()` does during fine-tuning: the statistics stay
+    as they are, gamma and beta still train. Keras' `trainable = False` would
+    freeze gamma and beta too. The layer keeps its class, so its weights save
+    and load under the same names.
+    """
+    if frozen:
+        layer.call = types.MethodType(_normalise_with_moving_statistics, layer)
+    else:
+        vars(layer).pop("call", None)
+
+
+def configure_phase(model, phase, freeze_bn):
+    """Freezes the phase's stages (and BatchNorm statistics if asked); returns per-variable rate factors."""
+    factors = {}
+    for layer in model.layers:
+        stage = models.stage_of(layer.name)
+        layer.trainable = stage not in phase.frozen_stages
+        if isinstance(layer, keras.layers.BatchNormalization):
+            freeze_statistics(layer, freeze_bn)
+        for variable in layer.trainable_weights:
+            factors[variable.path] = phase.stage_factors.get(stage, 1.0)
+    return factors

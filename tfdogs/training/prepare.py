@@ -1,0 +1,120 @@
+"""A run's folders and inputs: the output folder, the checked data, its split and pipelines."""
+
+import dataclasses
+import datetime
+import pathlib
+
+import numpy as np
+
+from tfdogs import config as config_lib, data, models
+from tfdogs.data import augment
+from tfdogs.data.validation import check_data
+
+
+def output_folders(config):
+    """The run folder and the SavedModel base folder of a config.
+
+    Returns:
+        (`output`, default runs/<model>-<timestamp>; `export_dir`, default saved_models/<run folder name>).
+    """
+    name = f"{models.file_name(config['model'])}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
+    return run_dir, pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
+
+
+def prepare_output(config):
+    """Creates the run and export folders (checking they are writable) before any work.
+
+    Returns:
+        The run folder, the export folder, and those of them this call created.
+    """
+    run_dir, export_dir = output_folders(config)
+    created = []
+    for key, folder in (("output", run_dir), ("export_dir", export_dir)):
+        try:
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                created.append(folder)
+            probe = folder / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise config_lib.ConfigError(f"Config key '{key}': cannot write to {folder} ({error.strerror}).") from None
+    return run_dir, export_dir, created
+
+
+def load_data(config, run_dir):
+    """Checks the photos, then finds the split (re-using the run's `split.csv` when resuming).
+
+    The check (`tfdogs.check`) lists every problem in `problems.csv`, skips
+    unusable files and converts the ones TensorFlow cannot decode into
+    `converted/`; with config `strict` anything skipped is an error.
+
+    Returns:
+        (records, train_indices, val_indices); the records' paths are the files
+        the pipeline reads, and `split.csv` names the original files.
+    """
+    if config["data"] == "synthetic":
+        data_dir = run_dir / "synthetic_data"
+        if not (data_dir / "labels.csv").is_file():
+            data.make_synthetic(data_dir, num_classes=config["synthetic_classes"],
+                                images_per_class=config["synthetic_images_per_class"],
+                                image_size=max(64, config["image_size"]), seed=config["seed"])
+    elif config["data_dir"]:
+        data_dir = config["data_dir"]
+    else:
+        data_dir = data.load_stanford_dogs()
+    report = check_data(data_dir, converted_dir=run_dir / "converted", verbose=config["verbose"] != 0)
+    report.write_csv(run_dir / "problems.csv")
+    if report.problems:
+        print(f"Data check: {report.summary()}. Every problem is listed in {run_dir / 'problems.csv'}.")
+    if config["strict"]:
+        report.require_clean()
+    report.require_trainable(config["val_fraction"])
+    split_path = run_dir / "split.csv"
+    if split_path.is_file():
+        records, train_indices, val_indices = data.read_split(split_path, report.records.root)
+    else:
+        records = report.records
+        # Byte-identical copies (groups) go to one side: a photo is never validated on after training on it.
+        train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"],
+                                                           groups=report.groups)
+        data.write_split(split_path, records, train_indices, val_indices)
+    # The pipeline reads converted copies where TensorFlow cannot decode the original correctly.
+    source_of = dict(zip(report.records.paths, report.sources))
+    rejected = [path for path in records.paths if path not in source_of]
+    if rejected:
+        raise data.DataError(
+            f"{split_path} lists {len(rejected)} files that the data check now rejects "
+            f"({', '.join(rejected[:3])}); see {run_dir / 'problems.csv'}, or start a new run (--output).")
+    return dataclasses.replace(records, paths=[source_of[path] for path in records.paths]), train_indices, val_indices
+
+
+def build_datasets(config, records, train_indices, val_indices, preprocessing, steps_per_epoch=None):
+    """The training and validation `tf.data` pipelines of a run, with one-hot labels.
+
+    Returns:
+        (train_epochs, val_dataset): `train_epochs(first_epoch, num_epochs)`
+        gives the training batches of those epochs, each epoch's randomness
+        keyed by (seed, epoch) (see `data.make_dataset`).
+    """
+    paths = np.asarray(records.paths)
+    common = dict(image_size=config["image_size"], batch_size=config["batch_size"],
+                  mean=preprocessing.mean, std=preprocessing.std, crop_fraction=preprocessing.crop_fraction,
+                  interpolation=preprocessing.interpolation, resize_rounding=preprocessing.resize_rounding,
+                  seed=config["seed"], cache=config["cache"], num_classes=len(records.class_names))
+    augmentation = augment.build_augmentation(
+        flip=config["flip"], rotation=config["rotation"], zoom=config["zoom"],
+        translation=config["translation"], contrast=config["contrast"], seed=config["seed"],
+        randaugment=config_lib.parse_randaugment(config["randaugment"]), augmix=config["augmix"],
+        random_erasing=config["random_erasing"], mixup=config["mixup"], cutmix=config["cutmix"])
+
+    def train_epochs(first_epoch, num_epochs, part=None):
+        return data.make_dataset(
+            list(paths[train_indices]), records.labels[train_indices], training=True,
+            augmentation=augmentation, scale=(config["crop_scale_min"], 1.0), first_epoch=first_epoch,
+            num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, part=part, **common)
+
+    val_dataset = data.make_dataset(
+        list(paths[val_indices]), records.labels[val_indices], training=False, **common)
+    return train_epochs, val_dataset

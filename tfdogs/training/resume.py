@@ -1,0 +1,134 @@
+"""Resuming a run: what its folder says is finished, and whether the settings allow going on."""
+
+import hashlib
+import json
+import pathlib
+import shutil
+import tempfile
+
+import pandas as pd
+
+from tfdogs import config as config_lib
+
+PHASES_FILE = "phases.json"
+
+# What each monitored score wants: the best checkpoint and early stopping follow it.
+MONITOR_MODES = {"val_accuracy": "max", "val_log_loss": "min"}
+
+
+def read_finished_phases(run_dir):
+    """`RUN/phases.json`: per finished phase, its planned last epoch and the epochs it ran."""
+    path = pathlib.Path(run_dir) / PHASES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def phase_is_finished(record, phase):
+    """Whether a phase recorded in phases.json needs no more training.
+
+    It does if it ran to its planned end or stopped early; a phase planned
+    longer than it was (`--epochs` grew) continues from its backup.
+    """
+    if record is None:
+        return False
+    return record["epochs_run"] >= phase.end_epoch or record["epochs_run"] < record["end_epoch"]
+
+
+def backed_up_epoch(backup_dir):
+    """The epoch a phase's backup resumes at (0 without a backup): what BackupAndRestore will restore."""
+    path = pathlib.Path(backup_dir) / "training_metadata.json"
+    return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
+
+
+def resume_epoch(run_dir):
+    """How many epochs of a run a resumed run keeps: its furthest phase backup or finished phase."""
+    run_dir = pathlib.Path(run_dir)
+    backups = [backed_up_epoch(folder) for folder in (run_dir / "backup").glob("*")]
+    finished = [record["epochs_run"] for record in read_finished_phases(run_dir).values()]
+    return max(backups + finished, default=0)
+
+
+RESUMABLE_CHANGES = ("epochs", "verbose", "output")
+
+
+def check_resumable(config, run_dir):
+    """Refuses to resume a run folder whose recorded settings differ from `config`.
+
+    An existing `RUN/config.yaml` means the same command resumes that run, so
+    the settings must be those it was started with: only `epochs` may grow
+    (training continues) and `verbose` may change. Anything else would train
+    a different experiment in the same folder and make config.yaml lie.
+
+    Raises:
+        ConfigError: naming each differing key with both values.
+    """
+    path = pathlib.Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    recorded = config_lib.load_yaml(path)
+    if recorded.get("data") == "synthetic":  # data_dir records where the run generated its photos
+        recorded["data_dir"] = None
+    recorded = config_lib.validate(recorded)
+    differing = [key for key in config_lib.DEFAULTS
+                 if key not in RESUMABLE_CHANGES and recorded[key] != config[key]]
+    if config["epochs"] < recorded["epochs"]:
+        differing.insert(0, "epochs")
+    if differing:
+        changes = "; ".join(f"{key}: {recorded[key]!r} in the run, {config[key]!r} now" for key in differing)
+        raise config_lib.ConfigError(
+            f"{run_dir} holds a run with other settings ({changes}). The same command resumes a run, and only "
+            f"--epochs may grow; to train with these settings, give a new --output.")
+
+
+def worker_scratch(task, config):
+    """A worker's temporary run folder, named by its task and run: a restarted worker (after kill -9,
+    which skips all clean-up) replaces the one its predecessor left."""
+    key = json.dumps([task.task_type, task.index, task.cluster, str(config["output"])])
+    scratch = pathlib.Path(tempfile.gettempdir()) / (
+        f"tfdogs-{task.task_type}{task.index}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "run").mkdir(parents=True)
+    return scratch
+
+
+def publish_run_state(cluster, run_dir):
+    """Chief: gives the other workers its split and resume state (history, finished phases, backed-up epochs)."""
+    run_dir = pathlib.Path(run_dir)
+    paths = [run_dir / "split.csv", run_dir / "history.csv", run_dir / PHASES_FILE,
+             *run_dir.glob("backup/*/training_metadata.json")]
+    cluster.publish("run_state", {
+        "files": {path.relative_to(run_dir).as_posix(): path.read_text() for path in paths if path.is_file()},
+        "weights": sorted(path.name for path in run_dir.glob("phase-*.weights.h5"))})
+
+
+def receive_run_state(cluster, run_dir):
+    """Other workers: write the chief's state into their own run folder, where the resume code finds it.
+
+    The data check then reads the chief's split (no worker computes its own,
+    and no shared file is read while it is written).
+
+    Returns:
+        The names of the chief's finished-phase weights files (the weights
+        themselves arrive through `SyncFromChief`).
+    """
+    state = cluster.receive("run_state")
+    for name, text in state["files"].items():
+        path = pathlib.Path(run_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return set(state["weights"])
+
+
+def read_history(path):
+    """Reads `history.csv`, keeping the last row of any epoch written twice by a resumed run."""
+    if not pathlib.Path(path).is_file() or pathlib.Path(path).stat().st_size == 0:
+        return pd.DataFrame()
+    history = pd.read_csv(path)
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def best_so_far(history, monitor="val_accuracy"):
+    """Best monitored value and its epoch in a history (the highest accuracy, the lowest log loss)."""
+    if history.empty or monitor not in history:
+        return None, None
+    row = history[monitor].idxmax() if MONITOR_MODES[monitor] == "max" else history[monitor].idxmin()
+    return float(history.loc[row, monitor]), int(history.loc[row, "epoch"])
