@@ -54,8 +54,18 @@ def write_json(value, path):
 
 
 def save_weights(model, path):
-    """`model.save_weights(path)` whole or not at all."""
-    return replace_into(path, model.save_weights)
+    """The model's weights, without its optimizer's state, whole or not at all.
+
+    Keras 3's `save_weights` also writes a compiled model's optimizer variables
+    (Adam's two moments: 3x the file); a checkpoint of the weights needs none,
+    and only a resume backup keeps them.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    model.optimizer = None
+    try:
+        return replace_into(path, model.save_weights)
+    finally:
+        model.optimizer = optimizer
 
 
 def save_model(model, path):

@@ -49,6 +49,7 @@ DEFAULTS = {
     "monitor": "auto",
     "calibrate": True,
     "cache": None,
+    "feature_views": 0,
     "early_stopping_patience": 5,
     "jit_compile": "auto",
     "precision": "auto",
@@ -111,6 +112,7 @@ RANGES = (
     ("cutmix", 0.0, None, True),
     ("ema", 0.0, 0.99999, True),
     ("early_stopping_patience", 0, None, True),
+    ("feature_views", 0, None, True),
     ("synthetic_classes", 2, None, True),
     ("synthetic_images_per_class", 2, None, True),
     ("steps_per_epoch", 1, None, True),
@@ -173,6 +175,9 @@ HELP = {
     "calibrate": "fit a temperature on the validation logits after training and serve calibrated "
     "probabilities (--no-calibrate: off)",
     "cache": "cache decoded images: 'memory' or a file prefix (default off)",
+    "feature_views": "while the backbone is frozen (feature-extract, fine-tune's head phase), run it once on N "
+    "views of each photo and train the head on the cached pooled features: 1 the evaluation crop (no "
+    "augmentation), N >= 2 that many augmented epochs, cycled; 0 off (every epoch through the backbone)",
     "early_stopping_patience": "epochs without validation-accuracy gain before stopping (0: never)",
     "jit_compile": "XLA compilation: auto (on with a GPU, off on CPU), on, off",
     "precision": "auto (mixed_float16 on GPU; on CPU mixed_bfloat16 for ResNets where the CPU has native "

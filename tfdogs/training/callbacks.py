@@ -111,13 +111,18 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """
 
     weight_average = None  # a WeightAverage: save the averaged weights
+    saved_model = None  # the model to save when fit trains a part of it (the head on cached features)
 
     def _save_model(self, epoch, batch, logs):  # Keras 3 ModelCheckpoint's single point of writing
         filepath = self._get_file_path(epoch, batch, logs)
         if self._should_save_model(epoch, batch, logs, filepath):
             average = self.weight_average.swapped() if self.weight_average else contextlib.nullcontext()
             with average:
-                files.replace_into(filepath, self.model.save_weights if self.save_weights_only else self.model.save)
+                target = self.saved_model or self.model
+                if self.save_weights_only:
+                    files.save_weights(target, filepath)
+                else:
+                    files.save_model(target, filepath)
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):

@@ -1,6 +1,7 @@
 """One experiment end to end: phases trained, the best model calibrated, saved, scored and exported."""
 
 import atexit
+import os
 import pathlib
 import shutil
 import time
@@ -8,7 +9,7 @@ import time
 import keras
 import numpy as np
 
-from tfdogs import config as config_lib, files, weights
+from tfdogs import config as config_lib, files, models, weights
 from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
 from tfdogs.evaluation import metrics, plots
 from tfdogs.evaluation.predictions import predict_logits, with_temperature
@@ -24,10 +25,12 @@ from tfdogs.training.cluster import (
     per_worker_dataset,
     read_task,
 )
+from tfdogs.training.callbacks import AtomicModelCheckpoint
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
 from tfdogs.training.optimizer import WarmupCosine, compile_model
-from tfdogs.training.phases import TrainingError, configure_phase, plan_phases
-from tfdogs.training.prepare import build_datasets, load_data, prepare_output
+from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
+from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, split_at_features
+from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
     backed_up_epoch,
@@ -40,6 +43,46 @@ from tfdogs.training.resume import (
     receive_run_state,
     worker_scratch,
 )
+
+
+class Timer:
+    """Seconds spent in each part of a run: metrics.json's `seconds`, and the run's last line."""
+
+    def __init__(self):
+        self.seconds = {"start_up": process_age()}
+        self._mark = time.perf_counter()
+
+    def lap(self, part, phase=None):
+        """Adds the seconds since the last lap to `part` (to `phases[phase]` when a phase is named)."""
+        now, elapsed = time.perf_counter(), time.perf_counter() - self._mark
+        self._mark = now
+        if phase is None:
+            self.seconds[part] = self.seconds.get(part, 0.0) + elapsed
+        else:
+            self.seconds.setdefault(part, {})[phase] = self.seconds.get(part, {}).get(phase, 0.0) + elapsed
+
+    def summary(self):
+        rounded = {part: ({name: round(value, 2) for name, value in seconds.items()} if isinstance(seconds, dict)
+                          else round(seconds, 2)) for part, seconds in self.seconds.items()}
+        total = sum(sum(value.values()) if isinstance(value, dict) else value for value in self.seconds.values())
+        return {**rounded, "total": round(total, 2)}
+
+
+def process_age():
+    """Seconds since this process started (Python's and TensorFlow's imports included); 0.0 where unknown."""
+    try:
+        ticks = int(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def trained_parameters(model, phases):
+    """How many of the model's parameters some phase trains (feature-extract: the head's alone)."""
+    return int(sum(np.prod(variable.shape) for layer in model.layers
+                   if any(models.stage_of(layer.name) not in phase.frozen_stages for phase in phases)
+                   for variable in layer.trainable_weights))
 
 
 def build_model(config, num_classes, weights_source):
@@ -63,6 +106,7 @@ def train(config, extra_callbacks=()):
     Returns:
         The run folder (None on a worker other than the chief).
     """
+    timer = Timer()
     config = requested = config_lib.validate(config)
     task = read_task() if resolve_name(config["distribute"]) == "multi-worker" else None
     if task is None or task.is_chief:
@@ -87,6 +131,7 @@ def train(config, extra_callbacks=()):
                                                 config["optimizer"]))
         chief_weights = receive_run_state(cluster, run_dir) if task and not task.is_chief else set()
         records, train_indices, val_indices = load_data(config, run_dir)
+        timer.lap("data")
         if task and task.is_chief:
             publish_run_state(cluster, run_dir)
         if len(train_indices) < runtime["global_batch_size"]:
@@ -102,6 +147,7 @@ def train(config, extra_callbacks=()):
                 fit_under_multi_worker(model)
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
+        timer.lap("model")
     except Exception as error:
         for folder in created:  # a run that never started leaves no empty folders behind
             shutil.rmtree(folder, ignore_errors=True)
@@ -123,6 +169,12 @@ def train(config, extra_callbacks=()):
     if config["steps_per_epoch"]:
         steps = min(steps, config["steps_per_epoch"])
     pipelines = {}  # image size -> (train_epochs, val_dataset)
+
+    def evaluation_at(size, which):
+        """The evaluation crops of the training ("train") or validation ("val") photos, in split order."""
+        global_config = {**config, "batch_size": runtime["global_batch_size"], "image_size": size}
+        return evaluation_dataset(global_config, records, train_indices if which == "train" else val_indices,
+                                  preprocessing_at(size))
 
     def pipelines_at(size):
         if size not in pipelines:
@@ -166,17 +218,37 @@ def train(config, extra_callbacks=()):
             print(f"Resuming the run in {run_dir} at epoch {first_epoch + 1} of {config['epochs']} "
                   f"(phase '{phase.name}', state from {backup_dir if first_epoch > phase.start_epoch else done}).")
             resumed = False  # said once
-        model = model_at(phase.image_size or config["image_size"], model)
-        train_epochs, val_dataset = pipelines_at(phase.image_size or config["image_size"])
+        size = phase.image_size or config["image_size"]
+        model = model_at(size, model)
+        train_epochs, val_dataset = pipelines_at(size)
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
+        fitted = model
+        if config["feature_views"] and phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model):
+            backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
+            cache, seconds = build_cache(
+                backbone, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
+                config["seed"], folder=run_dir / CACHE_FOLDER,
+                key={"phase": phase.name, "image_size": size, "views": config["feature_views"]})
+            print(f"Cached backbone features: {config['feature_views']} view(s) of each training photo "
+                  + (f"computed in {seconds:.1f} s" if seconds else f"read back from {run_dir / CACHE_FOLDER}")
+                  + "; the head trains on them, so augmentation is limited to "
+                  + ("none (the evaluation crop)." if config["feature_views"] == 1 else "those views."))
+            timer.lap("features")
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
         with strategy.scope():  # metrics and optimizer variables are mirrored too
-            compile_model(model, config, schedule, factors, runtime["jit_compile"])
+            compile_model(fitted, config, schedule, factors, runtime["jit_compile"])
         history = read_history(run_dir / "history.csv")
         callbacks, non_finite = make_callbacks(config, run_dir, phase, history, monitor)
-        if task is None:
+        if fitted is not model:
+            train_dataset = cache.train_epochs(first_epoch, phase.end_epoch - first_epoch,
+                                               runtime["global_batch_size"], steps)
+            val_dataset = cache.val_dataset(runtime["global_batch_size"])
+            for callback in callbacks:
+                if isinstance(callback, AtomicModelCheckpoint):
+                    callback.saved_model = model  # best.weights.h5 holds the whole model
+        elif task is None:
             train_dataset = shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
         else:  # each worker reads its own slice of every global batch
             train_dataset = per_worker_dataset(
@@ -184,9 +256,9 @@ def train(config, extra_callbacks=()):
             callbacks.append(SyncFromChief(strategy))  # after the backup's restore, which only the chief has
         # BackupAndRestore sets the epoch to resume at on the model, and Keras prefers it to `initial_epoch`
         # in every later fit: a phase resumed from its backup would make the next phase start there too.
-        model._initial_epoch = None
+        fitted._initial_epoch = None
         try:
-            fit = model.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
+            fit = fitted.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
                             initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
                             callbacks=callbacks + list(extra_callbacks),
                             verbose=1 if config["verbose"] == "auto" else config["verbose"])
@@ -206,20 +278,23 @@ def train(config, extra_callbacks=()):
         last_epoch = max(fit.epoch, default=first_epoch - 1) + 1
         finished[phase.name] = {"end_epoch": phase.end_epoch, "epochs_run": last_epoch}
         files.write_json(finished, run_dir / PHASES_FILE)
+        shutil.rmtree(run_dir / CACHE_FOLDER, ignore_errors=True)
         if phase.end_epoch < config["epochs"]:  # a later phase follows: this one cannot be extended
             shutil.rmtree(backup_dir, ignore_errors=True)
+        timer.lap("phases", phase.name)
     train_seconds = time.time() - started
     if task is not None and not task.is_chief:
         return None  # the chief writes the run folder and the export
 
     history = read_history(run_dir / "history.csv")
     files.replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
+    # float32, all trainable, no optimizer, at the size it is exported at: the best epoch's weights
+    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
-        model.load_weights(best_weights)
-    # float32, all trainable, no optimizer, at the size it is exported at
-    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
-    final_model.set_weights(model.get_weights())
+        final_model.load_weights(best_weights)
+    else:
+        final_model.set_weights(model.get_weights())
     val_dataset = pipelines_at(final_size)[1]
 
     val_labels = records.labels[val_indices]
@@ -237,7 +312,7 @@ def train(config, extra_callbacks=()):
         "baselines": metrics.baselines(records.labels[train_indices], val_labels, num_classes, records.class_names),
         "train_seconds": round(train_seconds, 1),
         "parameters": {"total": int(final_model.count_params()),
-                       "trainable": int(sum(np.prod(w.shape) for w in final_model.trainable_weights))},
+                       "trainable": trained_parameters(final_model, plan_phases(config))},
         **runtime,
     }
     if config["calibrate"]:
@@ -248,17 +323,21 @@ def train(config, extra_callbacks=()):
         plots.plot_reliability({"raw": (raw_table, raw_ece), f"temperature {temperature:.3f}": (
             calibrated_table, calibrated_ece)}, run_dir / "calibration.png", title=f"{run_dir.name}: validation")
         final_model = with_temperature(final_model, temperature)
+    timer.lap("final_evaluation")
     files.save_model(final_model, run_dir / "model.keras")
     plots.plot_curves(history, run_dir / "curves.png", title=run_dir.name)
     version_dir = export_saved_model(final_model, records.class_names, export_dir, preprocessing=preprocessing,
                                             metadata={"run": str(run_dir.resolve()), "config": config})
     summary["export"] = str(version_dir)
+    timer.lap("export")
     zero_shot = zero_shot_baseline(config, records, val_indices)
     if zero_shot is not None:
         summary["baselines"]["imagenet_zero_shot"] = zero_shot
         files.write_json(zero_shot, run_dir / "zeroshot.json")
     if config["weights"] is not None:
         summary["imagenet_overlap"] = IMAGENET_OVERLAP
+    timer.lap("zero_shot")
+    summary["seconds"] = timer.summary()
     files.write_json(summary, run_dir / "metrics.json")
     return run_dir
 

@@ -90,6 +90,13 @@ def load_data(config, run_dir):
     return dataclasses.replace(records, paths=[source_of[path] for path in records.paths]), train_indices, val_indices
 
 
+def evaluation_dataset(config, records, indices, preprocessing):
+    """The evaluation crops of `records[indices]` in that order, with one-hot labels."""
+    return data.make_dataset(
+        [records.paths[i] for i in indices], records.labels[indices], training=False, batch_size=config["batch_size"],
+        num_classes=len(records.class_names), **preprocessing.as_dict())
+
+
 def build_datasets(config, records, train_indices, val_indices, preprocessing, steps_per_epoch=None):
     """The training and validation `tf.data` pipelines of a run, with one-hot labels.
 

@@ -1,0 +1,94 @@
+"""Cached backbone features (`--feature-views N`): the head trained on them is the head trained on the photos."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import small_config
+
+from tfdogs import models
+from tfdogs.training import features, loop as training_loop, phases, resume
+
+SIZE = 32
+
+
+def frozen_resnet(dropout=0.0):
+    keras.utils.set_random_seed(3)
+    model = models.build("resnet18", 4, input_shape=(SIZE, SIZE, 3), dropout=dropout)
+    factors = phases.configure_phase(model, phases.Phase("head", 0, 2, frozen_stages=phases.STAGES[:-1]), False)
+    return model, factors
+
+
+def fit_two_epochs(model, factors, inputs, labels, seed):
+    from tfdogs.training.callbacks import EpochKeyedSeeds
+    from tfdogs.training.optimizer import compile_model
+
+    config = small_config(optimizer="adam", label_smoothing=0.0)
+    compile_model(model, config, 1e-2, factors, jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(8)
+    model.fit(dataset, epochs=2, shuffle=False, verbose=0, callbacks=[EpochKeyedSeeds(seed)])
+    return model.get_layer("fc").get_weights()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_head_on_cached_features_equals_the_head_trained_on_the_photos(dropout):
+    """N = 1, float32, one fixed order: the same fc weights to 1e-5, dropout masks included."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((32, SIZE, SIZE, 3)).astype(np.float32)
+    labels = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 32)]
+
+    model, factors = frozen_resnet(dropout)
+    fc_before = [weight.copy() for weight in model.get_layer("fc").get_weights()]
+    expected = fit_two_epochs(model, factors, images, labels, seed=7)
+
+    model, factors = frozen_resnet(dropout)
+    backbone, head = features.split_at_features(model)
+    cached, _ = features.features_of(backbone, tf.data.Dataset.from_tensor_slices((images, labels)).batch(8))
+    assert cached.shape == (32, 512)
+    got = fit_two_epochs(head, {v.path: 1.0 for v in head.trainable_weights}, cached, labels, seed=7)
+
+    assert np.abs(expected[0] - fc_before[0]).max() > 1e-3  # the head did train
+    for want, have in zip(expected, got):
+        np.testing.assert_allclose(have, want, atol=1e-5)
+    # the head trains the model's own layers: the full model holds the trained fc
+    for want, have in zip(got, model.get_layer("fc").get_weights()):
+        np.testing.assert_array_equal(have, want)
+
+
+def test_cache_epochs_are_keyed_by_seed_and_epoch_and_cycle_the_views():
+    views = [(np.full((10, 3), view, np.float32), np.eye(2, dtype=np.float32)[np.arange(10) % 2]) for view in range(3)]
+    cache = features.FeatureCache(views, (np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)), seed=5)
+    epochs = [[batch[0].numpy() for batch in cache.train_epochs(epoch, 1, 4, 2)] for epoch in range(4)]
+    assert [int(epoch[0][0, 0]) for epoch in epochs] == [0, 1, 2, 0]  # view e mod 3
+    assert all(len(epoch) == 2 and epoch[0].shape == (4, 3) for epoch in epochs)
+    resumed = [batch[0].numpy() for batch in cache.train_epochs(2, 2, 4, 2)]
+    np.testing.assert_array_equal(np.concatenate(resumed), np.concatenate(epochs[2] + epochs[3]))
+    labels = [np.concatenate([b[1].numpy() for b in cache.train_epochs(e, 1, 4, 2)]) for e in (0, 3)]
+    assert not np.array_equal(labels[0], labels[1])  # each epoch its own order (same view 0)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp_path, capsys, views):
+    checkpoint = tmp_path / "resnet18-random.weights.h5"
+    models.build("resnet18", 1000, input_shape=(32, 32, 3)).save_weights(checkpoint)
+    config = small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract", epochs=3,
+                          image_size=32, feature_views=views, output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"))
+    run_dir = training_loop.train(config)
+    out = capsys.readouterr().out
+    assert f"Cached backbone features: {views} view" in out and "augmentation" in out
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    history = resume.read_history(run_dir / "history.csv")
+    assert len(history) == 3 and history["loss"].iloc[-1] < history["loss"].iloc[0]
+    # validation on cached features scores what the saved full model scores on the photos
+    best = history["val_accuracy"].idxmax()
+    assert summary["val"]["accuracy"] == pytest.approx(history["val_accuracy"].iloc[best], abs=1e-6)
+    assert summary["parameters"]["trainable"] == 512 * 4 + 4  # only the head trained
+    assert set(summary["seconds"]) >= {"start_up", "data", "features", "phases", "final_evaluation", "export",
+                                       "total"}
+    assert summary["seconds"]["features"] > 0
+    assert not (run_dir / features.CACHE_FOLDER).exists()  # removed with the finished phase
+    assert isinstance(pd.read_csv(run_dir / "history.csv"), pd.DataFrame)

@@ -1,0 +1,142 @@
+"""Cached backbone features: a frozen backbone runs once per view of each photo, and the head trains on them.
+
+While the backbone is frozen (`--strategy feature-extract`, and fine-tune's
+head phase), every epoch would push every photo through the same unchanging
+network again. With `--feature-views N` the backbone runs once on N views of
+each training photo and once on the validation photos; the pooled features
+(the ``avgpool`` output, where every tfdogs model's head begins) are kept in
+memory and in `RUN/feature_cache/`, and the head (``dropout`` -> ``fc``, the
+same layers, so the full model is trained in place) trains on them for the
+phase's epochs:
+
+    N = 1   the evaluation crop of each photo, every epoch: no augmentation at all;
+    N >= 2  N epochs of the training pipeline (random crops, flips and the
+            run's augmentation, mixing included), computed once; epoch e
+            trains on view e mod N.
+
+What changes: the augmentation is limited to those views, and BatchNorm runs
+with its moving statistics as it does for a frozen backbone anyway. With
+N = 1 in float32 the head trained on cached features equals the uncached one
+on the same photos in the same order (`tests/test_features.py`). The
+checkpoint, backup, early stopping, history and TensorBoard callbacks see the
+head; `best.weights.h5` and the phase's weights hold the whole model.
+"""
+
+import json
+import pathlib
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdogs import files
+
+FEATURE_LAYER = "avgpool"
+CACHE_FOLDER = "feature_cache"
+
+
+def can_cache(model):
+    """Whether the model has the pooled-features layer its head starts from."""
+    return any(layer.name == FEATURE_LAYER for layer in model.layers)
+
+
+def split_at_features(model):
+    """(backbone, head): the model cut after ``avgpool``; the head reuses the model's own layers.
+
+    Training the head trains the model: both hold the same ``dropout`` and ``fc`` (and any later) layers.
+    """
+    names = [layer.name for layer in model.layers]
+    cut = names.index(FEATURE_LAYER)
+    features = model.get_layer(FEATURE_LAYER).output
+    backbone = keras.Model(model.inputs, features, name=f"{model.name}_backbone")
+    head_input = keras.Input(features.shape[1:], name="features")
+    x = head_input
+    for layer in model.layers[cut + 1:]:
+        x = layer(x)
+    return backbone, keras.Model(head_input, x, name=f"{model.name}_head")
+
+
+def features_of(backbone, dataset):
+    """float32 features and labels of every batch of an (images, labels) dataset, in its order."""
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        features.append(tf.cast(backbone(images, training=False), tf.float32).numpy())
+        labels.append(np.asarray(batch_labels, np.float32))
+    return np.concatenate(features), np.concatenate(labels)
+
+
+class FeatureCache:
+    """The cached views of the training photos and the validation features, as `tf.data` pipelines.
+
+    Args:
+        views: list of (features [n, D], labels [n, C]) per view, each the same n.
+        val: (features, labels) of the validation photos.
+        seed: the run's seed; each epoch's order is keyed by (seed, epoch).
+    """
+
+    def __init__(self, views, val, seed):
+        self.features = tf.constant(np.stack([view[0] for view in views]))
+        self.labels = tf.constant(np.stack([view[1] for view in views]))
+        self.val = val
+        self.seed = seed
+
+    def train_epochs(self, first_epoch, num_epochs, batch_size, steps_per_epoch):
+        """Epochs `first_epoch`.. of `steps_per_epoch` batches: view e mod N, shuffled by (seed, epoch)."""
+        count_views, rows = int(self.features.shape[0]), int(self.features.shape[1])
+        taken = steps_per_epoch * batch_size
+        if taken > rows:
+            raise ValueError(f"{steps_per_epoch} steps of {batch_size} need {taken} cached rows; {rows} are cached.")
+
+        def epoch_rows(epoch):
+            order = tf.argsort(tf.random.stateless_uniform([rows], seed=tf.stack([tf.constant(self.seed, tf.int64),
+                                                                                  epoch])))[:taken]
+            view = tf.fill([taken], tf.cast(epoch % count_views, tf.int32))
+            return tf.data.Dataset.from_tensor_slices(tf.stack([view, order], axis=1))
+
+        return (tf.data.Dataset.range(first_epoch, first_epoch + num_epochs).flat_map(epoch_rows)
+                .batch(batch_size, drop_remainder=True)
+                .map(lambda pairs: (tf.gather_nd(self.features, pairs), tf.gather_nd(self.labels, pairs)))
+                .prefetch(tf.data.AUTOTUNE))
+
+    def val_dataset(self, batch_size):
+        return tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size)
+
+
+def build_cache(backbone, train_epochs, val_dataset, views, seed, folder=None, key=None):
+    """Runs the frozen backbone over the views and the validation photos once (or reads them back).
+
+    Args:
+        backbone: the model up to its pooled features.
+        train_epochs: the run's training pipeline, `train_epochs(first_epoch, num_epochs)`.
+        val_dataset: the evaluation pipeline of the training photos when `views` is 1, then the
+            validation photos: a callable `val_dataset(which)` with which in ("train", "val").
+        views: N, see the module docstring.
+        seed: the run's seed.
+        folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
+        key: what the features depend on (model weights' source, image size, views); a cache
+            written under another key is recomputed.
+
+    Returns:
+        (FeatureCache, seconds spent computing, or 0.0 when read back).
+    """
+    stored = pathlib.Path(folder) / "features.npz" if folder else None
+    if stored and stored.is_file() and json.loads((stored.parent / "key.json").read_text()) == key:
+        with np.load(stored) as saved:
+            count = int(saved["count"])
+            cache_views = [(saved[f"view{index}"], saved[f"view{index}_labels"]) for index in range(count)]
+            return FeatureCache(cache_views, (saved["val"], saved["val_labels"]), seed), 0.0
+    started = time.perf_counter()
+    if views == 1:
+        cache_views = [features_of(backbone, val_dataset("train"))]
+    else:
+        cache_views = [features_of(backbone, train_epochs(view, 1)) for view in range(views)]
+    val = features_of(backbone, val_dataset("val"))
+    seconds = time.perf_counter() - started
+    if stored:
+        arrays = {"count": np.array(len(cache_views)), "val": val[0], "val_labels": val[1]}
+        for index, (features, labels) in enumerate(cache_views):
+            arrays[f"view{index}"], arrays[f"view{index}_labels"] = features, labels
+        files.replace_into(stored, lambda temporary: np.savez(temporary, **arrays))
+        files.write_json(key, stored.parent / "key.json")
+    return FeatureCache(cache_views, val, seed), seconds
