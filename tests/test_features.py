@@ -10,6 +10,8 @@ import tensorflow as tf
 from conftest import small_config
 
 from tfdogs import models
+from tfdogs.evaluation import metrics
+from tfdogs.runs import folder as run_folder
 from tfdogs.training import features, loop as training_loop, phases, resume
 
 SIZE = 32
@@ -70,12 +72,13 @@ def test_cache_epochs_are_keyed_by_seed_and_epoch_and_cycle_the_views():
     assert not np.array_equal(labels[0], labels[1])  # each epoch its own order (same view 0)
 
 
-@pytest.mark.parametrize("views", [1, 2])
-def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp_path, capsys, views):
+@pytest.mark.parametrize("views, precision", [(1, "float32"), (2, "auto")])
+def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp_path, capsys, views, precision):
+    """float32 reuses the cached validation features for the final scores; either way they are model.keras's."""
     checkpoint = tmp_path / "resnet18-random.weights.h5"
     models.build("resnet18", 1000, input_shape=(32, 32, 3)).save_weights(checkpoint)
     config = small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract", epochs=3,
-                          image_size=32, feature_views=views, output=str(tmp_path / "run"),
+                          image_size=32, feature_views=views, precision=precision, output=str(tmp_path / "run"),
                           export_dir=str(tmp_path / "export"))
     run_dir = training_loop.train(config)
     out = capsys.readouterr().out
@@ -84,11 +87,22 @@ def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp
     history = resume.read_history(run_dir / "history.csv")
     assert len(history) == 3 and history["loss"].iloc[-1] < history["loss"].iloc[0]
     # validation on cached features scores what the saved full model scores on the photos
-    best = history["val_accuracy"].idxmax()
+    best = summary["best_epoch"] - 1  # by the monitored score (log loss on this Kaggle layout)
     assert summary["val"]["accuracy"] == pytest.approx(history["val_accuracy"].iloc[best], abs=1e-6)
+    # (the final scores are the float32 model's; a bfloat16 run validated in bfloat16)
+    assert summary["val"]["log_loss"] == pytest.approx(history["val_log_loss"].iloc[best],
+                                                       abs=1e-5 if precision == "float32" else 3e-3)
     assert summary["parameters"]["trainable"] == 512 * 4 + 4  # only the head trained
     assert set(summary["seconds"]) >= {"start_up", "data", "features", "phases", "final_evaluation", "export",
                                        "total"}
     assert summary["seconds"]["features"] > 0
     assert not (run_dir / features.CACHE_FOLDER).exists()  # removed with the finished phase
+    # the final scores, taken from the cached validation features, are those of model.keras on the photos
+    run = run_folder.load_run(run_dir)
+    records, _, val_indices = run.split()
+    probabilities = run_folder.predict_paths(run.load_model(), [records.paths[i] for i in val_indices],
+                                             run.preprocessing)
+    served = metrics.scores(probabilities, records.labels[val_indices])
+    assert summary["val_calibrated"]["log_loss"] == pytest.approx(served["log_loss"], abs=1e-4)
+    assert summary["val_calibrated"]["accuracy"] == served["accuracy"]
     assert isinstance(pd.read_csv(run_dir / "history.csv"), pd.DataFrame)

@@ -57,13 +57,31 @@ def split_at_features(model):
     return backbone, keras.Model(head_input, x, name=f"{model.name}_head")
 
 
+def compiled(backbone):
+    """The backbone's inference as one graph (an eager call runs layer by layer), float32 out."""
+    return tf.function(lambda images: tf.cast(backbone(images, training=False), tf.float32), reduce_retracing=True)
+
+
 def features_of(backbone, dataset):
-    """float32 features and labels of every batch of an (images, labels) dataset, in its order."""
+    """float32 features and labels of every batch of an (images, labels) dataset, in its order.
+
+    Args:
+        backbone: the model up to its pooled features, or its `compiled` form.
+        dataset: batches of (images, labels).
+    """
+    forward = backbone if isinstance(backbone, tf.types.experimental.PolymorphicFunction) else compiled(backbone)
     features, labels = [], []
     for images, batch_labels in dataset:
-        features.append(tf.cast(backbone(images, training=False), tf.float32).numpy())
+        features.append(forward(images).numpy())
         labels.append(np.asarray(batch_labels, np.float32))
     return np.concatenate(features), np.concatenate(labels)
+
+
+def head_logits(model, features, batch_size=256):
+    """The model's logits from cached pooled features, through its own head layers (no backbone pass)."""
+    _, head = split_at_features(model)
+    return np.concatenate([np.asarray(head(features[start:start + batch_size], training=False), np.float32)
+                           for start in range(0, len(features), batch_size)])
 
 
 class FeatureCache:
@@ -127,6 +145,7 @@ def build_cache(backbone, train_epochs, val_dataset, views, seed, folder=None, k
             cache_views = [(saved[f"view{index}"], saved[f"view{index}_labels"]) for index in range(count)]
             return FeatureCache(cache_views, (saved["val"], saved["val_labels"]), seed), 0.0
     started = time.perf_counter()
+    backbone = compiled(backbone)
     if views == 1:
         cache_views = [features_of(backbone, val_dataset("train"))]
     else:

@@ -29,7 +29,7 @@ from tfdogs.training.callbacks import AtomicModelCheckpoint
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
 from tfdogs.training.optimizer import WarmupCosine, compile_model
 from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
-from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, split_at_features
+from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, head_logits, split_at_features
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
@@ -204,7 +204,7 @@ def train(config, extra_callbacks=()):
 
     started = time.time()
     finished = read_finished_phases(run_dir)
-    resumed = False
+    resumed, cached_val = False, None  # cached_val: (image size, features) of the validation photos
     for phase in plan_phases(config):
         done = run_dir / f"phase-{phase.name}.weights.h5"
         if phase_is_finished(finished.get(phase.name), phase) and (done.is_file() or done.name in chief_weights):
@@ -222,7 +222,7 @@ def train(config, extra_callbacks=()):
         model = model_at(size, model)
         train_epochs, val_dataset = pipelines_at(size)
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
-        fitted = model
+        fitted, cached_val = model, None
         if config["feature_views"] and phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model):
             backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
             cache, seconds = build_cache(
@@ -234,6 +234,7 @@ def train(config, extra_callbacks=()):
                   + "; the head trains on them, so augmentation is limited to "
                   + ("none (the evaluation crop)." if config["feature_views"] == 1 else "those views."))
             timer.lap("features")
+            cached_val = (size, cache.val[0])  # the final evaluation reuses them
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
@@ -295,10 +296,11 @@ def train(config, extra_callbacks=()):
         final_model.load_weights(best_weights)
     else:
         final_model.set_weights(model.get_weights())
-    val_dataset = pipelines_at(final_size)[1]
-
     val_labels = records.labels[val_indices]
-    logits = predict_logits(final_model, val_dataset)
+    if cached_val is not None and cached_val[0] == final_size and runtime["precision"] == "float32":
+        logits = head_logits(final_model, cached_val[1])  # the frozen backbone's features of these very photos
+    else:
+        logits = predict_logits(final_model, pipelines_at(final_size)[1])
     raw_table, raw_ece = metrics.reliability(metrics.softmax(logits), val_labels)
     _, best_epoch = best_so_far(history, monitor)
     summary = {
