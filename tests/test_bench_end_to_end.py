@@ -118,21 +118,28 @@ def tiny_breed_folders(directory, breeds=("beagle", "boxer"), per_breed=6):
     return directory
 
 
-def test_the_tfdogs_commands_of_both_jobs_train(tmp_path):
+def test_the_tfdogs_commands_of_every_job_train(tmp_path):
     data_dir = tiny_breed_folders(tmp_path / "photos")
     checkpoint = torchvision_resnet18_checkpoint(tmp_path / "resnet18-random.pth")
     pairs = bench_end_to_end.end_to_end_jobs(data_dir, tmp_path / "runs", "torch-python", checkpoint=checkpoint,
                                              scratch_epochs=1, feature_extract_epochs=1, batch_size=4, image_size=32)
-    assert [pair.name for pair in pairs] == ["resnet18-scratch", "resnet18-feature-extract"]
+    assert [pair.name for pair in pairs] == ["resnet18-scratch", "resnet18-feature-extract",
+                                             "resnet18-feature-extract-cached"]
+    def without_output(command):
+        return [part for part in command if "resnet18-feature-extract" not in part]
+
+    assert without_output(pairs[1].torch) == without_output(pairs[2].torch)  # the same PyTorch job
+    assert "--feature-views" in pairs[2].tfdogs and "--feature-views" not in pairs[1].tfdogs
     for pair in pairs:
         # Every repeat writes fresh folders, on both sides.
         assert bench_end_to_end.expand(pair.tfdogs, 0) != bench_end_to_end.expand(pair.tfdogs, 1)
         assert bench_end_to_end.expand(pair.torch, 0) != bench_end_to_end.expand(pair.torch, 1)
         assert pair.torch[:2] == ("torch-python", str(bench_end_to_end.TORCH_SCRIPT))
-        assert ("--weights" in pair.torch) == (pair.name == "resnet18-feature-extract")
+        assert ("--weights" in pair.torch) == pair.name.startswith("resnet18-feature-extract")
         command = bench_end_to_end.expand(pair.tfdogs, 0)
         done = subprocess.run(command, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(command)}\n{done.stderr[-3000:]}"
         run_dir = tmp_path / "runs" / f"tfdogs-{pair.name}-r0"
         assert (run_dir / "metrics.json").is_file() and (run_dir / "model.keras").is_file()
+        assert ("Cached backbone features" in done.stdout) == pair.name.endswith("-cached")
         assert (tmp_path / "runs" / f"tfdogs-{pair.name}-r0-export" / "1").is_dir()

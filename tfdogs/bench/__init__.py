@@ -17,17 +17,21 @@ windows after a warm-up) and peak resident memory of
                two PyTorch settings in inference mode;
 
 and prints one table with the ratios (tfdogs / PyTorch), also written as
-`<output>.csv` and `<output>.json`. Each measurement runs in a fresh process
-(so memory peaks and thread settings don't leak between rows); `--in-process`
-trades that for speed. The PyTorch side is `benchmarks/torch_bench.py`, run
-with `--torch-python` (default: this Python), so torch and torchvision may
-live in a virtual environment of their own; without them tfdogs is measured
-alone and the table says "PyTorch absent".
+`<output>.csv` and `<output>.json`. `--models` also takes ``keras_hub:PRESET``
+(a keras-hub preset name, handle or local preset folder, as `tfdogs.train`
+does), built from the preset's architecture with fresh weights; PyTorch has no
+counterpart for those, so their rows are tfdogs alone, without ratios. Each
+measurement runs in a fresh process (so memory peaks and thread settings don't
+leak between rows); `--in-process` trades that for speed. The PyTorch side is
+`benchmarks/torch_bench.py`, run with `--torch-python` (default: this Python),
+so torch and torchvision may live in a virtual environment of their own;
+without them tfdogs is measured alone and the table says "PyTorch absent".
 
 Examples:
     python -m tfdogs.bench --torch-python venv-bench/bin/python
     python -m tfdogs.bench --models resnet18 --parts train inference --repeats 3
     python -m tfdogs.bench --models lenet5 --image-size 32 --windows 2 --in-process   # seconds
+    python -m tfdogs.bench --models keras_hub:benchmarks/presets/efficientnet_b0_ra_imagenet --parts train inference
 """
 
 import argparse
@@ -41,13 +45,15 @@ import statistics
 import sys
 import tempfile
 
-from tfdogs.bench import measure
+from tfdogs import files, models
+from tfdogs.bench import end_to_end, measure
 from tfdogs.bench.pytorch import probe_torch, run_torch
 from tfdogs.bench.steps import (
     COLUMNS,
     PARTS,
     PHOTO_SIZE,
     TARGETS,
+    TORCH_MODELS,
     Setting,
     jpeg_files,
     run_isolated,
@@ -74,10 +80,31 @@ def plan(args, settings_for, workdir, paths, files_list):
         if part not in args.parts:
             continue
         for model in args.models:
-            job = dict(base, part=part, model=model, workdir=str(workdir))
-            jobs += [("torch", dict(job, setting=name)) for name in ("fp32", "tuned")]
+            job = dict(base, part=part, model=model, build=_buildable(model), workdir=str(workdir))
+            if model in TORCH_MODELS:
+                jobs += [("torch", dict(job, setting=name)) for name in ("fp32", "tuned")]
             jobs += [("tfdogs", dict(job, setting=dataclasses.asdict(setting))) for setting in settings_for(part)]
     return jobs
+
+
+def model_name(value):
+    """`--models` entries: one of `tfdogs.models.MODEL_NAMES` or ``keras_hub:PRESET``."""
+    if not models.is_known(value):
+        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(models.MODEL_NAMES)} "
+                                         "or keras_hub:PRESET (a keras-hub preset name, handle or local folder)")
+    return value
+
+
+def _buildable(model):
+    """The name to build: a local keras-hub preset folder made absolute, for measurements in another directory."""
+    if models.is_hub_name(model) and os.path.isdir(os.path.expanduser(models.preset_of(model))):
+        return models.hub.PREFIX + os.path.abspath(os.path.expanduser(models.preset_of(model)))
+    return model
+
+
+def _short(model):
+    """A model name fit for a table column: ``keras_hub:/a/b/efficientnet_b0`` -> ``keras_hub-efficientnet_b0``."""
+    return models.file_name(model) if model else ""
 
 
 def _setting_name(job):
@@ -94,7 +121,7 @@ def run_plan(jobs, *, repeats, isolate, torch_python):
             else:
                 result = run_isolated(job) if isolate else run_job(job)
             results.setdefault(index, []).append(result)
-            print(f"  {job['part']:<9} {job.get('model') or '':<8} {framework:<6} {_setting_name(job):<24} "
+            print(f"  {job['part']:<9} {_short(job.get('model')):<8} {framework:<6} {_setting_name(job):<24} "
                   f"{result['images_per_second']:9.1f} img/s", file=sys.stderr, flush=True)
     rows = []
     for index, (framework, job) in enumerate(jobs):
@@ -105,6 +132,7 @@ def run_plan(jobs, *, repeats, isolate, torch_python):
             "images_per_second": statistics.median(run["images_per_second"] for run in runs),
             "spread_percent": statistics.median(run["spread_percent"] for run in runs),
             "peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in runs),
+            "parameters": runs[0].get("parameters"),
             "runs": [run["images_per_second"] for run in runs],
         })
     return add_ratios(rows)
@@ -147,14 +175,18 @@ def _format(value, digits=1):
 
 def format_table(rows, torch_note):
     """The rows as an aligned text table, with the PyTorch note on top."""
-    header = ("part", "model", "framework", "setting", "img/s", "spread %", "peak MB",
+    header = ("part", "model", "framework", "setting", "img/s", "spread %", "peak MB", "params M",
               "x torch", "x tuned", "target", "met")
-    lines = [[row["part"], row["model"], row["framework"], row["setting"],
+    lines = [[row["part"], _short(row["model"]), row["framework"], row["setting"],
               _format(row["images_per_second"]), _format(row["spread_percent"], 0), _format(row["peak_rss_mb"], 0),
+              _format(row["parameters"] / 1e6 if row.get("parameters") else None, 2),
               _format(row["ratio_vs_torch"], 2), _format(row["ratio_vs_torch_tuned"], 2),
               _format(row["target"]), _format(row["target_met"])] for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     text = [torch_note, ""]
+    if any(models.is_hub_name(row["model"]) for row in rows):
+        text[1:1] = [("keras_hub rows: tfdogs alone (PyTorch has no counterpart), so no ratios; built from the "
+                      "preset's architecture with fresh weights.")]
     for line in [header, ["-" * width for width in widths]] + lines:
         text.append("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
     return "\n".join(text)
@@ -190,11 +222,28 @@ def environment_report():
             "cpu_bfloat16": cpu_has_native_bfloat16(), "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
 
 
+def whole_commands(args):
+    """`--end-to-end`: both training commands timed from the outside; prints and writes the table."""
+    if not args.data_dir:
+        sys.exit("error: --end-to-end needs --data-dir: the photos both training commands train on.")
+    versions, reason = probe_torch(args.torch_python)
+    if versions is None:
+        sys.exit(f"error: --end-to-end needs torch and torchvision in --torch-python ({reason}).")
+    rows = end_to_end.run_end_to_end(args.data_dir, args.torch_python, max(args.repeats, 1))
+    table = end_to_end.format_markdown(rows)
+    print(table)
+    output = pathlib.Path(f"{args.output}-end-to-end.json")
+    files.write_json({"environment": environment_report(), "torch": versions, "rows": rows,
+                      "load_average_after": os.getloadavg()}, output)
+    print(f"\nWritten: {output}")
+    return rows
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tfdogs.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet18", "resnet34"],
-                        choices=("lenet5", "resnet18", "resnet34"))
+    parser.add_argument("--models", nargs="+", default=list(TORCH_MODELS), type=model_name, metavar="MODEL",
+                        help="lenet5, resnet18, resnet34 or keras_hub:PRESET (tfdogs alone: no PyTorch counterpart)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -214,6 +263,10 @@ def parse_args(argv=None):
                         help="measure TensorFlow rows in this process (faster; memory peaks less clean, "
                         "settings' environment variables ignored)")
     parser.add_argument("--output", default="benchmark", help="writes OUTPUT.csv and OUTPUT.json")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="instead of the parts: whole training commands, python -m tfdogs.train against "
+                        "benchmarks/torch_train.py on --data-dir (required), timed as processes and alternated "
+                        "--repeats times (tfdogs.bench.end_to_end); writes OUTPUT-end-to-end.json")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one isolated measurement
     return parser.parse_args(argv)
 
@@ -224,6 +277,8 @@ def main(argv=None):
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return None
+    if args.end_to_end:
+        return whole_commands(args)
     import tensorflow as tf
 
     report = {"environment": environment_report(), "settings": {

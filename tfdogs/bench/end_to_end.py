@@ -80,7 +80,12 @@ def write_random_checkpoint(torch_python, path, seed=0):
 
 def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_python=sys.executable,
                     scratch_epochs=6, feature_extract_epochs=10, batch_size=32, image_size=224, seed=0):
-    """The command pairs of the two jobs: ResNet-18 from scratch, and feature extraction from a checkpoint.
+    """The command pairs of the jobs: ResNet-18 from scratch, and feature extraction from a checkpoint.
+
+    Feature extraction runs twice on the tfdogs side: every epoch through the
+    frozen backbone as the PyTorch script does, and on cached backbone features
+    (`--feature-views 1`, `tfdogs.training.features`), against the same
+    PyTorch command.
 
     Both sides get the same photos, split (seed, 20 % of each breed), batch,
     image size, epochs, optimizer (AdamW, rate 1e-3 with cosine decay, decay
@@ -102,21 +107,23 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
         batch_size, image_size, seed: as the flags of both commands.
 
     Returns:
-        A list of two `CommandPair`s, whose output folders hold `REPEAT`.
+        A list of three `CommandPair`s, whose output folders hold `REPEAT`.
     """
     workdir = pathlib.Path(workdir).resolve()  # absolute: the commands may run in another folder
     checkpoint = pathlib.Path(checkpoint).resolve() if checkpoint else workdir / "resnet18-random.pth"
     common = ["--data-dir", str(pathlib.Path(data_dir).resolve()), "--batch-size", str(batch_size),
               "--image-size", str(image_size), "--seed", str(seed)]
-    jobs = [("resnet18-scratch", "scratch", None, scratch_epochs),
-            ("resnet18-feature-extract", "feature-extract", checkpoint, feature_extract_epochs)]
+    jobs = [("resnet18-scratch", "scratch", None, scratch_epochs, ()),
+            ("resnet18-feature-extract", "feature-extract", checkpoint, feature_extract_epochs, ()),
+            ("resnet18-feature-extract-cached", "feature-extract", checkpoint, feature_extract_epochs,
+             ("--feature-views", "1"))]
     pairs = []
-    for name, strategy, start_from, epochs in jobs:
+    for name, strategy, start_from, epochs, extra in jobs:
         run_dir = workdir / f"tfdogs-{name}-r{REPEAT}"
         tfdogs = [str(tfdogs_python), "-m", "tfdogs.train", "--model", "resnet18", "--strategy", strategy,
                   "--weights", str(start_from or "none"), *common, "--epochs", str(epochs), "--optimizer", "adamw",
                   "--early-stopping-patience", "0", "--output", str(run_dir), "--export-dir", f"{run_dir}-export",
-                  "--verbose", "2"]
+                  "--verbose", "2", *extra]
         torch = [str(torch_python), str(TORCH_SCRIPT), "--strategy", strategy,
                  *(["--weights", str(start_from)] if start_from else []), *common, "--epochs", str(epochs),
                  "--crop-scale-min", "0.25", "--output", str(workdir / f"torch-{name}-r{REPEAT}")]

@@ -11,16 +11,19 @@ import sys
 
 import numpy as np
 
+from tfdogs import models
 from tfdogs.bench import measure
 from tfdogs.serving.fold import fold_batch_norms
 from tfdogs.training.optimizer import make_optimizer
 
 PARTS = ("pipeline", "train", "inference")
-REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]  # tfdogs/bench/steps.py -> the checkout
 TORCH_SCRIPT = REPOSITORY / "benchmarks" / "torch_bench.py"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The Kaggle photos' median size, for the generated stand-ins when no --data-dir is given.
 PHOTO_SIZE = (500, 375)
+# The models `benchmarks/torch_bench.py` builds in torchvision; keras_hub:PRESET models are measured in tfdogs alone.
+TORCH_MODELS = ("lenet5", "resnet18", "resnet34")
 
 # (part, model, image size) -> (PyTorch setting compared against, lowest ratio that meets the issue's target)
 TARGETS = {
@@ -30,7 +33,8 @@ TARGETS = {
 }
 
 COLUMNS = ("part", "model", "framework", "setting", "batch_size", "image_size", "images_per_second",
-           "spread_percent", "peak_rss_mb", "ratio_vs_torch", "ratio_vs_torch_tuned", "target", "target_met")
+           "spread_percent", "peak_rss_mb", "parameters", "ratio_vs_torch", "ratio_vs_torch_tuned", "target",
+           "target_met")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +152,12 @@ def measure_pipeline(paths, *, cache, image_size, batch_size, workers, crop_scal
 
 
 def _build(model_name, setting, *, image_size, num_classes):
-    import keras
+    """The model with fresh weights under the setting's dtype policy.
 
-    from tfdogs import models
+    A ``keras_hub:PRESET`` model is built from the preset's architecture alone
+    (its weights are not read: speed does not depend on their values).
+    """
+    import keras
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_dtype_policy(setting.precision)
@@ -183,7 +190,7 @@ def measure_training(model_name, setting, *, image_size, batch_size, num_classes
         model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
 
     result = measure.throughput(run_steps, batch_size, timing)
-    result["jit_compile"] = bool(model.jit_compile)
+    result.update(jit_compile=bool(model.jit_compile), parameters=model.count_params())
     return result
 
 
@@ -202,7 +209,8 @@ def measure_inference(model_name, setting, *, image_size, batch_size, num_classe
 
 
     model = fold_batch_norms(_build(model_name, setting, image_size=image_size, num_classes=num_classes))
-    export_dir = pathlib.Path(workdir) / f"savedmodel-{model_name}-{setting.name}".replace(" ", "-")
+    parameters = model.count_params()  # after folding: what the SavedModel serves
+    export_dir = pathlib.Path(workdir) / f"savedmodel-{models.file_name(model_name)}-{setting.name}".replace(" ", "-")
     model.export(str(export_dir), format="tf_saved_model", verbose=False)
     del model
     keras.backend.clear_session()
@@ -220,7 +228,7 @@ def measure_inference(model_name, setting, *, image_size, batch_size, num_classe
 
         result = measure.throughput(run_steps, batch_size, timing)
     tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": False})
-    result["peak_rss_mb"] = memory.peak_mb
+    result.update(peak_rss_mb=memory.peak_mb, parameters=parameters)
     return result
 
 
@@ -234,9 +242,10 @@ def run_job(job):
             result = measure_pipeline(job["paths"], cache=job["cache"], workers=job["workers"],
                                       crop_scale_min=job["crop_scale_min"], **common)
         elif job["part"] == "train":
-            result = measure_training(job["model"], setting, num_classes=job["num_classes"], **common)
+            result = measure_training(job.get("build", job["model"]), setting, num_classes=job["num_classes"],
+                                      **common)
         else:
-            result = measure_inference(job["model"], setting, num_classes=job["num_classes"],
+            result = measure_inference(job.get("build", job["model"]), setting, num_classes=job["num_classes"],
                                        workdir=job["workdir"], **common)
     result.setdefault("peak_rss_mb", memory.peak_mb)
     return result

@@ -196,7 +196,9 @@ def _layer_stages(backbone):
     weighted = [layer for layer in inner if layer.weights]
     if not weighted:
         raise PresetError(f"The keras-hub backbone {backbone.name!r} has no weights to train.")
-    probe = keras.Model(backbone.inputs[0], [layer.output for layer in inner])
+    # A layer with several outputs (DINOv2's encoder returns a list) is placed by its first.
+    probe = keras.Model(backbone.inputs[0], [layer.output[0] if isinstance(layer.output, (list, tuple))
+                                             else layer.output for layer in inner])
     height, width, channels = backbone.inputs[0].shape[1:]
     size = (height or PROBE_SIZE, width or PROBE_SIZE)
     specs = probe.compute_output_spec(keras.KerasTensor((1, *size, channels)))

@@ -60,7 +60,11 @@ def fold_batch_norms(model):
             return keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
         if layer.name in folded_norms:
             return PassThrough(name=layer.name, dtype=layer.dtype_policy)
-        return layer.__class__.from_config(layer.get_config())
+        try:
+            copy = layer.__class__.from_config(layer.get_config())
+        except (TypeError, ValueError):  # keras-hub layers that cannot be rebuilt from their own config (ViT's
+            return layer  # patch embedding) are shared with the original: nothing of theirs is folded
+        return copy if copy.name == layer.name else layer  # or that rename themselves (MobileNetV3's blocks)
 
     folded = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
@@ -71,6 +75,6 @@ def fold_batch_norms(model):
             scale = gamma / np.sqrt(variance + norm.epsilon)
             kernel = np.asarray(layer.get_weights()[0], np.float64) * scale  # scales each output channel
             target.set_weights([kernel.astype(np.float32), (beta - mean * scale).astype(np.float32)])
-        elif layer.name not in folded_norms and layer.weights:
+        elif layer.name not in folded_norms and layer.weights and target is not layer:
             target.set_weights(layer.get_weights())
     return folded
