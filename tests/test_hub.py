@@ -236,3 +236,78 @@ def test_stronger_timm_resnet_weights_bring_their_preprocessing(name, arch, inte
         weights.resolve_preprocessing("timm:resnet18.nonexistent", arch, 224)
     with pytest.raises(weights.WeightsError, match="No"):  # a checkpoint of the other depth
         weights.resolve_preprocessing(f"timm:{name}", "resnet18" if arch == "resnet34" else "resnet34", 224)
+
+
+@pytest.fixture(scope="module")
+def imagenet_classifier_preset(tmp_path_factory):
+    """A tiny random ImageClassifier preset with a 1000-class head: the zero-shot baseline applies."""
+    import keras_hub
+
+    keras.utils.set_random_seed(4)
+    converter = keras_hub.layers.ResNetImageConverter(
+        image_size=(SIZE, SIZE), scale=[1 / (255 * s) for s in IMAGENET_STD],
+        offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], interpolation="bilinear")
+    classifier = keras_hub.models.ResNetImageClassifier(
+        backbone=tiny_backbone(), num_classes=1000,
+        preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(image_converter=converter))
+    folder = tmp_path_factory.mktemp("imagenet_classifier") / "preset"
+    classifier.save_to_preset(str(folder))
+    return folder
+
+
+def test_a_1000_class_classifier_preset_gets_the_zero_shot_baseline_of_its_own_head(
+        tmp_path, presets, imagenet_classifier_preset):
+    from tfdogs.evaluation import metrics, zeroshot
+    from tfdogs.models import hub
+    from tfdogs.runs import folder as run_folder
+
+    assert hub.classifier_classes(imagenet_classifier_preset) == 1000
+    assert hub.classifier_classes(presets["backbone"]) is None  # a Backbone alone has no head
+    assert not weights.imagenet_head("preset", hub_name(presets, "classifier"))  # 7 classes: no ImageNet head
+    run_dir = training_loop.train(small_config(
+        model=f"keras_hub:{imagenet_classifier_preset}", weights="preset", image_size=SIZE, batch_size=8, epochs=1,
+        strategy="feature-extract", precision="float32", output=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "export")))
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    baseline = summary["baselines"]["imagenet_zero_shot"]
+    assert baseline == json.loads((run_dir / "zeroshot.json").read_text())
+    # The preset's own 1000 logits on the run's validation photos, restricted to the breeds:
+    run = run_folder.load_run(run_dir)
+    records, _, val_indices = run.split()
+    images = np.stack([data.preprocess_eval(tf.io.decode_image(tf.io.read_file(records.paths[i]), channels=3,
+                                                               expand_animations=False), **run.preprocessing.as_dict())
+                       for i in val_indices])
+    logits = hub.imagenet_classifier(imagenet_classifier_preset).predict(images, verbose=0)
+    expected = metrics.scores(zeroshot.breed_probabilities(logits, records.class_names), records.labels[val_indices])
+    assert baseline["num_images"] == len(val_indices)
+    assert {key: baseline[key] for key in expected} == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_keras_hub_run_and_a_lenet_run_ensemble_export_and_predict_as_one(tmp_path, presets, lenet_run, capsys):
+    """The ensemble of a keras-hub backbone and LeNet-5 (each with its own preprocessing) serves their weighted mean."""
+    from tfdogs import predict
+    from tfdogs.runs import ensemble as run_ensemble, folder as run_folder
+
+    hub_run = training_loop.train(small_config(
+        model=hub_name(presets, "classifier"), weights="preset", strategy="feature-extract", image_size=40,
+        batch_size=8, epochs=2, precision="float32", output=str(tmp_path / "hub"),
+        export_dir=str(tmp_path / "hub-export")))
+    folder = run_ensemble.ensemble([hub_run, lenet_run], tmp_path / "pair", member_weights=[3.0, 1.0],
+                                   export_dir=tmp_path / "saved_models")
+    summary = json.loads((folder / "ensemble.json").read_text())
+    assert [member["weight"] for member in summary["members"]] == [0.75, 0.25]
+    assert summary["split_note"] is None  # same data and seed: the same split
+    photos = sorted((lenet_run / "synthetic_data" / "train").glob("*.jpg"))[:4]
+    members = []
+    for run_dir in (hub_run, lenet_run):
+        run = run_folder.load_run(run_dir)
+        members.append(run_folder.predict_paths(run.load_model(), [str(path) for path in photos], run.preprocessing))
+    expected = 0.75 * members[0] + 0.25 * members[1]
+    capsys.readouterr()  # what training printed
+    assert predict.main([str(tmp_path / "saved_models"), *map(str, photos), "--json"]) == 0
+    served = json.loads(capsys.readouterr().out)
+    names = run_folder.load_run(hub_run).class_names
+    for answer, row in zip(served, expected):
+        top = answer["top5"][0]
+        assert top["breed"] == names[int(np.argmax(row))]
+        assert top["probability"] == pytest.approx(float(row.max()), abs=1e-5)

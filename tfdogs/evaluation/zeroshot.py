@@ -6,7 +6,8 @@ The command line: `tfdogs.zeroshot`.
 
 import tensorflow as tf
 
-from tfdogs import data, progress, weights
+from tfdogs import data, models, progress, weights
+from tfdogs.models import hub
 from tfdogs.data import breeds
 from tfdogs.evaluation import metrics
 
@@ -35,10 +36,10 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     """Scores the ImageNet classifier restricted to the data set's breeds.
 
     Args:
-        model_name: "resnet18" or "resnet34".
+        model_name: "resnet18", "resnet34" or "keras_hub:PRESET" (an ImageClassifier preset).
         records: the labelled photos (`data.Records`).
         indices: which of them to score.
-        weights_source: "imagenet", "timm" or a checkpoint path with a 1000-class head.
+        weights_source: "imagenet", "timm" or a checkpoint path with a 1000-class head ("preset" for keras-hub).
         preprocessing: the `Preprocessing` of those weights (a run's `RUN/preprocessing.json`,
             or `weights.resolve_preprocessing`); its `image_size` is the input size.
         batch_size: images per inference batch.
@@ -55,7 +56,10 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
         raise ValueError(f"The weights {weights_source!r} of {model_name} have no 1000-class ImageNet head, "
                          "which the zero-shot baseline needs; pass --weights imagenet, timm or such a checkpoint.")
     size = preprocessing.image_size
-    model = weights.pretrained_model(model_name, 1000, weights_source, input_shape=(size, size, 3))
+    if models.is_hub_name(model_name):  # the preset's own ImageNet head, not tfdogs' one
+        model = hub.imagenet_classifier(models.preset_of(model_name))
+    else:
+        model = weights.pretrained_model(model_name, 1000, weights_source, input_shape=(size, size, 3))
     dataset = data.make_dataset([records.paths[i] for i in indices], records.labels[indices],
                                 batch_size=batch_size, training=False, **preprocessing.as_dict())
     bar = progress.photos(len(indices), verbose)

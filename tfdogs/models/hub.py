@@ -170,6 +170,39 @@ def load_backbone(preset, *, load_weights=True, input_shape=None):
     return backbone
 
 
+def classifier_classes(preset):
+    """How many classes the preset's own ImageClassifier head has; None for a Backbone saved alone.
+
+    Raises:
+        PresetError: a preset that cannot be reached or read.
+    """
+    _keras_hub()
+    from keras_hub.src.utils.preset_utils import load_json
+
+    preset = str(preset)
+
+    def load():
+        try:
+            task = load_json(preset, "task.json")
+        except FileNotFoundError:  # no task.json: a backbone-only preset
+            return None
+        return task.get("config", {}).get("num_classes")
+
+    return _from_preset(preset, load)
+
+
+def imagenet_classifier(preset):
+    """The preset's ImageClassifier (its backbone and its own head) as a Keras model on normalised images.
+
+    Used for the zero-shot baseline of presets with a 1000-class ImageNet head;
+    tfdogs' models drop that head (`hub_model`).
+    """
+    keras_hub = _keras_hub()
+    preset = str(preset)
+    classifier = _from_preset(preset, lambda: keras_hub.models.ImageClassifier.from_preset(preset))
+    return keras.Model(classifier.inputs, classifier.outputs, name="keras_hub_classifier")
+
+
 def image_converter_config(preset):
     """The preset's ``ImageConverter`` settings (``get_config()``), or None for a preset without one.
 

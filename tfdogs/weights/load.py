@@ -2,8 +2,8 @@
 
 import pathlib
 
-from tfdogs import files
-from tfdogs.models import build, stage_of
+from tfdogs import files, models
+from tfdogs.models import build, hub, stage_of
 from tfdogs.weights.fetch import fetch
 from tfdogs.weights.port import checkpoint_num_classes, convert_state_dict, read_checkpoint
 from tfdogs.weights.registry import REGISTRY, SOURCES, WeightsError, registry_entry
@@ -106,12 +106,15 @@ def imagenet_head(weights, arch):
     """Whether `weights` hold a 1000-class ImageNet classifier, which the zero-shot baseline needs.
 
     Args:
-        weights: None, ``"imagenet"``, ``"timm"`` or a checkpoint path.
-        arch: a model name.
+        weights: None, ``"imagenet"``, ``"timm"``, a checkpoint path, or ``"preset"``.
+        arch: a model name, ``keras_hub:PRESET`` included.
 
     Returns:
-        True for registry weights and for checkpoints whose classifier has 1000 outputs.
+        True for registry weights, for checkpoints whose classifier has 1000 outputs, and
+        for keras-hub ImageClassifier presets with 1000 classes.
     """
+    if models.is_hub_name(arch):  # a keras-hub ImageClassifier preset brings its own head
+        return weights == models.HUB_WEIGHTS and hub.classifier_classes(models.preset_of(arch)) == 1000
     if weights is None or arch not in {key[0] for key in REGISTRY}:
         return False
     if weights in SOURCES:
