@@ -118,6 +118,7 @@ def tiny_breed_folders(directory, breeds=("beagle", "boxer"), per_breed=6):
     return directory
 
 
+@pytest.mark.slow
 def test_the_tfdogs_commands_of_every_job_train(tmp_path):
     data_dir = tiny_breed_folders(tmp_path / "photos")
     checkpoint = torchvision_resnet18_checkpoint(tmp_path / "resnet18-random.pth")

@@ -283,6 +283,7 @@ def test_a_1000_class_classifier_preset_gets_the_zero_shot_baseline_of_its_own_h
     assert {key: baseline[key] for key in expected} == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_keras_hub_run_and_a_lenet_run_ensemble_export_and_predict_as_one(tmp_path, presets, lenet_run, capsys):
     """The ensemble of a keras-hub backbone and LeNet-5 (each with its own preprocessing) serves their weighted mean."""
     from tfdogs import predict

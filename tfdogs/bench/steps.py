@@ -15,6 +15,7 @@ from tfdogs import models
 from tfdogs.bench import measure
 from tfdogs.serving.fold import fold_batch_norms
 from tfdogs.training.optimizer import make_optimizer
+from tfdogs.training.phases import Phase, configure_phase
 
 PARTS = ("pipeline", "train", "inference")
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]  # tfdogs/bench/steps.py -> the checkout
@@ -178,8 +179,8 @@ def measure_training(model_name, setting, *, image_size, batch_size, num_classes
     import keras
     import tensorflow as tf
 
-
     model = _build(model_name, setting, image_size=image_size, num_classes=num_classes)
+    configure_phase(model, Phase("all", 0, 1), freeze_bn=False)  # as tfdogs.train sets a phase up (fused BatchNorm)
     model.compile(optimizer=make_optimizer("adam", 1e-3, 0.9, {}),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],

@@ -4,6 +4,7 @@ import dataclasses
 import types
 
 import keras
+import tensorflow as tf
 
 from tfdogs import models
 
@@ -70,16 +71,48 @@ def _normalise_with_moving_statistics(layer, inputs, training=None, mask=None):
     return keras.layers.BatchNormalization.call(layer, inputs, training=False, mask=mask)
 
 
-def freeze_statistics(layer, frozen):
-    """Makes a BatchNormalization layer normalise with its moving statistics (or undoes it).
+def _fusable(layer):
+    return (layer.axis in (-1, 3, [-1], [3]) and layer.center and layer.scale and not layer.renorm
+            and keras.backend.backend() == "tensorflow")
 
-    What PyTorch's `bn.eval()` does during fine-tuning: the statistics stay
-    as they are, gamma and beta still train. Keras' `trainable = False` would
-    freeze gamma and beta too. The layer keeps its class, so its weights save
-    and load under the same names.
+
+def _fused_training_step(layer, inputs, training=None, mask=None):
+    """BatchNormalization's training branch as one `FusedBatchNormV3` op; everything else as Keras does it.
+
+    Keras computes the batch moments and the normalisation as separate float32
+    ops with casts around them (about a quarter of a bfloat16 ResNet-18 step
+    on CPU); the fused kernel takes the bfloat16 activations directly. The
+    moving statistics follow Keras' rule (momentum, biased variance).
+    """
+    if not (training and layer.trainable) or mask is not None or len(inputs.shape) != 4:
+        return keras.layers.BatchNormalization.call(layer, inputs, training=training, mask=mask)
+    outputs, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=tf.cast(layer.gamma, tf.float32), offset=tf.cast(layer.beta, tf.float32),
+        mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32), epsilon=layer.epsilon,
+        data_format="NHWC", is_training=True)
+    count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+    variance = unbiased * (count - 1.0) / tf.maximum(count, 1.0)  # the kernel returns N / (N - 1) times it
+    momentum = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * momentum + tf.cast(mean, layer.moving_mean.dtype) * (1 - momentum))
+    layer.moving_variance.assign(layer.moving_variance * momentum
+                                 + tf.cast(variance, layer.moving_variance.dtype) * (1 - momentum))
+    return outputs
+
+
+def freeze_statistics(layer, frozen):
+    """Makes a BatchNormalization layer normalise with its moving statistics, or with the batch's in one fused op.
+
+    Frozen is what PyTorch's `bn.eval()` does during fine-tuning: the
+    statistics stay as they are, gamma and beta still train. Keras'
+    `trainable = False` would freeze gamma and beta too. Not frozen, the
+    training step runs fused (`_fused_training_step`) where the layer allows
+    it. Either way the layer keeps its class, so its weights save and load
+    under the same names and inference is Keras' own.
     """
     if frozen:
         layer.call = types.MethodType(_normalise_with_moving_statistics, layer)
+    elif _fusable(layer):
+        layer.call = types.MethodType(_fused_training_step, layer)
     else:
         vars(layer).pop("call", None)
 
