@@ -148,3 +148,14 @@ def test_cache_size_must_be_a_sensible_side(dogs10_dir):
         pipeline(paths, cache="memory", cache_size=4)
     batch = next(iter(pipeline(paths, cache="memory", cache_size=40)))[0]
     assert batch.shape == (8, 32, 32, 3)
+
+
+def test_end_to_end_names_what_it_needs_before_any_work(monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="--end-to-end needs --data-dir"):
+        bench.main(["--end-to-end"])
+    monkeypatch.setattr(bench, "probe_torch", lambda torch_python: (None, "No module named 'torchvision'"))
+    ran = []
+    monkeypatch.setattr(bench.end_to_end, "run_end_to_end", lambda *args, **kwargs: ran.append(args))
+    with pytest.raises(SystemExit, match="needs torch and torchvision.*No module named 'torchvision'"):
+        bench.main(["--end-to-end", "--data-dir", "photos", "--torch-python", "python-without-torch"])
+    assert not ran

@@ -52,6 +52,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("model: lenet5\nweights: imagenet\n", "weights"),
     ("flip: 3\n", "flip"),
     ("model: resnet18\nweights: none\nstrategy: fine-tune\n", "strategy"),
+    ("model: resnet18\nweights: none\nstrategy: scratch\nfeature_views: 1\n", "feature_views"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"

@@ -46,6 +46,8 @@ Flags whose effect is shown in other files:
     --precision               test_xla.py::test_gpu_defaults_are_xla_and_mixed_float16,
                               ::test_cpu_defaults_are_no_xla_and_bfloat16_only_where_it_pays
     --distribute              test_distribute.py
+    --feature-views           test_features.py::test_head_on_cached_features_equals_the_head_trained_on_the_photos,
+                              ::test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head
 Every other flag of the table is shown here.
 """
 

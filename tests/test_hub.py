@@ -312,3 +312,25 @@ def test_a_keras_hub_run_and_a_lenet_run_ensemble_export_and_predict_as_one(tmp_
         top = answer["top5"][0]
         assert top["breed"] == names[int(np.argmax(row))]
         assert top["probability"] == pytest.approx(float(row.max()), abs=1e-5)
+
+
+def test_a_layer_with_several_outputs_is_placed_by_its_first():
+    """DINOv2's encoder returns a list: the stage probe takes its first output instead of failing."""
+    from tfdogs.models import hub
+
+    class TwoOutputs(keras.layers.Layer):
+        def build(self, input_shape):
+            self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+        def call(self, inputs):
+            return [inputs * self.scale, inputs]
+
+        def compute_output_spec(self, inputs):
+            return [keras.KerasTensor(inputs.shape), keras.KerasTensor(inputs.shape)]
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem_conv")(inputs)
+    first, _ = TwoOutputs(name="encoder")(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=2, padding="same", name="after")(first))
+    stages = hub._layer_stages(model)
+    assert set(stages) >= {"stem_conv", "encoder", "after"}

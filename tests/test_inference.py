@@ -58,3 +58,39 @@ def test_a_model_without_batch_norm_is_copied_unchanged():
     assert folded is not model
     for original, copy in zip(model.get_weights(), folded.get_weights()):
         np.testing.assert_array_equal(original, copy)
+
+
+class Unrebuildable(keras.layers.Layer):
+    """A layer whose config cannot rebuild it (as keras-hub's ViT patch embedding)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), initializer="glorot_uniform")
+
+    def call(self, inputs):
+        return keras.ops.matmul(inputs, self.kernel)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.units}  # not the constructor's argument
+
+
+def test_folding_shares_a_layer_it_cannot_rebuild_and_still_folds_the_rest():
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = Unrebuildable(5, name="custom")(x)
+    model = keras.Model(inputs, outputs)
+    norm = model.get_layer("bn")
+    norm.moving_mean.assign(np.random.default_rng(0).normal(0, 0.5, 4))
+    norm.moving_variance.assign(np.random.default_rng(1).uniform(0.5, 2.0, 4))
+    with pytest.raises(TypeError):
+        Unrebuildable.from_config(model.get_layer("custom").get_config())
+    folded = fold.fold_batch_norms(model)
+    assert folded.get_layer("custom") is model.get_layer("custom")  # shared, not rebuilt
+    assert isinstance(folded.get_layer("bn"), fold.PassThrough)
+    images = np.random.default_rng(2).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(folded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)

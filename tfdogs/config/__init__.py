@@ -193,6 +193,10 @@ def validate(config):
             f"Config key 'head_epochs' is {checked['head_epochs']}; with strategy fine-tune it must be "
             f"below 'epochs' ({checked['epochs']}) so the whole network trains too."
         )
+    if checked["feature_views"] and checked["strategy"] not in ("feature-extract", "fine-tune"):
+        raise ConfigError(
+            f"Config key 'feature_views' is {checked['feature_views']}, but strategy {checked['strategy']} never "
+            "freezes the backbone, so there are no features to cache; use feature-extract or fine-tune, or 0.")
     return checked
 
 

@@ -121,14 +121,14 @@ class FeatureCache:
         return tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size)
 
 
-def build_cache(backbone, train_epochs, val_dataset, views, seed, folder=None, key=None):
+def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None):
     """Runs the frozen backbone over the views and the validation photos once (or reads them back).
 
     Args:
         backbone: the model up to its pooled features.
         train_epochs: the run's training pipeline, `train_epochs(first_epoch, num_epochs)`.
-        val_dataset: the evaluation pipeline of the training photos when `views` is 1, then the
-            validation photos: a callable `val_dataset(which)` with which in ("train", "val").
+        evaluation_of: `evaluation_of(which)`, the evaluation crops of the training ("train") or
+            validation ("val") photos, in split order.
         views: N, see the module docstring.
         seed: the run's seed.
         folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
@@ -147,10 +147,10 @@ def build_cache(backbone, train_epochs, val_dataset, views, seed, folder=None, k
     started = time.perf_counter()
     backbone = compiled(backbone)
     if views == 1:
-        cache_views = [features_of(backbone, val_dataset("train"))]
+        cache_views = [features_of(backbone, evaluation_of("train"))]
     else:
         cache_views = [features_of(backbone, train_epochs(view, 1)) for view in range(views)]
-    val = features_of(backbone, val_dataset("val"))
+    val = features_of(backbone, evaluation_of("val"))
     seconds = time.perf_counter() - started
     if stored:
         arrays = {"count": np.array(len(cache_views)), "val": val[0], "val_labels": val[1]}

@@ -54,8 +54,8 @@ class Timer:
 
     def lap(self, part, phase=None):
         """Adds the seconds since the last lap to `part` (to `phases[phase]` when a phase is named)."""
-        now, elapsed = time.perf_counter(), time.perf_counter() - self._mark
-        self._mark = now
+        now = time.perf_counter()
+        elapsed, self._mark = now - self._mark, now
         if phase is None:
             self.seconds[part] = self.seconds.get(part, 0.0) + elapsed
         else:
