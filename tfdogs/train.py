@@ -78,16 +78,16 @@ def main(argv=None):
           f"top-5 {val['top5_accuracy']:.4f}, log loss {val['log_loss']:.4f} "
           f"(random guess {summary['baselines']['random_guess']['accuracy']:.4f}, most frequent breed "
           f"{summary['baselines']['most_frequent']['accuracy']:.4f})")
-    seconds = summary["seconds"]
-    parts = [f"{name.replace('_', ' ')} {value:.1f} s" if not isinstance(value, dict) else
-             "phases " + ", ".join(f"{phase} {phase_seconds:.1f} s" for phase, phase_seconds in value.items())
-             for name, value in seconds.items() if name != "total"]
-    print(f"Time: {'; '.join(parts)}; total {seconds['total']:.1f} s")
     calibrated = summary.get("val_calibrated")
     if calibrated:
         print(f"Calibrated (temperature {calibrated['temperature']:.3f}, fitted on the same validation split; "
               f"model.keras and the SavedModel serve it): log loss {calibrated['log_loss']:.4f}, "
               f"expected calibration error {val['ece']:.4f} -> {calibrated['ece']:.4f}")
+    seconds = summary["seconds"]
+    parts = [f"{name.replace('_', ' ')} {value:.1f} s" if not isinstance(value, dict) else
+             "phases " + ", ".join(f"{phase} {phase_seconds:.1f} s" for phase, phase_seconds in value.items())
+             for name, value in seconds.items() if name != "total"]
+    print(f"Time: {'; '.join(parts)}; total {seconds['total']:.1f} s")  # the last line
     return 0
 
 

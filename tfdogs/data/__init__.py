@@ -19,7 +19,7 @@ Typical use:
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 """
 
-from tfdogs.data.image import TTA_VIEWS, decode_image, eval_views, exif_orientation, preprocess_eval
+from tfdogs.data.image import TTA_VIEWS, decode_image, eval_views, exif_orientation, preprocess_eval, traced_as_written
 from tfdogs.data.layouts import (
                                  IMAGE_EXTENSIONS,
                                  LAYOUTS_HELP,
@@ -38,4 +38,5 @@ from tfdogs.data.synthetic import make_synthetic, synthetic_image
 __all__ = ["IMAGE_EXTENSIONS", "LAYOUTS_HELP", "TTA_VIEWS", "DataError", "Problem", "Records", "decode_image",
            "eval_views", "exif_orientation", "export_to_class_folders", "find_records", "images_in",
            "load_stanford_dogs", "make_dataset", "make_synthetic", "preprocess_eval", "random_crop_bytes",
-           "random_crop_image", "read_split", "scan_records", "stratified_split", "synthetic_image", "write_split"]
+           "random_crop_image", "read_split", "scan_records", "stratified_split", "synthetic_image", "traced_as_written",
+           "write_split"]

@@ -8,6 +8,18 @@ from tfdogs.data.layouts import DataError
 from tfdogs.data.preprocessing import resize_size
 
 
+def traced_as_written(function):
+    """`function` for tf.data or `tf.function` to trace as it is, without AutoGraph's rewrite of its source.
+
+    tfdogs' traced functions branch on Python values only (tensor branches are
+    `tf.cond`), so AutoGraph's conversion changes nothing in their graphs; it
+    cost about 0.6 s of each evaluation pipeline's construction and 0.4 s of
+    each training pipeline's on the CPUs these numbers come from (AMD EPYC,
+    2 cores), paid by every command before its first batch.
+    """
+    return tf.autograph.experimental.do_not_convert(function)
+
+
 def decode_image(image_bytes) -> tf.Tensor:
     """Decodes JPEG, PNG, GIF (first frame), BMP or WebP bytes to uint8 [h, w, 3], upright.
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tfdogs import files
-from tfdogs.data.image import decode_image, exif_orientation
+from tfdogs.data.image import decode_image, exif_orientation, traced_as_written
 
 # Larger images are shrunk on conversion to this many pixels on their longer side.
 MAX_SIDE = 4096
@@ -125,7 +125,7 @@ def tensorflow_shapes(paths, bar):
         return index, tf.shape(decode_image(image_bytes))[:2], exif_orientation(image_bytes)
 
     files = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
-    decoded = files.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    decoded = files.map(traced_as_written(decode), num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     found = {}
     for index, shape, orientation in decoded.as_numpy_iterator():
         found[int(index)] = (tuple(int(side) for side in shape), int(orientation))

@@ -17,6 +17,7 @@ from tfdogs.data.image import (
     normalize,
     preprocess_eval,
     rgb_constant,
+    traced_as_written,
 )
 from tfdogs.data.layouts import DataError
 
@@ -211,7 +212,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation,
                                    resize_rounding), label
 
-        dataset = _maybe_cache(files.map(load_eval, num_parallel_calls), cache, cache_settings)
+        dataset = _maybe_cache(files.map(traced_as_written(load_eval), num_parallel_calls), cache, cache_settings)
         return _labels_as(dataset.batch(batch_size), num_classes).prefetch(tf.data.AUTOTUNE)
 
     full_batches = len(paths) // batch_size
@@ -229,7 +230,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         def epoch_examples(epoch):
             order = tf.random.experimental.stateless_shuffle(tf.range(len(paths), dtype=tf.int64),
                                                              epoch_seed(epoch, 0))
-            return tf.data.Dataset.from_tensor_slices(order).map(lambda index: (epoch, index))
+            return tf.data.Dataset.from_tensor_slices(order).map(traced_as_written(lambda index: (epoch, index)))
 
         def load_train(epoch, index):
             path, label = tf.gather(path_of, index), tf.gather(label_of, index)
@@ -241,9 +242,9 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         # beyond the shuffle buffer below.
         order = tf.random.experimental.stateless_shuffle(tf.range(len(paths), dtype=tf.int64), base_seed)
         shorter_side = cache_size or round(image_size / crop_fraction * _TRAIN_CACHE_MARGIN)
-        decoded = tf.data.Dataset.from_tensor_slices(order).map(
+        decoded = tf.data.Dataset.from_tensor_slices(order).map(traced_as_written(
             lambda index: (index, _shrink_for_cache(decode_image(tf.io.read_file(tf.gather(path_of, index))),
-                                                    shorter_side)),
+                                                    shorter_side))),
             num_parallel_calls)
         cached = _maybe_cache(decoded, cache, cache_settings)
 
@@ -251,8 +252,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             # A Python seed per epoch (Dataset.shuffle refuses a tensor seed when TF's global seed is 0), so the
             # order also depends on that global seed, which training sets from `seed` too.
             shuffle_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-            return cached.shuffle(shuffle_buffer, seed=shuffle_seed).map(
-                lambda index, image: (tf.constant(epoch, tf.int64), index, image))
+            return cached.shuffle(shuffle_buffer, seed=shuffle_seed).map(traced_as_written(
+                lambda index, image: (tf.constant(epoch, tf.int64), index, image)))
 
         def load_train(epoch, index, image):
             label = tf.gather(label_of, index)
@@ -279,7 +280,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     # Each epoch gives exactly steps * batch_size images, so batches never straddle two epochs.
     if cache is None:
         epochs = tf.data.Dataset.range(first_epoch, first_epoch + num_epochs)
-        examples = epochs.flat_map(lambda epoch: epoch_examples(epoch).take(steps * batch_size))
+        examples = epochs.flat_map(traced_as_written(lambda epoch: epoch_examples(epoch).take(steps * batch_size)))
     else:
         examples = functools.reduce(tf.data.Dataset.concatenate, [
             epoch_examples(epoch).take(steps * batch_size) for epoch in range(first_epoch, first_epoch + num_epochs)])
@@ -291,10 +292,10 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         part_size = batch_size // part_count
         part_start = part_index * part_size
         # Chosen by position before any image is read: each worker decodes only its own images.
-        examples = examples.enumerate().filter(
-            lambda position, example: (position % batch_size) // part_size == part_index).map(
-            lambda position, example: example)
-    dataset = examples.map(load_and_finish, num_parallel_calls).batch(part_size, drop_remainder=True)
+        examples = examples.enumerate().filter(traced_as_written(
+            lambda position, example: (position % batch_size) // part_size == part_index)).map(
+            traced_as_written(lambda position, example: example))
+    dataset = examples.map(traced_as_written(load_and_finish), num_parallel_calls).batch(part_size, drop_remainder=True)
     dataset = _labels_as(dataset, num_classes)
     whole = None if part is None else (part_start, batch_size)
     if augmentation is not None:
@@ -311,7 +312,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                 images = augment.augment_batch(augmentation, images, seed, part=whole)
             return normalize(images, mean, std), batch_labels
 
-        dataset = dataset.enumerate().map(augment_and_normalise, num_parallel_calls)
+        dataset = dataset.enumerate().map(traced_as_written(augment_and_normalise), num_parallel_calls)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -319,7 +320,7 @@ def _labels_as(dataset, num_classes):
     """Batches with class indices, or with one-hot float32 rows when num_classes is given."""
     if not num_classes:
         return dataset
-    return dataset.map(lambda images, labels: (images, tf.one_hot(labels, num_classes, dtype=tf.float32)))
+    return dataset.map(traced_as_written(lambda images, labels: (images, tf.one_hot(labels, num_classes, dtype=tf.float32))))
 
 
 def _maybe_cache(dataset, cache, settings):

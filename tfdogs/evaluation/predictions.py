@@ -5,10 +5,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdogs.data.image import traced_as_written
+
 
 def predict_logits(model, dataset, callbacks=()):
     """Logits (float32 numpy) of a classifier over a dataset of (images, labels); `callbacks` see each batch."""
-    return np.asarray(model.predict(dataset.map(lambda images, labels: images), verbose=0,
+    return np.asarray(model.predict(dataset.map(traced_as_written(lambda images, labels: images)), verbose=0,
                                     callbacks=list(callbacks)), np.float32)
 
 

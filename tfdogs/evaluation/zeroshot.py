@@ -63,7 +63,7 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     dataset = data.make_dataset([records.paths[i] for i in indices], records.labels[indices],
                                 batch_size=batch_size, training=False, **preprocessing.as_dict())
     bar = progress.photos(len(indices), verbose)
-    logits = model.predict(dataset.map(lambda images, labels: images), verbose=0,
+    logits = model.predict(dataset.map(data.traced_as_written(lambda images, labels: images)), verbose=0,
                            callbacks=[progress.PredictCallback(bar, len(indices), batch_size)])
     probabilities = breed_probabilities(logits, records.class_names)
     return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),

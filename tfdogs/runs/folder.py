@@ -194,7 +194,8 @@ def predict_paths(model, paths, preprocessing, *, batch_size=32, tta=1, verbose=
     if views == 1:
         return predict_probabilities(model, dataset, shown)
     size = preprocessing.image_size
-    views_as_images = dataset.map(lambda images, labels: (tf.reshape(images, [-1, size, size, 3]), labels))
+    views_as_images = dataset.map(data.traced_as_written(
+        lambda images, labels: (tf.reshape(images, [-1, size, size, 3]), labels)))
     probabilities = predict_probabilities(model, views_as_images, shown)
     return probabilities.reshape(len(paths), views, -1).mean(axis=1)
 

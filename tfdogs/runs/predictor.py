@@ -44,7 +44,7 @@ def _in_process(runs, member_weights, description, views):
     models = [run.load_model() for run in runs]
     module = serving_module(models, runs[0].class_names, [run.preprocessing for run in runs],
                                    model_weights=member_weights, views=views)
-    function = tf.function(module.from_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
+    function = tf.function(module.from_bytes, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     return Predictor(function, runs[0].class_names, description, views)
 
 

@@ -204,9 +204,9 @@ def _serving_archive(module):
     archive = keras.export.ExportArchive()
     for model in module.models:
         archive.track(model)
-    archive.add_endpoint("serving_default", module.from_bytes,
+    archive.add_endpoint("serving_default", data.traced_as_written(module.from_bytes),
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint("serving_images", module.from_images,
+    archive.add_endpoint("serving_images", data.traced_as_written(module.from_images),
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
     return archive
 

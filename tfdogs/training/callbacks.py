@@ -177,6 +177,57 @@ class SyncFromChief(keras.callbacks.Callback):
         broadcast_from_chief(self.strategy, [*self.model.weights, *self.model.optimizer.variables])
 
 
+class BestValidationLogits(keras.callbacks.Callback):
+    """The logits of the best epoch's validation pass, so that the final evaluation need not run again.
+
+    The model's `compute_metrics` (Keras' hook, replaced on this model only)
+    hands each validation batch's logits to Python as the pass computes them;
+    nothing is computed twice. An epoch whose `monitor` value beats every
+    earlier one (the best checkpoint's rule: strictly better, `best` carried
+    over from a resumed run's history) keeps its pass: `epoch` (0-based) and
+    `logits` (float32, in the validation dataset's order), else None. One
+    replica only: under a distribution strategy the batches' order across
+    replicas is not the dataset's.
+
+    Args:
+        model: the model `fit` trains and validates.
+        monitor: the metric the best checkpoint follows.
+        best: the best value of earlier epochs (a resumed run), or None.
+    """
+
+    def __init__(self, model, monitor, best=None):
+        super().__init__()
+        self.monitor, self.mode = monitor, MONITOR_MODES[monitor]
+        self.best, self.epoch, self.logits = best, None, None
+        self._batches, self._in_test_step = [], False
+        test_step, compute_metrics = model.test_step, model.compute_metrics
+
+        def recording_test_step(data):
+            self._in_test_step = True  # while Keras traces the validation step
+            try:
+                return test_step(data)
+            finally:
+                self._in_test_step = False
+
+        def recording_compute_metrics(x, y, y_pred, sample_weight=None):
+            if self._in_test_step:
+                tf.py_function(lambda logits: self._batches.append(np.asarray(logits, np.float32)), [y_pred], [])
+            return compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+        model.test_step, model.compute_metrics = recording_test_step, recording_compute_metrics
+
+    def on_test_begin(self, logs=None):
+        self._batches = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not self._batches:
+            return
+        better = np.greater if self.mode == "max" else np.less
+        if self.best is None or better(value, self.best):
+            self.best, self.epoch, self.logits = value, epoch, np.concatenate(self._batches)
+
+
 def fit_under_multi_worker(model):
     """Works around two Keras 3.15 bugs that stop `fit` under MultiWorkerMirroredStrategy.
 

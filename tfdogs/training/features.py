@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdogs import files
+from tfdogs.data.image import traced_as_written
 
 FEATURE_LAYER = "avgpool"
 CACHE_FOLDER = "feature_cache"
@@ -59,7 +60,8 @@ def split_at_features(model):
 
 def compiled(backbone):
     """The backbone's inference as one graph (an eager call runs layer by layer), float32 out."""
-    return tf.function(lambda images: tf.cast(backbone(images, training=False), tf.float32), reduce_retracing=True)
+    return tf.function(lambda images: tf.cast(backbone(images, training=False), tf.float32), reduce_retracing=True,
+                       autograph=False)
 
 
 def features_of(backbone, dataset):
@@ -112,16 +114,16 @@ class FeatureCache:
             view = tf.fill([taken], tf.cast(epoch % count_views, tf.int32))
             return tf.data.Dataset.from_tensor_slices(tf.stack([view, order], axis=1))
 
-        return (tf.data.Dataset.range(first_epoch, first_epoch + num_epochs).flat_map(epoch_rows)
+        return (tf.data.Dataset.range(first_epoch, first_epoch + num_epochs).flat_map(traced_as_written(epoch_rows))
                 .batch(batch_size, drop_remainder=True)
-                .map(lambda pairs: (tf.gather_nd(self.features, pairs), tf.gather_nd(self.labels, pairs)))
+                .map(traced_as_written(lambda pairs: (tf.gather_nd(self.features, pairs), tf.gather_nd(self.labels, pairs))))
                 .prefetch(tf.data.AUTOTUNE))
 
     def val_dataset(self, batch_size):
         return tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size)
 
 
-def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None):
+def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None, val_backbone=None):
     """Runs the frozen backbone over the views and the validation photos once (or reads them back).
 
     Args:
@@ -134,6 +136,8 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
         folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
         key: what the features depend on (model weights' source, image size, views); a cache
             written under another key is recomputed.
+        val_backbone: the backbone that computes the validation features, default `backbone`:
+            a float32 copy of a mixed-precision one gives the final model's own features.
 
     Returns:
         (FeatureCache, seconds spent computing, or 0.0 when read back).
@@ -145,12 +149,12 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
             cache_views = [(saved[f"view{index}"], saved[f"view{index}_labels"]) for index in range(count)]
             return FeatureCache(cache_views, (saved["val"], saved["val_labels"]), seed), 0.0
     started = time.perf_counter()
-    backbone = compiled(backbone)
+    forward = compiled(backbone)
     if views == 1:
-        cache_views = [features_of(backbone, evaluation_of("train"))]
+        cache_views = [features_of(forward, evaluation_of("train"))]
     else:
-        cache_views = [features_of(backbone, train_epochs(view, 1)) for view in range(views)]
-    val = features_of(backbone, evaluation_of("val"))
+        cache_views = [features_of(forward, train_epochs(view, 1)) for view in range(views)]
+    val = features_of(forward if val_backbone in (None, backbone) else val_backbone, evaluation_of("val"))
     seconds = time.perf_counter() - started
     if stored:
         arrays = {"count": np.array(len(cache_views)), "val": val[0], "val_labels": val[1]}

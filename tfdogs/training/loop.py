@@ -1,6 +1,7 @@
 """One experiment end to end: phases trained, the best model calibrated, saved, scored and exported."""
 
 import atexit
+import functools
 import os
 import pathlib
 import shutil
@@ -15,7 +16,13 @@ from tfdogs.evaluation import metrics, plots
 from tfdogs.evaluation.predictions import predict_logits, with_temperature
 from tfdogs.evaluation.zeroshot import breed_columns, evaluate_zero_shot
 from tfdogs.serving.saved_model import export_saved_model
-from tfdogs.training.callbacks import SyncFromChief, fit_under_multi_worker, make_callbacks, resolve_monitor
+from tfdogs.training.callbacks import (
+    BestValidationLogits,
+    SyncFromChief,
+    fit_under_multi_worker,
+    make_callbacks,
+    resolve_monitor,
+)
 from tfdogs.training.cluster import (
     PEER_ERRORS,
     Cluster,
@@ -160,6 +167,7 @@ def train(config, extra_callbacks=()):
     num_classes = len(records.class_names)
     final_size = config["finetune_image_size"] or config["image_size"]  # what the export takes
 
+    @functools.cache  # resolved (and any guess about the checkpoint said) once per size
     def preprocessing_at(size):
         return weights.resolve_preprocessing(config["weights"], config["model"], size, config["weights_preprocessing"])
 
@@ -170,19 +178,20 @@ def train(config, extra_callbacks=()):
         steps = min(steps, config["steps_per_epoch"])
     pipelines = {}  # image size -> (train_epochs, val_dataset)
 
-    def evaluation_at(size, which):
-        """The evaluation crops of the training ("train") or validation ("val") photos, in split order."""
-        global_config = {**config, "batch_size": runtime["global_batch_size"], "image_size": size}
-        return evaluation_dataset(global_config, records, train_indices if which == "train" else val_indices,
-                                  preprocessing_at(size))
-
     def pipelines_at(size):
+        """(train_epochs, val_dataset) at an image size, built once; the validation photos unsharded."""
         if size not in pipelines:
             global_config = {**config, "batch_size": runtime["global_batch_size"], "image_size": size}
-            train_epochs, val_dataset = build_datasets(global_config, records, train_indices, val_indices,
-                                                       preprocessing_at(size), steps_per_epoch=steps)
-            pipelines[size] = train_epochs, shard_by_data(val_dataset)
+            pipelines[size] = build_datasets(global_config, records, train_indices, val_indices,
+                                             preprocessing_at(size), steps_per_epoch=steps)
         return pipelines[size]
+
+    def evaluation_at(size, which):
+        """The evaluation crops of the training ("train") or validation ("val") photos, in split order."""
+        if which == "val":
+            return pipelines_at(size)[1]
+        global_config = {**config, "batch_size": runtime["global_batch_size"], "image_size": size}
+        return evaluation_dataset(global_config, records, train_indices, preprocessing_at(size))
 
     def model_at(size, current):
         """The network at another input size, with the current weights (a ResNet's do not depend on it)."""
@@ -204,7 +213,9 @@ def train(config, extra_callbacks=()):
 
     started = time.time()
     finished = read_finished_phases(run_dir)
-    resumed, cached_val = False, None  # cached_val: (image size, features) of the validation photos
+    resumed, cached_val = False, None  # cached_val: float32 features of the validation photos at final_size
+    final_model = None  # float32, all trainable, no optimizer, at the size it is exported at
+    best_passes = {}  # 0-based epoch -> the logits of its validation pass, at final_size, when it was the best
     for phase in plan_phases(config):
         done = run_dir / f"phase-{phase.name}.weights.h5"
         if phase_is_finished(finished.get(phase.name), phase) and (done.is_file() or done.name in chief_weights):
@@ -221,20 +232,27 @@ def train(config, extra_callbacks=()):
         size = phase.image_size or config["image_size"]
         model = model_at(size, model)
         train_epochs, val_dataset = pipelines_at(size)
+        val_dataset = shard_by_data(val_dataset)
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
-        fitted, cached_val = model, None
+        fitted, cached_val, recorder = model, None, None
         if config["feature_views"] and phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model):
             backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
+            val_backbone = backbone
+            if size == final_size:  # the validation features in float32 serve the final evaluation too
+                final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
+                final_model.set_weights(model.get_weights())
+                val_backbone = split_at_features(final_model)[0]
             cache, seconds = build_cache(
                 backbone, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
-                config["seed"], folder=run_dir / CACHE_FOLDER,
-                key={"phase": phase.name, "image_size": size, "views": config["feature_views"]})
+                config["seed"], folder=run_dir / CACHE_FOLDER, val_backbone=val_backbone,
+                key={"phase": phase.name, "image_size": size, "views": config["feature_views"],
+                     "val_precision": "float32" if size == final_size else runtime["precision"]})
             print(f"Cached backbone features: {config['feature_views']} view(s) of each training photo "
                   + (f"computed in {seconds:.1f} s" if seconds else f"read back from {run_dir / CACHE_FOLDER}")
                   + "; the head trains on them, so augmentation is limited to "
                   + ("none (the evaluation crop)." if config["feature_views"] == 1 else "those views."))
             timer.lap("features")
-            cached_val = (size, cache.val[0])  # the final evaluation reuses them
+            cached_val = cache.val[0] if size == final_size else None  # the final evaluation reuses them
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
@@ -251,6 +269,9 @@ def train(config, extra_callbacks=()):
                     callback.saved_model = model  # best.weights.h5 holds the whole model
         elif task is None:
             train_dataset = shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
+            if runtime["replicas"] == 1 and not runtime["jit_compile"] and size == final_size:
+                recorder = BestValidationLogits(fitted, monitor, best_so_far(history, monitor)[0])
+                callbacks.append(recorder)
         else:  # each worker reads its own slice of every global batch
             train_dataset = per_worker_dataset(
                 strategy, lambda part: train_epochs(first_epoch, phase.end_epoch - first_epoch, part))
@@ -275,6 +296,8 @@ def train(config, extra_callbacks=()):
                 f"Training loss became non-finite at epoch {epoch + 1}, batch {batch}; stopped. "
                 f"The best weights so far are kept in {kept if kept.is_file() else '(none yet)'}. "
                 "Lower --learning-rate or check the data.")
+        if recorder is not None and recorder.epoch is not None:
+            best_passes[recorder.epoch] = recorder.logits
         files.save_weights(model, done)
         last_epoch = max(fit.epoch, default=first_epoch - 1) + 1
         finished[phase.name] = {"end_epoch": phase.end_epoch, "epochs_run": last_epoch}
@@ -289,26 +312,31 @@ def train(config, extra_callbacks=()):
 
     history = read_history(run_dir / "history.csv")
     files.replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
-    # float32, all trainable, no optimizer, at the size it is exported at: the best epoch's weights
-    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
+    if final_model is None:  # the best epoch's weights follow
+        final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         final_model.load_weights(best_weights)
     else:
         final_model.set_weights(model.get_weights())
     val_labels = records.labels[val_indices]
-    if cached_val is not None and cached_val[0] == final_size and runtime["precision"] == "float32":
-        logits = head_logits(final_model, cached_val[1])  # the frozen backbone's features of these very photos
-    else:
-        logits = predict_logits(final_model, pipelines_at(final_size)[1])
-    raw_table, raw_ece = metrics.reliability(metrics.softmax(logits), val_labels)
     _, best_epoch = best_so_far(history, monitor)
+    if cached_val is not None:  # the frozen backbone's float32 features of these very photos
+        logits, scored_by = head_logits(final_model, cached_val), "float32 head on the cached float32 features"
+    elif best_epoch in best_passes:  # the best checkpoint's own validation pass
+        logits, scored_by = best_passes[best_epoch], f"the best epoch's validation pass ({runtime['precision']})"
+    else:
+        logits = predict_logits(final_model, shard_by_data(pipelines_at(final_size)[1]))
+        scored_by = "the float32 model.keras"
+
+    raw_table, raw_ece = metrics.reliability(metrics.softmax(logits), val_labels)
     summary = {
         "model": config["model"], "weights": config["weights"], "strategy": config["strategy"],
         "num_classes": num_classes, "num_train": int(len(train_indices)), "num_val": int(len(val_indices)),
         "epochs_run": int(len(history)), "monitor": monitor,
         "best_epoch": None if best_epoch is None else best_epoch + 1,
         "val": {**metrics.scores(metrics.softmax(logits), val_labels), "ece": raw_ece},
+        "val_scored_by": scored_by,
         "peak_val_accuracy": float(history["val_accuracy"].max()),
         "final_val_accuracy": float(history["val_accuracy"].iloc[-1]),
         "baselines": metrics.baselines(records.labels[train_indices], val_labels, num_classes, records.class_names),

@@ -1,0 +1,94 @@
+"""What a run does after its last epoch and before its first: no pass computed twice, no step traced twice."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import small_config
+
+from tfdogs.evaluation import metrics
+from tfdogs.runs import folder as run_folder
+from tfdogs.training import loop as training_loop, resume
+from tfdogs.training.callbacks import BestValidationLogits
+from tfdogs.training.optimizer import compile_model
+
+
+def separable(count, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, count)
+    inputs = rng.standard_normal((count, 6)).astype(np.float32) * 0.3
+    inputs[np.arange(count), labels] += 2.0
+    return inputs, np.eye(3, dtype=np.float32)[labels]
+
+
+def small_classifier():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
+
+
+def test_the_recorded_logits_are_the_best_checkpoints_own_validation_pass(tmp_path):
+    """In dataset order across batches, of the best epoch (not the last), and a resumed run's best carries over."""
+    train, val = separable(96, 0), separable(40, 1)
+    model = small_classifier()
+    compile_model(model, small_config(optimizer="adam", label_smoothing=0.0), 0.05, {}, jit_compile=False)
+    recorder = BestValidationLogits(model, "val_accuracy")
+    checkpoint = keras.callbacks.ModelCheckpoint(tmp_path / "best.weights.h5", monitor="val_accuracy", mode="max",
+                                                 save_best_only=True, save_weights_only=True)
+    history = model.fit(*train, batch_size=16, epochs=8, validation_data=tf.data.Dataset.from_tensor_slices(
+        val).batch(16), callbacks=[recorder, checkpoint], verbose=0, shuffle=False).history
+    best_epoch = int(np.argmax(history["val_accuracy"]))  # the first of equal bests, as the checkpoint keeps
+    assert recorder.epoch == best_epoch < 7  # separable: the accuracy tops out early, later epochs only tie
+    assert recorder.logits.shape == (40, 3)
+    last = model.predict(val[0], verbose=0)
+    model.load_weights(tmp_path / "best.weights.h5")
+    best = model.predict(val[0], verbose=0)
+    np.testing.assert_allclose(recorder.logits, best, atol=1e-5)
+    assert np.abs(last - best).max() > 1e-2  # the last epoch's logits would have been caught
+    assert metrics.scores(metrics.softmax(recorder.logits), val[1].argmax(1))["accuracy"] == pytest.approx(
+        history["val_accuracy"][best_epoch])
+
+    model = small_classifier()
+    compile_model(model, small_config(optimizer="adam", label_smoothing=0.0), 0.05, {}, jit_compile=False)
+    carried = BestValidationLogits(model, "val_accuracy", best=1.0)  # an earlier epoch was already perfect
+    model.fit(*train, batch_size=16, epochs=2, validation_data=val, callbacks=[carried], verbose=0)
+    assert carried.epoch is None and carried.logits is None
+
+
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_a_run_scores_its_best_epoch_from_that_epochs_validation_pass(tmp_path, precision):
+    """metrics.json's scores are the best history row's; in float32 they are model.keras's on the photos too."""
+    config = small_config(epochs=4, precision=precision, monitor="val_log_loss", output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"))
+    run_dir = training_loop.train(config)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    history = resume.read_history(run_dir / "history.csv")
+    best = summary["best_epoch"] - 1
+    assert summary["val_scored_by"].startswith("the best epoch's validation pass")
+    assert summary["val"]["log_loss"] == pytest.approx(history["val_log_loss"].iloc[best], abs=1e-6)
+    assert summary["val"]["accuracy"] == pytest.approx(history["val_accuracy"].iloc[best], abs=1e-9)
+    run = run_folder.load_run(run_dir)
+    records, _, val_indices = run.split()
+    served = metrics.scores(run_folder.predict_paths(run.load_model(), [records.paths[i] for i in val_indices],
+                                                     run.preprocessing), records.labels[val_indices])
+    # model.keras serves float32 with the fitted temperature: as the recorded pass in float32, to bfloat16's
+    # rounding after a mixed-precision run
+    tolerance = 1e-5 if precision == "float32" else 2e-2
+    assert served["log_loss"] == pytest.approx(summary["val_calibrated"]["log_loss"], abs=tolerance)
+
+
+def test_the_training_step_is_traced_once():
+    """The optimizer's variables exist before the first step, so TensorFlow traces that step once, not twice."""
+    model = small_classifier()
+    compile_model(model, small_config(optimizer="adamw", label_smoothing=0.0), 1e-3, {}, jit_compile=False)
+    traces = []
+    step = model.train_step
+
+    def counted(data):
+        traces.append(1)
+        return step(data)
+
+    model.train_step = counted
+    model.fit(*separable(32, 0), batch_size=16, epochs=2, verbose=0)
+    assert len(traces) == 1
