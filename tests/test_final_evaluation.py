@@ -1,6 +1,9 @@
 """What a run does after its last epoch and before its first: no pass computed twice, no step traced twice."""
 
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -56,7 +59,7 @@ def test_the_recorded_logits_are_the_best_checkpoints_own_validation_pass(tmp_pa
     assert carried.epoch is None and carried.logits is None
 
 
-@pytest.mark.parametrize("precision", ["float32", "auto"])
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_a_run_scores_its_best_epoch_from_that_epochs_validation_pass(tmp_path, precision):
     """metrics.json's scores are the best history row's; in float32 they are model.keras's on the photos too."""
     config = small_config(epochs=4, precision=precision, monitor="val_log_loss", output=str(tmp_path / "run"),
@@ -65,7 +68,7 @@ def test_a_run_scores_its_best_epoch_from_that_epochs_validation_pass(tmp_path, 
     summary = json.loads((run_dir / "metrics.json").read_text())
     history = resume.read_history(run_dir / "history.csv")
     best = summary["best_epoch"] - 1
-    assert summary["val_scored_by"].startswith("the best epoch's validation pass")
+    assert summary["val_scored_by"] == f"the best epoch's validation pass ({precision})"
     assert summary["val"]["log_loss"] == pytest.approx(history["val_log_loss"].iloc[best], abs=1e-6)
     assert summary["val"]["accuracy"] == pytest.approx(history["val_accuracy"].iloc[best], abs=1e-9)
     run = run_folder.load_run(run_dir)
@@ -92,3 +95,24 @@ def test_the_training_step_is_traced_once():
     model.train_step = counted
     model.fit(*separable(32, 0), batch_size=16, epochs=2, verbose=0)
     assert len(traces) == 1
+
+
+def test_the_command_ends_with_its_status_its_whole_output_and_its_atexit_work(tmp_path):
+    """`python -m tfdogs.train` leaves by `os._exit` (no interpreter teardown), having done what an exit does."""
+    script = ("import atexit, sys; atexit.register(lambda: print('atexit ran')); "
+              "from tfdogs.train import run_command; run_command(sys.argv[1:])")
+    flags = ["--model", "lenet5", "--weights", "none", "--strategy", "scratch", "--data", "synthetic",
+             "--synthetic-classes", "4", "--synthetic-images-per-class", "12", "--image-size", "32", "--batch-size",
+             "16", "--epochs", "1", "--verbose", "0", "--output", str(tmp_path / "run"), "--export-dir",
+             str(tmp_path / "export")]
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, timeout=300,
+                          env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-2].startswith("Time: start up ") and lines[-1] == "atexit ran"  # buffered output not lost
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "export" / "1" / "saved_model.pb").is_file()
+    failed = subprocess.run([sys.executable, "-c", script, "--model", "lenet5", "--data-dir", str(tmp_path / "nowhere"),
+                             "--output", str(tmp_path / "run2")], capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert failed.returncode == 2 and "nowhere" in failed.stderr and failed.stdout.endswith("atexit ran\n")

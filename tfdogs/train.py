@@ -30,6 +30,7 @@ corrupt file where a good one was.
 import argparse
 import atexit
 import json
+import os
 import sys
 
 from tfdogs import config as config_lib, data, models, weights
@@ -91,5 +92,20 @@ def main(argv=None):
     return 0
 
 
+def run_command(argv=None):
+    """`main`, then this process ends at once with its exit status, its output flushed and its atexit work done.
+
+    What a normal exit adds after that is the interpreter tearing down
+    TensorFlow's modules and threads: about 0.8 s on the 2-core machines
+    these numbers come from, once the run has written everything. Errors that
+    escape `main` (and argparse's own exits) end the process the usual way.
+    """
+    status = main(argv)
+    atexit._run_exitfuncs()  # e.g. a worker's temporary folders; logging's flush
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()

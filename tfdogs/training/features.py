@@ -79,13 +79,6 @@ def features_of(backbone, dataset):
     return np.concatenate(features), np.concatenate(labels)
 
 
-def head_logits(model, features, batch_size=256):
-    """The model's logits from cached pooled features, through its own head layers (no backbone pass)."""
-    _, head = split_at_features(model)
-    return np.concatenate([np.asarray(head(features[start:start + batch_size], training=False), np.float32)
-                           for start in range(0, len(features), batch_size)])
-
-
 class FeatureCache:
     """The cached views of the training photos and the validation features, as `tf.data` pipelines.
 
@@ -123,7 +116,7 @@ class FeatureCache:
         return tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size)
 
 
-def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None, val_backbone=None):
+def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None):
     """Runs the frozen backbone over the views and the validation photos once (or reads them back).
 
     Args:
@@ -136,8 +129,6 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
         folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
         key: what the features depend on (model weights' source, image size, views); a cache
             written under another key is recomputed.
-        val_backbone: the backbone that computes the validation features, default `backbone`:
-            a float32 copy of a mixed-precision one gives the final model's own features.
 
     Returns:
         (FeatureCache, seconds spent computing, or 0.0 when read back).
@@ -154,7 +145,7 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
         cache_views = [features_of(forward, evaluation_of("train"))]
     else:
         cache_views = [features_of(forward, train_epochs(view, 1)) for view in range(views)]
-    val = features_of(forward if val_backbone in (None, backbone) else val_backbone, evaluation_of("val"))
+    val = features_of(forward, evaluation_of("val"))
     seconds = time.perf_counter() - started
     if stored:
         arrays = {"count": np.array(len(cache_views)), "val": val[0], "val_labels": val[1]}

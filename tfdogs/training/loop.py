@@ -36,7 +36,7 @@ from tfdogs.training.callbacks import AtomicModelCheckpoint
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
 from tfdogs.training.optimizer import WarmupCosine, compile_model
 from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
-from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, head_logits, split_at_features
+from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, split_at_features
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
@@ -213,8 +213,7 @@ def train(config, extra_callbacks=()):
 
     started = time.time()
     finished = read_finished_phases(run_dir)
-    resumed, cached_val = False, None  # cached_val: float32 features of the validation photos at final_size
-    final_model = None  # float32, all trainable, no optimizer, at the size it is exported at
+    resumed = False
     best_passes = {}  # 0-based epoch -> the logits of its validation pass, at final_size, when it was the best
     for phase in plan_phases(config):
         done = run_dir / f"phase-{phase.name}.weights.h5"
@@ -234,25 +233,18 @@ def train(config, extra_callbacks=()):
         train_epochs, val_dataset = pipelines_at(size)
         val_dataset = shard_by_data(val_dataset)
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
-        fitted, cached_val, recorder = model, None, None
+        fitted = model
         if config["feature_views"] and phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model):
             backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
-            val_backbone = backbone
-            if size == final_size:  # the validation features in float32 serve the final evaluation too
-                final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
-                final_model.set_weights(model.get_weights())
-                val_backbone = split_at_features(final_model)[0]
             cache, seconds = build_cache(
                 backbone, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
-                config["seed"], folder=run_dir / CACHE_FOLDER, val_backbone=val_backbone,
-                key={"phase": phase.name, "image_size": size, "views": config["feature_views"],
-                     "val_precision": "float32" if size == final_size else runtime["precision"]})
+                config["seed"], folder=run_dir / CACHE_FOLDER,
+                key={"phase": phase.name, "image_size": size, "views": config["feature_views"]})
             print(f"Cached backbone features: {config['feature_views']} view(s) of each training photo "
                   + (f"computed in {seconds:.1f} s" if seconds else f"read back from {run_dir / CACHE_FOLDER}")
                   + "; the head trains on them, so augmentation is limited to "
                   + ("none (the evaluation crop)." if config["feature_views"] == 1 else "those views."))
             timer.lap("features")
-            cached_val = cache.val[0] if size == final_size else None  # the final evaluation reuses them
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
@@ -269,13 +261,14 @@ def train(config, extra_callbacks=()):
                     callback.saved_model = model  # best.weights.h5 holds the whole model
         elif task is None:
             train_dataset = shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
-            if runtime["replicas"] == 1 and not runtime["jit_compile"] and size == final_size:
-                recorder = BestValidationLogits(fitted, monitor, best_so_far(history, monitor)[0])
-                callbacks.append(recorder)
         else:  # each worker reads its own slice of every global batch
             train_dataset = per_worker_dataset(
                 strategy, lambda part: train_epochs(first_epoch, phase.end_epoch - first_epoch, part))
             callbacks.append(SyncFromChief(strategy))  # after the backup's restore, which only the chief has
+        recorder = None  # keeps the best epoch's validation logits, which then score the final model
+        if task is None and runtime["replicas"] == 1 and not runtime["jit_compile"] and size == final_size:
+            recorder = BestValidationLogits(fitted, monitor, best_so_far(history, monitor)[0])
+            callbacks.append(recorder)
         # BackupAndRestore sets the epoch to resume at on the model, and Keras prefers it to `initial_epoch`
         # in every later fit: a phase resumed from its backup would make the next phase start there too.
         fitted._initial_epoch = None
@@ -312,8 +305,8 @@ def train(config, extra_callbacks=()):
 
     history = read_history(run_dir / "history.csv")
     files.replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
-    if final_model is None:  # the best epoch's weights follow
-        final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
+    # float32, all trainable, no optimizer, at the size it is exported at: the best epoch's weights
+    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         final_model.load_weights(best_weights)
@@ -321,13 +314,11 @@ def train(config, extra_callbacks=()):
         final_model.set_weights(model.get_weights())
     val_labels = records.labels[val_indices]
     _, best_epoch = best_so_far(history, monitor)
-    if cached_val is not None:  # the frozen backbone's float32 features of these very photos
-        logits, scored_by = head_logits(final_model, cached_val), "float32 head on the cached float32 features"
-    elif best_epoch in best_passes:  # the best checkpoint's own validation pass
+    if best_epoch in best_passes:  # the best checkpoint's own validation pass: nothing runs again
         logits, scored_by = best_passes[best_epoch], f"the best epoch's validation pass ({runtime['precision']})"
-    else:
+    else:  # e.g. a resumed run whose best epoch came before the interruption
         logits = predict_logits(final_model, shard_by_data(pipelines_at(final_size)[1]))
-        scored_by = "the float32 model.keras"
+        scored_by = "model.keras (float32) on the validation photos"
 
     raw_table, raw_ece = metrics.reliability(metrics.softmax(logits), val_labels)
     summary = {
