@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from tfdogs import files
 from tfdogs.data.image import traced_as_written
+from tfdogs.data.pipeline import without_autotuner
 
 FEATURE_LAYER = "avgpool"
 CACHE_FOLDER = "feature_cache"
@@ -110,7 +111,7 @@ class FeatureCache:
         return (tf.data.Dataset.range(first_epoch, first_epoch + num_epochs).flat_map(traced_as_written(epoch_rows))
                 .batch(batch_size, drop_remainder=True)
                 .map(traced_as_written(lambda pairs: (tf.gather_nd(self.features, pairs), tf.gather_nd(self.labels, pairs))))
-                .prefetch(tf.data.AUTOTUNE))
+                .prefetch(tf.data.AUTOTUNE).apply(without_autotuner))
 
     def val_dataset(self, batch_size):
         return tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size)
