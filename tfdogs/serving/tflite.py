@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfdogs import data, files
 from tfdogs.serving.fold import fold_batch_norms
-from tfdogs.serving.saved_model import METADATA_FILE, preprocessing_records
+from tfdogs.serving.saved_model import METADATA_FILE, preprocessing_records, write_saved_model
 from tfdogs.evaluation import metrics
 from tfdogs.data.image import normalize
 
@@ -83,15 +83,12 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
 
     # Through a SavedModel: it is the converter's documented input for Keras 3 models, and it
     # freezes the weights into constants (a concrete function keeps them as resource variables).
-    archive = keras.export.ExportArchive()
-    for model in models:
-        archive.track(model)
-    archive.add_endpoint("serving_default", classify, input_signature=[
-        tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+    endpoints = {"serving_default": (classify, [tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+                                                              name="images")])}
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir) as saved_model_dir:
-        archive.write_out(saved_model_dir, verbose=False)
+        write_saved_model(models, endpoints, saved_model_dir)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
         flatbuffer = converter.convert()
     path = output_dir / TFLITE_FILE
