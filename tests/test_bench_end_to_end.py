@@ -144,3 +144,25 @@ def test_the_tfdogs_commands_of_every_job_train(tmp_path):
         assert (run_dir / "metrics.json").is_file() and (run_dir / "model.keras").is_file()
         assert ("Cached backbone features" in done.stdout) == pair.name.endswith("-cached")
         assert (tmp_path / "runs" / f"tfdogs-{pair.name}-r0-export" / "1").is_dir()
+
+
+def test_photo_like_folder_deals_distinct_photos_into_class_folders(tmp_path):
+    """benchmarks/photo_like_folder.py: a class-folder tree tfdogs reads, no two files alike; too few photos refused."""
+    import hashlib
+    import pathlib
+
+    from tfdogs import data
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "photo_like_folder.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "photos"), "--photos", "11", "--breeds", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = data.find_records(tmp_path / "photos")
+    assert len(records.paths) == 11 and records.class_names == [f"breed-{index:03d}" for index in range(4)]
+    assert np.bincount(records.labels).tolist() == [3, 3, 3, 2]  # photo i into breed i mod 4
+    assert len({hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() for path in records.paths}) == 11
+    with Image.open(records.paths[0]) as photo:
+        assert photo.format == "JPEG" and photo.size == (500, 375)
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path / "few"), "--photos", "7", "--breeds", "4"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "each breed needs 2" in refused.stderr
