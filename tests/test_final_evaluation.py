@@ -58,6 +58,14 @@ def test_the_recorded_logits_are_the_best_checkpoints_own_validation_pass(tmp_pa
     model.fit(*train, batch_size=16, epochs=2, validation_data=val, callbacks=[carried], verbose=0)
     assert carried.epoch is None and carried.logits is None
 
+    # a later phase (compiled again, its own recorder) feeds only its own recorder
+    fed = len(carried._batches)
+    compile_model(model, small_config(optimizer="adam", label_smoothing=0.0), 0.05, {}, jit_compile=False)
+    later = BestValidationLogits(model, "val_accuracy")
+    model.fit(*train, batch_size=16, epochs=2, validation_data=val, callbacks=[later], verbose=0)
+    assert len(carried._batches) == fed  # the first recorder's hooks went with its fit
+    assert later.epoch == 0 and later.logits.shape == (40, 3)
+
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_a_run_scores_its_best_epoch_from_that_epochs_validation_pass(tmp_path, precision):

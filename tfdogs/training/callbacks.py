@@ -187,7 +187,8 @@ class BestValidationLogits(keras.callbacks.Callback):
     over from a resumed run's history) keeps its pass: `epoch` (0-based) and
     `logits` (float32, in the validation dataset's order), else None. One
     replica only: under a distribution strategy the batches' order across
-    replicas is not the dataset's.
+    replicas is not the dataset's. The hooks are the model's own again once
+    `fit` ends, so the recorder of a later phase is the only one fed.
 
     Args:
         model: the model `fit` trains and validates.
@@ -200,6 +201,8 @@ class BestValidationLogits(keras.callbacks.Callback):
         self.monitor, self.mode = monitor, MONITOR_MODES[monitor]
         self.best, self.epoch, self.logits = best, None, None
         self._batches, self._in_test_step = [], False
+        self._hooked = model
+        self._replaced = {name: vars(model).get(name) for name in ("test_step", "compute_metrics")}
         test_step, compute_metrics = model.test_step, model.compute_metrics
 
         def recording_test_step(data):
@@ -226,6 +229,14 @@ class BestValidationLogits(keras.callbacks.Callback):
         better = np.greater if self.mode == "max" else np.less
         if self.best is None or better(value, self.best):
             self.best, self.epoch, self.logits = value, epoch, np.concatenate(self._batches)
+
+    def on_train_end(self, logs=None):
+        for name, own in self._replaced.items():
+            if own is None:
+                vars(self._hooked).pop(name, None)  # the class's method again
+            else:
+                setattr(self._hooked, name, own)
+        self._hooked.test_function = None  # the traced validation step that records; rebuilt when next needed
 
 
 def fit_under_multi_worker(model):
