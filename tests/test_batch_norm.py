@@ -63,3 +63,57 @@ def test_frozen_statistics_and_inference_are_keras_own():
     before = np.asarray(norm.moving_mean).copy()
     model(tf.random.normal((4, SIZE, SIZE, 3)), training=True)
     np.testing.assert_array_equal(np.asarray(norm.moving_mean), before)  # frozen: moving statistics kept
+
+
+def inference_outputs(precision, configured):
+    """A ResNet-18 (non-trivial moving statistics) in inference, configured by `configure_phase` or as built."""
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        keras.utils.set_random_seed(5)
+        model = models.build("resnet18", 5, input_shape=(SIZE, SIZE, 3))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            size = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.uniform(-0.5, 0.5, size))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, size))
+    if configured:
+        phases.configure_phase(model, phases.Phase("all", 0, 1), freeze_bn=False)
+    images = tf.constant(rng.standard_normal((4, SIZE, SIZE, 3)), tf.float32)
+    forward = tf.function(lambda x: model(x, training=False))
+    fused = sum(op.type == "FusedBatchNormV3" for op in forward.get_concrete_function(images).graph.get_operations())
+    return np.asarray(forward(images), np.float32), fused
+
+
+def test_inference_is_fused_on_bfloat16_and_keras_own_in_float32():
+    reference, fused_ops = inference_outputs("float32", configured=True)
+    assert fused_ops == 0
+    np.testing.assert_array_equal(reference, inference_outputs("float32", configured=False)[0])
+    keras_bf16, fused_ops = inference_outputs("mixed_bfloat16", configured=False)
+    assert fused_ops == 0
+    fused_bf16, fused_ops = inference_outputs("mixed_bfloat16", configured=True)
+    assert fused_ops == 20  # every BatchNormalization of ResNet-18
+    # Both round float32 arithmetic to bfloat16 (here often to the same values): the fused op is no further
+    # from float32 than Keras' own bfloat16 is.
+    assert np.abs(fused_bf16 - reference).mean() <= 1.25 * np.abs(keras_bf16 - reference).mean()
+
+
+def test_frozen_statistics_train_through_the_fused_inference_in_bfloat16():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(3)
+        model = models.build("resnet18", 5, input_shape=(SIZE, SIZE, 3))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    phases.configure_phase(model, phases.Phase("all", 0, 1), freeze_bn=True)
+    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    before = [np.asarray(norm.moving_mean).copy(), np.asarray(norm.gamma).copy()]
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    model.train_on_batch(rng.standard_normal((8, SIZE, SIZE, 3)).astype(np.float32),
+                         np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)])
+    np.testing.assert_array_equal(np.asarray(norm.moving_mean), before[0])  # statistics frozen
+    assert not np.allclose(np.asarray(norm.gamma), before[1])  # gamma learns through the fused op's gradient

@@ -92,6 +92,26 @@ def test_eval_preprocessing_matches_the_pil_reference_on_real_photos(dogs10_dir,
             assert np.abs(ours - expected).max() < PARITY_ATOL
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_the_pipelines_pillow_resize_gives_the_exports_in_graph_pixels(interpolation):
+    """make_dataset resizes with Pillow itself, the SavedModel in its graph: the two must never differ."""
+    rng = np.random.default_rng(0)
+    shapes = [(375, 500), (500, 333), (257, 257), (19, 30), (1001, 77)]  # landscape, portrait, square, enlarged, long
+    images = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for shape in shapes]
+    images.append(rng.uniform(-20, 280, (90, 120, 3)).astype(np.float32))  # float input: rounded and clipped first
+    for image in images:
+        for record in (TORCHVISION.replace(interpolation=interpolation, image_size=64), TIMM.replace(image_size=32)):
+            settings = {**record.as_dict(), "interpolation": interpolation}
+            in_graph = data.preprocess_eval(image, **settings).numpy()
+            mapped = next(iter(tf.data.Dataset.from_tensors(image).map(
+                lambda pixels: data.preprocess_eval(pixels, **settings, with_pillow=True), 2))).numpy()
+            np.testing.assert_array_equal(mapped, in_graph)
+            np.testing.assert_array_equal(data.eval_views(image, 10, **settings, with_pillow=True).numpy(),
+                                          data.eval_views(image, 10, **settings).numpy())
+    with pytest.raises(data.DataError, match="interpolation"):
+        data.preprocess_eval(images[0], 32, IMAGENET_MEAN, IMAGENET_STD, interpolation="nearest", with_pillow=True)
+
+
 def test_eval_cache_key_holds_every_preprocessing_field(tmp_path):
     paths = sorted(str(path) for path in data.make_synthetic(tmp_path / "photos", num_classes=2,
                                                              images_per_class=2, image_size=64).glob("train/*"))

@@ -3,6 +3,7 @@
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from tfdogs.data.layouts import DataError
 from tfdogs.data.preprocessing import resize_size
@@ -133,7 +134,7 @@ def orient(image, orientation) -> tf.Tensor:
 
 
 def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear",
-                    resize_rounding="round") -> tf.Tensor:
+                    resize_rounding="round", with_pillow=False) -> tf.Tensor:
     """Validation and serving preprocessing of one image.
 
     Resizes so the shorter side is image_size / crop_fraction (rounded as
@@ -142,7 +143,8 @@ def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpola
     torchvision's Resize + CenterCrop, and the resize is Pillow's, which
     torchvision's and timm's eval transforms run on PIL images (see
     `_resize_shorter_side`). Pure TF with dynamic shapes: the SavedModel
-    export reuses it.
+    export reuses it. `with_pillow` has Pillow itself resize instead: the
+    same pixels, about 3x faster, for pipelines that run in this process.
 
     Args:
         image: [h, w, 3] uint8, or float in [0, 255] (rounded to whole values, as an 8-bit image).
@@ -152,13 +154,16 @@ def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpola
         crop_fraction: Share of the resized shorter side kept by the crop, in (0, 1].
         interpolation: "bilinear" (torchvision weights) or "bicubic" (timm weights).
         resize_rounding: "round" (torchvision) or "floor" (timm's math.floor(img_size / crop_pct)).
+        with_pillow: resize with Pillow in a `tf.numpy_function` (see `_resize_shorter_side_with_pillow`);
+            a SavedModel cannot hold that, so the export keeps the in-graph resize.
 
     Returns:
         float32 [image_size, image_size, 3].
     """
     if not 0 < crop_fraction <= 1:
         raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
-    image = _resize_shorter_side(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
+    resize = _resize_shorter_side_with_pillow if with_pillow else _resize_shorter_side
+    image = resize(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
     return normalize(_centre_crop(image, image_size), mean, std)
 
 
@@ -173,7 +178,7 @@ TTA_VIEWS = {
 
 
 def eval_views(image, views, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear",
-               resize_rounding="round") -> tf.Tensor:
+               resize_rounding="round", with_pillow=False) -> tf.Tensor:
     """Test-time augmentation: `views` crops of one image, preprocessed as `preprocess_eval`.
 
     The image is resized once, exactly as `preprocess_eval` resizes it
@@ -199,7 +204,8 @@ def eval_views(image, views, image_size, mean, std, crop_fraction=0.875, interpo
     Args:
         image: [h, w, 3] uint8, or float in [0, 255] (rounded to whole values).
         views: 1, 2 or 10 (the keys of `TTA_VIEWS`).
-        image_size, mean, std, crop_fraction, interpolation, resize_rounding: as for `preprocess_eval`.
+        image_size, mean, std, crop_fraction, interpolation, resize_rounding, with_pillow: as for
+            `preprocess_eval`.
 
     Returns:
         float32 [views, image_size, image_size, 3], in the order of `TTA_VIEWS[views]`.
@@ -208,7 +214,8 @@ def eval_views(image, views, image_size, mean, std, crop_fraction=0.875, interpo
         raise DataError(f"test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views; got {views!r}")
     if not 0 < crop_fraction <= 1:
         raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
-    image = _resize_shorter_side(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
+    resize = _resize_shorter_side_with_pillow if with_pillow else _resize_shorter_side
+    image = resize(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
     crops = [_centre_crop(image, image_size)]
     if views == 10:
         shape = tf.shape(image)
@@ -226,11 +233,12 @@ def _resize_shorter_side(image, size, interpolation="bilinear"):
 
     torchvision's `Resize(size)` and timm's eval transform resize PIL images,
     so what the weights were evaluated with is Pillow's resampling: antialiased
-    (the filter widens with the downscale factor), horizontal pass first, each
-    pass in 22-bit fixed point and rounded to 8 bits. `tf.image.resize` differs
+    (the filter widens with the downscale factor), two passes in Pillow's
+    order, each in 22-bit fixed point and rounded to 8 bits. `tf.image.resize` differs
     by up to 16 levels with bicubic (its overshoot is not clipped) and up to 7
     after clipping and rounding; this reproduces Pillow bit for bit.
     """
+    _check_interpolation(interpolation)
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     shorter, longer = tf.minimum(height, width), tf.maximum(height, width)
@@ -239,9 +247,48 @@ def _resize_shorter_side(image, size, interpolation="bilinear"):
     portrait = height > width
     new_height, new_width = tf.where(portrait, new_longer, size), tf.where(portrait, size, new_longer)
     pixels = tf.clip_by_value(tf.round(tf.cast(image, tf.float64)), 0.0, 255.0)
-    # Rows are gathered faster than columns, so the horizontal pass runs on the transposed image.
-    pixels = tf.transpose(_pillow_resample(tf.transpose(pixels, [1, 0, 2]), new_width, interpolation), [1, 0, 2])
-    return tf.cast(_pillow_resample(pixels, new_height, interpolation), tf.float32)
+
+    def horizontal(pixels):  # rows are gathered faster than columns, so this pass runs on the transposed image
+        return tf.transpose(_pillow_resample(tf.transpose(pixels, [1, 0, 2]), new_width, interpolation), [1, 0, 2])
+
+    def vertical(pixels):
+        return _pillow_resample(pixels, new_height, interpolation)
+
+    # Each pass rounds to 8 bits, so the order shows in the pixels. Pillow (13 and later) resamples the
+    # height first when it loses more than twice as many pixels as the width: photos over twice as tall as wide.
+    vertical_first = tf.logical_and(height > new_height, height - new_height > 2 * (width - new_width))
+    pixels = tf.cond(vertical_first, lambda: horizontal(vertical(pixels)), lambda: vertical(horizontal(pixels)))
+    return tf.cast(pixels, tf.float32)
+
+
+def _resize_shorter_side_with_pillow(image, size, interpolation="bilinear"):
+    """`_resize_shorter_side` done by Pillow's own `Image.resize`, through `tf.numpy_function`.
+
+    The same sizes and the same pixels (the in-graph form reproduces Pillow
+    bit for bit), about 3x faster: 1.3 against 3.9 ms for a 500x375 photo on
+    the CPUs these numbers come from, and Pillow lets go of Python's lock while
+    it resamples, so a parallel tf.data map runs it on every core. A
+    SavedModel cannot hold Python, so the export keeps `_resize_shorter_side`.
+    """
+    _check_interpolation(interpolation)
+    if image.dtype != tf.uint8:  # whole values in [0, 255], as the in-graph form reads them
+        image = tf.saturate_cast(tf.round(tf.clip_by_value(tf.cast(image, tf.float64), 0.0, 255.0)), tf.uint8)
+
+    def resize(pixels):
+        height, width = pixels.shape[:2]
+        new_longer = int(size * max(height, width) / min(height, width))  # truncated, as torchvision
+        new_size = (size, new_longer) if height > width else (new_longer, size)  # Pillow's (width, height)
+        return np.asarray(Image.fromarray(pixels).resize(new_size, _PILLOW_FILTERS[interpolation]), np.float32)
+
+    return tf.ensure_shape(tf.numpy_function(resize, [image], tf.float32, stateful=False), [None, None, 3])
+
+
+_PILLOW_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def _check_interpolation(interpolation):
+    if interpolation not in _PILLOW_FILTER_SUPPORT:
+        raise DataError(f"interpolation must be one of {sorted(_PILLOW_FILTER_SUPPORT)}; got {interpolation!r}")
 
 
 # Pillow's fixed point: 32-bit sums with 8 bits for the pixel and 2 for filter overshoot (Resample.c).
@@ -261,8 +308,6 @@ def _pillow_filter(x, interpolation):
 
 def _pillow_resample(pixels, out_size, interpolation):
     """One of Pillow's two resampling passes: float64 whole pixel values [h, w, 3] to [out_size, w, 3]."""
-    if interpolation not in _PILLOW_FILTER_SUPPORT:
-        raise DataError(f"interpolation must be one of {sorted(_PILLOW_FILTER_SUPPORT)}; got {interpolation!r}")
     in_size = tf.shape(pixels)[0]
     # Pillow's precompute_coeffs, step by step in float64 like its C doubles.
     scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)

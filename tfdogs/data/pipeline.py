@@ -113,9 +113,10 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     batches that a pipeline started at epoch 0 gives in its epoch e, which
     is what makes a resumed run equal an uninterrupted one.
 
-    Evaluation: no shuffle or augmentation, `preprocess_eval` per image, the
-    last batch keeps the remainder; with `views` > 1, `eval_views` per image
-    (test-time augmentation).
+    Evaluation: no shuffle or augmentation, `preprocess_eval` per image (its
+    resize done by Pillow itself, the same pixels as the SavedModel's
+    in-graph resize, 3x faster), the last batch keeps the remainder; with
+    `views` > 1, `eval_views` per image (test-time augmentation).
 
     Cache memory per image: training caches uint8 images shrunk to shorter
     side S = round(image_size / crop_fraction * 1.15) and longer side <= 2 S,
@@ -208,9 +209,9 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             image = decode_image(tf.io.read_file(path))
             if views != 1:
                 return eval_views(image, views, image_size, mean, std, crop_fraction, interpolation,
-                                  resize_rounding), label
+                                  resize_rounding, with_pillow=True), label
             return preprocess_eval(image, image_size, mean, std, crop_fraction, interpolation,
-                                   resize_rounding), label
+                                   resize_rounding, with_pillow=True), label
 
         dataset = _maybe_cache(files.map(traced_as_written(load_eval), num_parallel_calls), cache, cache_settings)
         return without_autotuner(_labels_as(dataset.batch(batch_size), num_classes).prefetch(tf.data.AUTOTUNE))
