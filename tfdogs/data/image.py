@@ -247,17 +247,17 @@ def _resize_shorter_side(image, size, interpolation="bilinear"):
     portrait = height > width
     new_height, new_width = tf.where(portrait, new_longer, size), tf.where(portrait, size, new_longer)
     pixels = tf.clip_by_value(tf.round(tf.cast(image, tf.float64)), 0.0, 255.0)
-
-    def horizontal(pixels):  # rows are gathered faster than columns, so this pass runs on the transposed image
-        return tf.transpose(_pillow_resample(tf.transpose(pixels, [1, 0, 2]), new_width, interpolation), [1, 0, 2])
-
-    def vertical(pixels):
-        return _pillow_resample(pixels, new_height, interpolation)
-
     # Each pass rounds to 8 bits, so the order shows in the pixels. Pillow (13 and later) resamples the
-    # height first when it loses more than twice as many pixels as the width: photos over twice as tall as wide.
+    # height first when it loses more than twice as many pixels as the width (photos over twice as tall as
+    # wide); that is the usual order on the transposed image, which traces one resize instead of two.
     vertical_first = tf.logical_and(height > new_height, height - new_height > 2 * (width - new_width))
-    pixels = tf.cond(vertical_first, lambda: horizontal(vertical(pixels)), lambda: vertical(horizontal(pixels)))
+    # Each pass resamples axis 0 (rows are gathered faster than columns): the axis resampled first is put there.
+    first_size = tf.where(vertical_first, new_height, new_width)
+    second_size = tf.where(vertical_first, new_width, new_height)
+    pixels = _pillow_resample(tf.transpose(pixels, tf.where(vertical_first, [0, 1, 2], [1, 0, 2])), first_size,
+                              interpolation)
+    pixels = _pillow_resample(tf.transpose(pixels, [1, 0, 2]), second_size, interpolation)
+    pixels = tf.transpose(pixels, tf.where(vertical_first, [1, 0, 2], [0, 1, 2]))
     return tf.cast(pixels, tf.float32)
 
 
