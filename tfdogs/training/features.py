@@ -60,8 +60,12 @@ def split_at_features(model):
 
 
 def compiled(backbone):
-    """The backbone's inference as one graph (an eager call runs layer by layer), float32 out."""
-    return tf.function(lambda images: tf.cast(backbone(images, training=False), tf.float32), reduce_retracing=True,
+    """The backbone's inference as one graph (an eager call runs layer by layer), float32 out.
+
+    Traced once for any batch size: the last, smaller batch of each split would otherwise trace it again.
+    """
+    images = tf.TensorSpec([None, *backbone.input_shape[1:]], tf.float32)
+    return tf.function(lambda images: tf.cast(backbone(images, training=False), tf.float32), input_signature=[images],
                        autograph=False)
 
 
