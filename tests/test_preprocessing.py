@@ -104,7 +104,8 @@ def test_the_pipelines_pillow_resize_gives_the_exports_in_graph_pixels(interpola
             settings = {**record.as_dict(), "interpolation": interpolation}
             in_graph = data.preprocess_eval(image, **settings).numpy()
             mapped = next(iter(tf.data.Dataset.from_tensors(image).map(
-                lambda pixels: data.preprocess_eval(pixels, **settings, with_pillow=True), 2))).numpy()
+                lambda pixels, settings=settings: data.preprocess_eval(pixels, **settings, with_pillow=True),
+                2))).numpy()
             np.testing.assert_array_equal(mapped, in_graph)
             np.testing.assert_array_equal(data.eval_views(image, 10, **settings, with_pillow=True).numpy(),
                                           data.eval_views(image, 10, **settings).numpy())
