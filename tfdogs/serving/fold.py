@@ -39,6 +39,14 @@ def _folded_pairs(model):
     return pairs
 
 
+def _unfilled(config):
+    """A layer config whose weights start as zeros: the copy's weights are all set from the model's.
+
+    Drawing ResNet-18's 11 million random starting values took about a third of each fold.
+    """
+    return {**config, **{key: "zeros" for key in config if key.endswith("_initializer")}}
+
+
 def fold_batch_norms(model):
     """A copy of a functional model with BatchNorms folded into the convolutions before them.
 
@@ -57,11 +65,11 @@ def fold_batch_norms(model):
 
     def clone(layer):
         if layer.name in pairs:
-            return keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
+            return keras.layers.Conv2D.from_config({**_unfilled(layer.get_config()), "use_bias": True})
         if layer.name in folded_norms:
             return PassThrough(name=layer.name, dtype=layer.dtype_policy)
         try:
-            copy = layer.__class__.from_config(layer.get_config())
+            copy = layer.__class__.from_config(_unfilled(layer.get_config()))
         except (TypeError, ValueError):  # keras-hub layers that cannot be rebuilt from their own config (ViT's
             return layer  # patch embedding) are shared with the original: nothing of theirs is folded
         return copy if copy.name == layer.name else layer  # or that rename themselves (MobileNetV3's blocks)
