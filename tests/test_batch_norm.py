@@ -11,13 +11,18 @@ from tfdogs.training import phases
 SIZE = 32
 
 
-def one_step(fused, precision="float32"):
+def build(precision, seed):
+    """A small ResNet-18 under `precision`'s dtype policy, its weights drawn from `seed`."""
     keras.mixed_precision.set_dtype_policy(precision)
     try:
-        keras.utils.set_random_seed(11)
-        model = models.build("resnet18", 5, input_shape=(SIZE, SIZE, 3))
+        keras.utils.set_random_seed(seed)
+        return models.build("resnet18", 5, input_shape=(SIZE, SIZE, 3))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+def one_step(fused, precision="float32"):
+    model = build(precision, 11)
     phases.configure_phase(model, phases.Phase("all", 0, 1), freeze_bn=False)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not fused:
@@ -67,12 +72,7 @@ def test_frozen_statistics_and_inference_are_keras_own():
 
 def inference_outputs(precision, configured):
     """A ResNet-18 (non-trivial moving statistics) in inference, configured by `configure_phase` or as built."""
-    keras.mixed_precision.set_dtype_policy(precision)
-    try:
-        keras.utils.set_random_seed(5)
-        model = models.build("resnet18", 5, input_shape=(SIZE, SIZE, 3))
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+    model = build(precision, 5)
     rng = np.random.default_rng(1)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -102,18 +102,22 @@ def test_inference_is_fused_on_bfloat16_and_keras_own_in_float32():
 
 
 def test_frozen_statistics_train_through_the_fused_inference_in_bfloat16():
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    try:
-        keras.utils.set_random_seed(3)
-        model = models.build("resnet18", 5, input_shape=(SIZE, SIZE, 3))
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+    model = build("mixed_bfloat16", 3)
     phases.configure_phase(model, phases.Phase("all", 0, 1), freeze_bn=True)
     norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
     before = [np.asarray(norm.moving_mean).copy(), np.asarray(norm.gamma).copy()]
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
-    model.train_on_batch(rng.standard_normal((8, SIZE, SIZE, 3)).astype(np.float32),
-                         np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)])
+    images = rng.standard_normal((8, SIZE, SIZE, 3)).astype(np.float32)
+
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32))
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = tf.function(gradients).get_concrete_function(tf.constant(images)).graph
+    # the backward pass of every frozen BatchNorm is the fused op's own gradient
+    assert sum(op.type == "FusedBatchNormGradV3" for op in graph.get_operations()) == 20
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    model.train_on_batch(images, np.eye(5, dtype=np.float32)[rng.integers(0, 5, 8)])
     np.testing.assert_array_equal(np.asarray(norm.moving_mean), before[0])  # statistics frozen
     assert not np.allclose(np.asarray(norm.gamma), before[1])  # gamma learns through the fused op's gradient

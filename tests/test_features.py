@@ -60,6 +60,15 @@ def test_head_on_cached_features_equals_the_head_trained_on_the_photos(dropout):
         np.testing.assert_array_equal(have, want)
 
 
+def test_the_feature_pass_is_traced_once_for_every_batch_size():
+    backbone, _ = features.split_at_features(models.build("resnet18", 3, input_shape=(32, 32, 3)))
+    forward = features.compiled(backbone)
+    batches = [np.zeros((count, 32, 32, 3), np.float32) for count in (4, 3, 1)]  # full, then smaller last batches
+    pooled, _ = features.features_of(forward, [(batch, np.zeros((len(batch), 3))) for batch in batches])
+    assert pooled.shape == (8, 512)
+    assert forward.experimental_get_tracing_count() == 1
+
+
 def test_cache_epochs_are_keyed_by_seed_and_epoch_and_cycle_the_views():
     views = [(np.full((10, 3), view, np.float32), np.eye(2, dtype=np.float32)[np.arange(10) % 2]) for view in range(3)]
     cache = features.FeatureCache(views, (np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)), seed=5)

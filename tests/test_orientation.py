@@ -90,6 +90,19 @@ def write_upright_png(jpeg, orientation, path):
     Image.fromarray(upright_reference(jpeg, orientation)).save(path)
 
 
+def test_the_exif_reader_is_traced_once_however_many_graphs_call_it():
+    def pipelines():  # two pipelines, each tracing its own map function that calls the reader
+        list(tf.data.Dataset.from_tensors(tf.constant(b"not an image")).map(data.exif_orientation))
+        list(tf.data.Dataset.from_tensors(tf.constant(b"\xff\xd8")).map(
+            lambda image_bytes: data.exif_orientation(image_bytes) + 0))
+
+    pipelines()
+    traced = data.exif_orientation.experimental_get_tracing_count()  # other tests may have traced it already
+    pipelines()
+    pipelines()
+    assert data.exif_orientation.experimental_get_tracing_count() == traced
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_the_evaluation_pipeline_reads_oriented_jpegs_upright(photo, tmp_path, orientation):
     sideways, upright = tmp_path / "sideways.jpg", tmp_path / "upright.png"

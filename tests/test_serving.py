@@ -155,3 +155,15 @@ def test_tflite_refuses_members_that_need_different_inputs(lenet_run):
     with pytest.raises(ValueError, match=r"different input preprocessing.*32.*40"):
         tflite.export_tflite([model, model], ["a", "b", "c", "d"], "unused",
                              preprocessing=[settings, settings.replace(image_size=40)])
+
+
+def test_both_signatures_share_one_trace_of_the_network_and_of_the_preprocessing():
+    from tfdogs import models
+    from tfdogs.serving import saved_model
+
+    record = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 0.875)
+    module = saved_model.serving_module(models.build("lenet5", 3, input_shape=(32, 32, 3)), ["a", "b", "c"], record)
+    tf.function(module.from_bytes).get_concrete_function(tf.TensorSpec([None], tf.string))
+    tf.function(module.from_images).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.float32))
+    assert module._forward[0].experimental_get_tracing_count() == 1
+    assert module._preprocess.experimental_get_tracing_count() == 1
