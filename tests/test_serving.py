@@ -157,13 +157,18 @@ def test_tflite_refuses_members_that_need_different_inputs(lenet_run):
                              preprocessing=[settings, settings.replace(image_size=40)])
 
 
-def test_both_signatures_share_one_trace_of_the_network_and_of_the_preprocessing():
+def test_an_export_traces_the_network_and_the_preprocessing_once_for_both_signatures(tmp_path, monkeypatch):
     from tfdogs import models
     from tfdogs.serving import saved_model
 
+    build_module, modules = saved_model.serving_module, []
+    monkeypatch.setattr(saved_model, "serving_module",
+                        lambda *args, **kwargs: modules.append(build_module(*args, **kwargs)) or modules[-1])
     record = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 0.875)
-    module = saved_model.serving_module(models.build("lenet5", 3, input_shape=(32, 32, 3)), ["a", "b", "c"], record)
-    tf.function(module.from_bytes).get_concrete_function(tf.TensorSpec([None], tf.string))
-    tf.function(module.from_images).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.float32))
-    assert module._forward[0].experimental_get_tracing_count() == 1
-    assert module._preprocess.experimental_get_tracing_count() == 1
+    version = saved_model.export_saved_model(models.build("lenet5", 3, input_shape=(32, 32, 3)), ["a", "b", "c"],
+                                             tmp_path, preprocessing=record)
+    # a trace before tf.saved_model.save is not the one it saves: it would be traced a second time
+    assert modules[0]._forward[0].experimental_get_tracing_count() == 1
+    assert modules[0]._preprocess.experimental_get_tracing_count() == 1
+    loaded = tf.saved_model.load(str(version))
+    assert set(loaded.signatures) == {"serving_default", "serving_images"}
