@@ -41,6 +41,13 @@ _OPENING_SEGMENTS = 4
 _MAX_IFD_ENTRIES = 32
 _EXIF_SEGMENT = b"Exif\x00\x00"
 _ORIENTATION_TAG = 0x0112
+# The bytes the reader looks at: an Exif segment opens within the first 64 KiB and holds at most 64 KiB,
+# IFD0 included. The longest read is IFD0's entry count and entries.
+_WINDOW = 2 * _EXIF_SEARCH_BYTES + 16
+_LONGEST_READ = 2 + 12 * _MAX_IFD_ENTRIES
+# The TIFF header's 42 and IFD0's offset (its bytes 2-3 and 4-7) as little-endian, then as big-endian numbers.
+_HEADER_NUMBERS = np.array([[1, 256, 0, 0, 0, 0], [0, 0, 1, 256, 1 << 16, 1 << 24],
+                            [256, 1, 0, 0, 0, 0], [0, 0, 1 << 24, 1 << 16, 256, 1]], np.int64)
 
 
 # One trace per process, called from every pipeline and serving graph (tracing it took about 0.1 s each time).
@@ -53,9 +60,14 @@ def exif_orientation(image_bytes) -> tf.Tensor:
     little-endian, "MM" big-endian), its 42 and the offset of IFD0, and looks
     up tag 0x0112 (type SHORT) among IFD0's entries. Anything else (not a
     JPEG, no Exif segment, a malformed one, a value outside 1-8) gives 1: the
-    image is used as stored. Pure TensorFlow string ops without loops; a photo
-    without `Exif\0\0` in its first 64 KiB costs a handful of ops, so TF
-    Serving and the input pipeline apply it to every image.
+    image is used as stored.
+
+    Pure TensorFlow ops without loops or branches, on the first 128 KiB of the
+    file as one byte array, so TF Serving and the input pipelines apply it to
+    every image. The graph is kept small (270 nodes) because tf.data optimises
+    every map function again each time an iterator is made (every validation
+    pass of every epoch): with 628 nodes that cost about 0.08 s an iterator,
+    now about 0.04 s (2 cores).
 
     Args:
         image_bytes: scalar tf.string.
@@ -63,57 +75,51 @@ def exif_orientation(image_bytes) -> tf.Tensor:
     Returns:
         int32 scalar.
     """
-    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
-    length = tf.cast(tf.strings.length(image_bytes, unit="BYTE"), tf.int64)
+    head = tf.strings.substr(tf.convert_to_tensor(image_bytes, tf.string), 0, _WINDOW)
+    length = tf.strings.length(head, unit="BYTE")
+    # zeros after the data, far enough that a read from anywhere up to its end stays inside
+    window = tf.cast(tf.pad(tf.io.decode_raw(head, tf.uint8), [[0, _WINDOW + _LONGEST_READ - length]]), tf.int32)
 
     def read(position, count):
-        """`count` bytes from `position` as int64, zeros past the end of the data."""
-        position = tf.cast(tf.clip_by_value(tf.cast(position, tf.int64), 0, length), tf.int32)
-        raw = tf.io.decode_raw(tf.strings.substr(image_bytes, position, count), tf.uint8)
-        return tf.cast(tf.pad(raw, [[0, count - tf.shape(raw)[0]]]), tf.int64)
+        """`count` bytes from `position` (clipped to the data) as int32, zeros past its end."""
+        return tf.gather(window, tf.clip_by_value(position, 0, length) + np.arange(count, dtype=np.int32))
 
-    head_length = tf.minimum(length, _EXIF_SEARCH_BYTES)
-    head = tf.strings.substr(image_bytes, 0, tf.cast(head_length, tf.int32))
-    before_exif = tf.strings.split(head, _EXIF_SEGMENT, maxsplit=1)[0]
-    segment = tf.cast(tf.strings.length(before_exif, unit="BYTE"), tf.int64) - 4  # where FF E1 should be
-    marker = tf.concat([read(0, 2), read(segment, 2)], 0)
-    candidate = tf.logical_and(tf.reduce_all(tf.equal(marker, [0xFF, 0xD8, 0xFF, 0xE1])),
-                               tf.logical_and(segment >= 2, segment + 4 < head_length))
-    return tf.cond(candidate, lambda: _tiff_orientation(read, segment), lambda: tf.constant(1, tf.int32))
+    searched = tf.reshape(tf.strings.substr(head, 0, _EXIF_SEARCH_BYTES), [1])
+    before_exif = tf.raw_ops.StringSplitV2(input=searched, sep=_EXIF_SEGMENT, maxsplit=1).values[0]
+    segment = tf.strings.length(before_exif, unit="BYTE") - 4  # where FF E1 should be
+    candidate = tf.logical_and(
+        tf.reduce_all(tf.equal(tf.concat([read(0, 2), read(segment, 2)], 0), [0xFF, 0xD8, 0xFF, 0xE1])),
+        tf.logical_and(segment >= 2, segment + 4 < tf.minimum(length, _EXIF_SEARCH_BYTES)))
 
-
-def _tiff_orientation(read, segment):
-    """The orientation in the Exif segment at `segment`, or 1 when it does not open the file or is malformed."""
     # The segments that open a JPEG: FF <APPn or COM> <16-bit big-endian length, counting itself> <payload>.
     # Entropy-coded data never holds FF E1, so a walk of a few steps tells a real Exif segment.
-    position, opens_file = tf.constant(2, tf.int64), tf.constant(False)
+    position, opens_file = tf.constant(2), tf.constant(False)
     for _ in range(_OPENING_SEGMENTS):
-        header = read(position, 4)
-        opening = tf.logical_and(tf.equal(header[0], 0xFF), tf.logical_or(
-            tf.logical_and(header[1] >= 0xE0, header[1] <= 0xEF), tf.equal(header[1], 0xFE)))
+        marker, kind, high, low = tf.unstack(read(position, 4))
+        opening = tf.logical_and(tf.equal(marker, 0xFF), tf.logical_or(
+            tf.logical_and(kind >= 0xE0, kind <= 0xEF), tf.equal(kind, 0xFE)))
         opens_file = tf.logical_or(opens_file, tf.logical_and(opening, tf.equal(position, segment)))
-        position = tf.where(opening, position + 2 + header[2] * 256 + header[3], -1)
-
-    def unsigned(values, little_endian):
-        weights = tf.cast(256 ** tf.range(tf.shape(values)[-1]), tf.int64)
-        return tf.reduce_sum(values * tf.where(little_endian, weights, tf.reverse(weights, [0])), axis=-1)
+        position = tf.where(opening, position + 2 + high * 256 + low, -1)
 
     tiff = segment + 4 + len(_EXIF_SEGMENT)
-    header = read(tiff, 8)
-    little_endian = tf.reduce_all(tf.equal(header[:2], [0x49, 0x49]))
-    valid = tf.logical_and(
-        tf.logical_or(little_endian, tf.reduce_all(tf.equal(header[:2], [0x4D, 0x4D]))),
-        tf.equal(unsigned(header[2:4], little_endian), 42))
-    directory = tiff + unsigned(header[4:8], little_endian)
-    count = tf.minimum(unsigned(read(directory, 2), little_endian), _MAX_IFD_ENTRIES)
-    # Each entry: tag, type, count (2, 2, 4 bytes), then the value; a SHORT's value is in its first 2 bytes.
-    entries = tf.reshape(read(directory + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
-    matches = tf.logical_and(tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count, tf.logical_and(
-        tf.equal(unsigned(entries[:, 0:2], little_endian), _ORIENTATION_TAG),
-        tf.equal(unsigned(entries[:, 2:4], little_endian), 3)))
-    value = tf.reduce_max(tf.where(matches, unsigned(entries[:, 8:10], little_endian), 0))
-    usable = tf.logical_and(tf.logical_and(opens_file, valid), tf.logical_and(value >= 1, value <= 8))
-    return tf.cast(tf.where(usable, value, 1), tf.int32)
+    order_1, order_2, *numbers = tf.unstack(tf.cast(read(tiff, 8), tf.int64))
+    little_endian = tf.logical_and(tf.equal(order_1, 0x49), tf.equal(order_2, 0x49))
+    big_endian = tf.logical_and(tf.equal(order_1, 0x4D), tf.equal(order_2, 0x4D))
+    as_little, as_big = tf.unstack(tf.reshape(tf.reduce_sum(tf.stack(numbers) * _HEADER_NUMBERS, axis=1), [2, 2]))
+    magic, offset = tf.unstack(tf.where(little_endian, as_little, as_big))
+    valid = tf.logical_and(tf.logical_or(little_endian, big_endian), tf.equal(magic, 42))
+    directory = tf.cast(tf.minimum(tf.cast(tiff, tf.int64) + offset, _WINDOW), tf.int32)
+    # IFD0 as 16-bit words: the entry count, then 6 per entry: tag, type, count (2 words), the value
+    # (a SHORT's is its first word) and one more.
+    first, second = tf.unstack(tf.reshape(read(directory, _LONGEST_READ), [-1, 2]), axis=1)
+    count, entries = tf.split(tf.where(little_endian, first + 256 * second, 256 * first + second), [1, -1])
+    tag, kind, _, _, value, _ = tf.unstack(tf.reshape(entries, [_MAX_IFD_ENTRIES, 6]), axis=1)
+    matches = tf.logical_and(tf.range(_MAX_IFD_ENTRIES) < count, tf.logical_and(
+        tf.equal(tag, _ORIENTATION_TAG), tf.equal(kind, 3)))
+    value = tf.reduce_max(tf.where(matches, value, 0))
+    usable = tf.logical_and(tf.logical_and(candidate, tf.logical_and(opens_file, valid)),
+                            tf.logical_and(value >= 1, value <= 8))
+    return tf.where(usable, value, 1)
 
 
 def orient(image, orientation) -> tf.Tensor:
