@@ -188,6 +188,27 @@ def test_kill_while_saving_model_keras_keeps_the_previous_model(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
 
 
+def test_checkpoints_backups_and_loads_list_keras_skipped_attributes_once(tmp_path, monkeypatch):
+    from keras.src.backend.common import global_state
+
+    model = tiny_model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    files.save_weights(model, tmp_path / "first.weights.h5")
+    listed = []  # Keras stores each list it works out, whatever name it then looks it up under
+    store = global_state.set_global_attribute
+    monkeypatch.setattr(global_state, "set_global_attribute", lambda name, value: (
+        listed.append(name) if name.startswith("saving_attr_") else None, store(name, value))[1])
+    files.save_weights(model, tmp_path / "best.weights.h5")
+    files.save_weights(model, tmp_path / "backup.weights.h5", optimizer_state=True)
+    files.save_model(model, tmp_path / "model.keras")
+    copy = tiny_model()
+    copy.load_weights(tmp_path / "best.weights.h5")
+    assert listed == []
+    assert same_weights(copy.get_weights(), model.get_weights())
+    assert same_weights(keras.saving.load_model(tmp_path / "model.keras").get_weights(), model.get_weights())
+
+
 def test_history_rewrite_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "history.csv"
     pd.DataFrame({"epoch": [0, 1], "loss": [2.0, 1.0]}).to_csv(path, index=False)

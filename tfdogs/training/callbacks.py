@@ -135,7 +135,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
-        files.replace_into(self._weights_path, self.model.save_weights)
+        files.save_weights(self.model, self._weights_path, optimizer_state=True)
         state = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
         files.replace_into(self._training_metadata_path, lambda temporary: pathlib.Path(temporary).write_text(state))
 
