@@ -69,6 +69,37 @@ def test_the_feature_pass_is_traced_once_for_every_batch_size():
     assert forward.experimental_get_tracing_count() == 1
 
 
+def test_each_pipeline_of_the_feature_pass_starts_while_the_one_before_runs():
+    backbone, _ = features.split_at_features(models.build("resnet18", 3, input_shape=(32, 32, 3)))
+    forward = features.compiled(backbone)
+    events = []
+
+    class Split:
+        """Batches of one split that record when their pipeline starts and when each batch is taken."""
+
+        def __init__(self, name, batches):
+            self.name, self.batches = name, batches
+
+        def __iter__(self):  # like iter() of a tf.data pipeline, which starts loading at once
+            events.append(f"{self.name} starts")
+            return self.taken()
+
+        def taken(self):
+            for index, batch in enumerate(self.batches):
+                events.append(f"{self.name} batch {index}")
+                yield batch, np.zeros((len(batch), 3))
+
+    rng = np.random.default_rng(0)
+    splits = {name: [rng.standard_normal((count, 32, 32, 3)).astype(np.float32) for count in counts]
+              for name, counts in (("train", (4, 2)), ("val", (3,)), ("more", (1,)))}
+    results = features.features_of_each(forward, [Split(name, batches) for name, batches in splits.items()])
+    assert events == ["train starts", "val starts", "train batch 0", "train batch 1", "more starts",
+                      "val batch 0", "more batch 0"]
+    for (pooled, labels), batches in zip(results, splits.values()):
+        np.testing.assert_allclose(pooled, forward(np.concatenate(batches)).numpy(), atol=1e-5)
+        assert labels.shape == (len(pooled), 3)
+
+
 def test_cache_epochs_are_keyed_by_seed_and_epoch_and_cycle_the_views():
     views = [(np.full((10, 3), view, np.float32), np.eye(2, dtype=np.float32)[np.arange(10) % 2]) for view in range(3)]
     cache = features.FeatureCache(views, (np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)), seed=5)

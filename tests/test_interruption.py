@@ -197,8 +197,13 @@ def test_checkpoints_backups_and_loads_list_keras_skipped_attributes_once(tmp_pa
     files.save_weights(model, tmp_path / "first.weights.h5")
     listed = []  # Keras stores each list it works out, whatever name it then looks it up under
     store = global_state.set_global_attribute
-    monkeypatch.setattr(global_state, "set_global_attribute", lambda name, value: (
-        listed.append(name) if name.startswith("saving_attr_") else None, store(name, value))[1])
+
+    def recording_store(name, value):
+        if name.startswith("saving_attr_"):
+            listed.append(name)
+        store(name, value)
+
+    monkeypatch.setattr(global_state, "set_global_attribute", recording_store)
     files.save_weights(model, tmp_path / "best.weights.h5")
     files.save_weights(model, tmp_path / "backup.weights.h5", optimizer_state=True)
     files.save_model(model, tmp_path / "model.keras")

@@ -162,6 +162,12 @@ def test_the_exif_reader_is_traced_once_however_many_graphs_call_it():
     assert data.exif_orientation.experimental_get_tracing_count() == traced
 
 
+def test_the_exif_reader_stays_a_small_graph():
+    """tf.data optimises every map function's graph again for each iterator; the reader's 628 nodes cost 0.08 s."""
+    graph = data.exif_orientation.get_concrete_function().graph.as_graph_def()
+    assert len(graph.node) + sum(len(function.node_def) for function in graph.library.function) <= 300
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_the_evaluation_pipeline_reads_oriented_jpegs_upright(photo, tmp_path, orientation):
     sideways, upright = tmp_path / "sideways.jpg", tmp_path / "upright.png"
