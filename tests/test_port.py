@@ -5,6 +5,7 @@ itself is not importable beside the pinned torch). Nothing is downloaded: the
 checkpoints are made here and served from ``file://`` URLs.
 """
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -222,11 +223,40 @@ def test_pth_reader_refuses_globals_in_a_bare_archive(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_pth_reader_refuses_the_legacy_format(tmp_path):
+def test_pth_reader_reads_the_legacy_format_as_torch_does(tmp_path):
     path = tmp_path / "legacy.pth"
-    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointFormatError, match="legacy"):
-        pth.load_state_dict(path)
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(6, 4, generator=generator)
+    state = collections.OrderedDict(
+        conv=torch.randn(8, 3, 3, 3, generator=generator), half=torch.randn(5, generator=generator).half(),
+        steps=torch.tensor(7), transposed=shared.t(), row=shared[2], empty=torch.zeros(0, 3))
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    read = pth.load_state_dict(path)
+    assert list(read) == list(state)
+    for key, tensor in torch.load(path, weights_only=True).items():
+        assert read[key].dtype == tensor.numpy().dtype and read[key].shape == tuple(tensor.shape), key
+        np.testing.assert_array_equal(read[key], tensor.numpy(), err_msg=key)
+
+
+def test_pth_reader_refuses_globals_and_truncation_in_the_legacy_format(tmp_path):
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.arange(10.0)}, path, _use_new_zipfile_serialization=False)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        pth.load_state_dict(truncated)
+    crafted = tmp_path / "crafted.pth"
+    with open(crafted, "wb") as file:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(header, file, protocol=2)
+        pickle.dump({"w": RunsACommand(tmp_path / "pwned")}, file, protocol=2)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        pth.load_state_dict(crafted)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointFormatError, match="neither"):
+        pth.load_state_dict(tmp_path / "junk.pth")
 
 
 # --- conversion errors ------------------------------------------------------------------
@@ -411,13 +441,15 @@ def test_imagenet_weights_load_through_the_registry_and_convert_once(ported, tmp
 
 def test_registry_entries_are_consistent():
     assert set(weights.REGISTRY) == {(a, s) for a in ("resnet18", "resnet34") for s in ("torchvision", "timm")} | {
-        ("resnet34", "timm:resnet34.ra4_e3600_r224_in1k"), ("resnet18", "timm:resnet18.fb_swsl_ig1b_ft_in1k")}
+        ("resnet34", "timm:resnet34.ra4_e3600_r224_in1k"), ("resnet18", "timm:resnet18.fb_swsl_ig1b_ft_in1k")} | {
+        (f"efficientnet_lite{variant}", "tensorflow") for variant in (0, 1, 2)}
     for (arch, source), spec in weights.REGISTRY.items():
         assert (spec.arch, spec.source, spec.num_classes) == (arch, source, 1000)
         assert spec.url.startswith("https://")
-        if source == "torchvision":
-            # torchvision names each file after the first 8 hex digits of its SHA-256.
-            assert spec.sha256.startswith(spec.file_name.split("-")[1].split(".")[0])
+        if source in ("torchvision", "tensorflow"):
+            # torchvision (and the EfficientNet-Lite packages) name each file after the first 8 hex digits of its
+            # SHA-256.
+            assert spec.sha256.startswith(spec.file_name.rsplit("-", 1)[1].split(".")[0])
         if spec.sha256 is not None:
             assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
     assert len({spec.file_name for spec in weights.REGISTRY.values()}) == len(weights.REGISTRY)

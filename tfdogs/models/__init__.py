@@ -3,6 +3,9 @@
     lenet5    LeNet-5 from scratch (LeCun et al. 1998), `tfdogs.models.lenet`.
     resnet18  ResNet-18, torchvision-identical (He et al. 2016), `tfdogs.models.resnet`.
     resnet34  ResNet-34, likewise.
+    efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
+              EfficientNet-Lite (Tan and Le 2019), TensorFlow's Lite builder by hand,
+              `tfdogs.models.efficientnet_lite`; these take ``(pixels - 127) / 128``.
 
 Pretrained weights are loaded into a built model by `tfdogs.weights`
 (`weights.pretrained_model`); model code never imports weight code.
@@ -10,8 +13,8 @@ Pretrained weights are loaded into a built model by `tfdogs.weights`
 And any keras-hub image backbone, ``keras_hub:PRESET`` (a preset name, a
 handle or a local preset directory), with the same head: `tfdogs.models.hub`.
 
-Every model takes ImageNet-normalised float NHWC images (no normalisation layer
-inside) and returns float32 class logits from a Dense layer named ``fc``.
+Every model takes normalised float NHWC images (as its weights' `Preprocessing` says; no normalisation
+layer inside) and returns float32 class logits from a Dense layer named ``fc``.
 
 Example:
     >>> from tfdogs import models
@@ -23,13 +26,15 @@ Example:
 import re
 
 from tfdogs.models.hub import PresetError, hub_model, is_hub_name, preset_of
+from tfdogs.models.efficientnet_lite import VARIANTS as LITE_VARIANTS, efficientnet_lite
 from tfdogs.models.lenet import lenet5
 from tfdogs.models.resnet import STAGE_DEPTHS, resnet
 
-__all__ = ["HEAD_LAYERS", "HUB_WEIGHTS", "MODEL_NAMES", "PresetError", "STAGE_DEPTHS", "build", "file_name",
+__all__ = ["HEAD_LAYERS", "HUB_WEIGHTS", "LITE_PREFIX", "MODEL_NAMES", "PresetError", "STAGE_DEPTHS", "build", "file_name",
            "is_hub_name", "is_known", "preset_of", "stage_of"]
 
-MODEL_NAMES = ("lenet5", "resnet18", "resnet34")
+LITE_PREFIX = "efficientnet_lite"
+MODEL_NAMES = ("lenet5", "resnet18", "resnet34", *(f"{LITE_PREFIX}{variant}" for variant in LITE_VARIANTS))
 HUB_WEIGHTS = "preset"  # a keras-hub model's pretrained weights are its preset's
 
 HEAD_LAYERS = ("avgpool", "dropout", "fc")
@@ -72,16 +77,18 @@ def stage_of(layer_name):
     return "stem"
 
 
-def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout=0.0, l1=0.0, l2=0.0):
+def build(name, num_classes, weights=None, *, input_shape=None, dropout=0.0, l1=0.0, l2=0.0):
     """Builds one of `MODEL_NAMES` with random weights, or a keras-hub model with its preset's.
 
     Args:
-        name: ``"lenet5"``, ``"resnet18"``, ``"resnet34"`` or ``"keras_hub:PRESET"``.
+        name: one of `MODEL_NAMES` (``"lenet5"``, ``"resnet18"``, ``"efficientnet_lite0"`` ...) or
+            ``"keras_hub:PRESET"``.
         num_classes: number of output logits.
         weights: None (random init), or for a keras-hub model ``"preset"`` (the
             preset's own weights, which come with the architecture). Checkpoints
-            for the hand-built ResNets are loaded by `tfdogs.weights.pretrained_model`.
-        input_shape: NHWC shape without batch; ResNets accept None spatial dims.
+            for the hand-built networks are loaded by `tfdogs.weights.pretrained_model`.
+        input_shape: NHWC shape without batch (default 224 x 224 x 3, EfficientNet-Lite's own side for
+            those); ResNets and EfficientNet-Lite accept None spatial dims.
         dropout: dropout rate before ``fc``.
         l1: L1 penalty on the ``fc`` kernel.
         l2: L2 penalty on the ``fc`` kernel.
@@ -99,12 +106,15 @@ def build(name, num_classes, weights=None, *, input_shape=(224, 224, 3), dropout
             raise ValueError(f"{name} takes its weights from its preset: weights must be {HUB_WEIGHTS!r} or None, "
                              f"not {weights!r}.")
         return hub_model(preset_of(name), num_classes, load_weights=weights == HUB_WEIGHTS,
-                         input_shape=input_shape, **head)
+                         input_shape=input_shape or (224, 224, 3), **head)
     if name not in MODEL_NAMES:
         raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES} or keras_hub:PRESET.")
     if weights is not None:
         raise ValueError(f"models.build makes {name} with random weights; load {weights!r} with "
                          "tfdogs.weights.pretrained_model.")
+    if name.startswith(LITE_PREFIX):
+        return efficientnet_lite(int(name.removeprefix(LITE_PREFIX)), num_classes, input_shape=input_shape, **head)
+    input_shape = input_shape or (224, 224, 3)
     if name == "lenet5":
         return lenet5(num_classes, input_shape=input_shape, **head)
     depth = int(name.removeprefix("resnet"))

