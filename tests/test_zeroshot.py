@@ -19,6 +19,14 @@ def test_breed_probabilities_take_the_breeds_imagenet_logits():
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5)
 
 
+def test_a_breed_imagenet_splits_takes_the_sum_of_its_classes():
+    logits = np.random.default_rng(1).normal(size=(4, 1000))
+    probabilities = zeroshot_lib.breed_probabilities(logits, ["beagle", "poodle"])
+    picked = np.exp(logits[:, [162, 265, 266, 267]])  # beagle; toy, miniature and standard poodle
+    picked /= picked.sum(1, keepdims=True)
+    np.testing.assert_allclose(probabilities, np.stack([picked[:, 0], picked[:, 1:].sum(1)], 1), rtol=1e-5)
+
+
 def test_breeds_without_an_imagenet_class_are_named():
     with pytest.raises(ValueError, match="dachshund, bulldog"):
         zeroshot_lib.breed_columns(["beagle", "dachshund", "bulldog"])

