@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import json
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from efficientnet_lite_pytorch import EfficientNet
 
 from tfdogs import data, models, weights, zeroshot
 from tfdogs.data import breeds
+from tfdogs.serving import fold
 from tfdogs.weights import WeightsError
 
 fetch_module = importlib.import_module("tfdogs.weights.fetch")  # the package exports the function under this name
@@ -141,3 +143,13 @@ def test_the_zero_shot_baseline_on_real_dog_photos_matches_the_pytorch_reference
     assert abs(round(result["accuracy"] * len(photos)) - correct) <= 2  # within a photo or two
     assert result["log_loss"] == pytest.approx(log_loss, abs=0.02)
     assert result["accuracy"] >= 0.9  # measured: 0.958 on the 166 photos of the 8 breeds ImageNet has
+
+
+def test_folding_the_batch_norms_into_the_depthwise_convolutions_keeps_the_answers():
+    model = weights.pretrained_model("efficientnet_lite0", 1000, "imagenet", input_shape=(96, 96, 3))
+    folded = fold.fold_batch_norms(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert folded.get_layer("layer2.blocks.4.depthwise_conv").use_bias
+    images = np.random.default_rng(5).normal(size=(3, 96, 96, 3)).astype(np.float32)
+    expected = model(images, training=False).numpy()
+    assert np.abs(folded(images, training=False).numpy() - expected).max() <= 1e-5 * np.abs(expected).max()

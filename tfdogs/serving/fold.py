@@ -1,7 +1,7 @@
 """Inference-time rewrites of a trained model: the same answers, less work.
 
 `fold_batch_norms` merges each BatchNormalization that follows a bias-free
-convolution into that convolution (Ioffe and Szegedy 2015 give the affine
+convolution (plain or depthwise) into that convolution (Ioffe and Szegedy 2015 give the affine
 form, https://arxiv.org/abs/1502.03167): in inference BatchNorm is
 `gamma * (x - mean) / sqrt(variance + epsilon) + beta`, a per-channel scale
 and shift, so the kernel absorbs the scale and a bias the shift. Keras runs
@@ -26,15 +26,19 @@ class PassThrough(keras.layers.Layer):
         return inputs
 
 
+_FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
 def _folded_pairs(model):
-    """{convolution name: the BatchNormalization that only it feeds} for bias-free Conv2D layers."""
+    """{convolution name: the BatchNormalization that only it feeds} for bias-free Conv2D / DepthwiseConv2D."""
     pairs = {}
     for layer in model.layers:
         if not isinstance(layer, keras.layers.BatchNormalization) or layer.axis not in (-1, 3, [3], [-1]):
             continue
         producer = layer.input._keras_history.operation
-        if isinstance(producer, keras.layers.Conv2D) and not producer.use_bias and producer.data_format == (
-                "channels_last") and len(producer._outbound_nodes) == 1:
+        if isinstance(producer, _FOLDABLE) and not producer.use_bias and producer.data_format == (
+                "channels_last") and len(producer._outbound_nodes) == 1 and getattr(
+                producer, "depth_multiplier", 1) == 1:
             pairs[producer.name] = layer
     return pairs
 
@@ -65,7 +69,7 @@ def fold_batch_norms(model):
 
     def clone(layer):
         if layer.name in pairs:
-            return keras.layers.Conv2D.from_config({**_unfilled(layer.get_config()), "use_bias": True})
+            return layer.__class__.from_config({**_unfilled(layer.get_config()), "use_bias": True})
         if layer.name in folded_norms:
             return PassThrough(name=layer.name, dtype=layer.dtype_policy)
         try:
@@ -81,7 +85,10 @@ def fold_batch_norms(model):
             norm = pairs[layer.name]
             gamma, beta, mean, variance = (np.asarray(weight, np.float64) for weight in norm.get_weights())
             scale = gamma / np.sqrt(variance + norm.epsilon)
-            kernel = np.asarray(layer.get_weights()[0], np.float64) * scale  # scales each output channel
+            # Scales each output channel: the last axis of a Conv2D kernel (H, W, in, out), the third of a
+            # DepthwiseConv2D's (H, W, channels, 1).
+            kernel = np.asarray(layer.get_weights()[0], np.float64)
+            kernel = kernel * (scale[:, None] if isinstance(layer, keras.layers.DepthwiseConv2D) else scale)
             target.set_weights([kernel.astype(np.float32), (beta - mean * scale).astype(np.float32)])
         elif layer.name not in folded_norms and layer.weights and target is not layer:
             target.set_weights(layer.get_weights())

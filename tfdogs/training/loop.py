@@ -92,11 +92,17 @@ def trained_parameters(model, phases):
                    for variable in layer.trainable_weights))
 
 
-def build_model(config, num_classes, weights_source):
-    """The run's network at its input size and head regularisation, from `weights_source` (None: random)."""
+def build_model(config, num_classes, weights_source, class_names=None):
+    """The run's network at its input size and head regularisation, from `weights_source` (None: random).
+
+    With `class_names` and config ``head_init`` imagenet, the classifier starts from the weights'
+    ImageNet rows of those breeds (`tfdogs.weights.start_head_from_imagenet`).
+    """
+    head_from_imagenet = class_names if config["head_init"] == "imagenet" else None
     return weights.pretrained_model(config["model"], num_classes, weights_source,
                                     input_shape=(config["image_size"], config["image_size"], 3),
-                                    dropout=config["dropout"], l1=config["l1"], l2=config["l2"])
+                                    dropout=config["dropout"], l1=config["l1"], l2=config["l2"],
+                                    head_from_imagenet=head_from_imagenet)
 
 
 def train(config, extra_callbacks=()):
@@ -149,7 +155,7 @@ def train(config, extra_callbacks=()):
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
             with strategy.scope():
-                model = build_model(config, len(records.class_names), config["weights"])
+                model = build_model(config, len(records.class_names), config["weights"], records.class_names)
             if task is not None:
                 fit_under_multi_worker(model)
         finally:

@@ -14,7 +14,7 @@ Example:
 
 from tfdogs import models
 from tfdogs.weights.fetch import default_cache_dir, fetch
-from tfdogs.weights.load import imagenet_head, load_pretrained
+from tfdogs.weights.load import hub_imagenet_classifier, imagenet_head, load_pretrained, start_head_from_imagenet
 from tfdogs.weights.registry import (
     CONVENTIONS,
     REGISTRY,
@@ -27,11 +27,11 @@ from tfdogs.weights.registry import (
 )
 
 __all__ = ["CONVENTIONS", "REGISTRY", "SOURCES", "WeightSpec", "WeightsError", "converter_preprocessing",
-           "default_cache_dir", "fetch", "hub_preprocessing", "imagenet_head", "load_pretrained", "pretrained_model",
-           "resolve_preprocessing"]
+           "default_cache_dir", "fetch", "hub_imagenet_classifier", "hub_preprocessing", "imagenet_head",
+           "load_pretrained", "pretrained_model", "resolve_preprocessing", "start_head_from_imagenet"]
 
 
-def pretrained_model(name, num_classes, weights=None, **build_arguments):
+def pretrained_model(name, num_classes, weights=None, *, head_from_imagenet=None, **build_arguments):
     """`tfdogs.models.build`, then the pretrained weights loaded into it.
 
     Args:
@@ -42,6 +42,9 @@ def pretrained_model(name, num_classes, weights=None, **build_arguments):
             (see `load_pretrained`); for a keras-hub model, ``"preset"`` or None.
             The ImageNet classifier is kept only when its shape matches
             ``num_classes``; otherwise ``fc`` stays freshly initialised.
+        head_from_imagenet: the data set's breeds, to start ``fc`` from the weights' ImageNet
+            classifier's rows of those breeds (`start_head_from_imagenet`; a line says how many);
+            None, or weights without a 1000-class classifier: a random start.
         **build_arguments: ``input_shape``, ``dropout``, ``l1``, ``l2``.
 
     Returns:
@@ -52,10 +55,16 @@ def pretrained_model(name, num_classes, weights=None, **build_arguments):
         WeightsError: weights that cannot be found, fetched or converted.
     """
     if models.is_hub_name(name):
-        return models.build(name, num_classes, weights, **build_arguments)
-    if name == "lenet5" and weights is not None:
-        raise ValueError(f"lenet5 is trained from scratch and has no pretrained weights; got weights={weights!r}.")
-    model = models.build(name, num_classes, **build_arguments)
-    if weights is not None:
-        load_pretrained(model, weights, arch=name)
+        model = models.build(name, num_classes, weights, **build_arguments)
+        imagenet = hub_imagenet_classifier(name) if head_from_imagenet and imagenet_head(weights, name) else None
+    else:
+        if name == "lenet5" and weights is not None:
+            raise ValueError(f"lenet5 is trained from scratch and has no pretrained weights; got weights={weights!r}.")
+        model = models.build(name, num_classes, **build_arguments)
+        imagenet = None if weights is None else load_pretrained(model, weights, arch=name)
+    if head_from_imagenet and imagenet is not None and num_classes != 1000:
+        started = start_head_from_imagenet(model, imagenet, head_from_imagenet)
+        left = [breed for breed in head_from_imagenet if breed not in started]
+        print(f"Head: {len(started)} of {len(head_from_imagenet)} breeds start from the ImageNet classifier's rows"
+              + (f"; {', '.join(left)} (no ImageNet class) start at random." if left else "."))
     return model

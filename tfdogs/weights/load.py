@@ -2,10 +2,14 @@
 
 import pathlib
 
+import keras
+import numpy as np
+
 from tfdogs import files, models
+from tfdogs.data import breeds
 from tfdogs.models import build, hub, stage_of
 from tfdogs.weights.fetch import default_cache_dir, fetch
-from tfdogs.weights.port import checkpoint_num_classes, convert_state_dict, read_checkpoint
+from tfdogs.weights.port import checkpoint_num_classes, convert_state_dict, read_checkpoint, torch_key
 from tfdogs.weights.registry import CACHE_SUBDIR, REGISTRY, SOURCES, WeightsError, registry_entry, source_of
 
 
@@ -65,7 +69,7 @@ def load_pretrained(model, weights, arch):
 
     The backbone is always loaded; ``fc`` is loaded only when the checkpoint's
     classifier has the model's width (e.g. 1000 ImageNet classes), otherwise it
-    keeps its fresh initialisation.
+    keeps its fresh initialisation (see `start_head_from_imagenet`).
 
     Args:
         model: the Keras ResNet to fill in place.
@@ -76,6 +80,10 @@ def load_pretrained(model, weights, arch):
             (written by ``python -m tfdogs.port`` or ``model.save_weights``).
         arch: ``"resnet18"``, ``"resnet34"`` or ``"efficientnet_lite0"`` .. ``"efficientnet_lite2"``.
 
+    Returns:
+        The checkpoint's ImageNet classifier, (kernel [features, 1000], bias [1000]), or None
+        when its classifier is not a 1000-class one.
+
     Raises:
         WeightsError: unknown weights, download failure, or weights that do not fit.
         tfdogs.weights.port.PortError: a checkpoint whose keys or shapes do not match.
@@ -84,8 +92,9 @@ def load_pretrained(model, weights, arch):
         registry_entry(weights, arch)  # an unknown timm:NAME is refused naming the known ones
     if isinstance(weights, str) and weights in SOURCES:
         spec = registry_entry(weights, arch)
-        _copy_weights(_converted(spec, fetch(spec)), model)
-        return
+        reference = _converted(spec, fetch(spec))
+        _copy_weights(reference, model)
+        return _imagenet_classifier(reference.get_layer("fc").get_weights())
     path = pathlib.Path(weights)
     if not path.is_file():
         raise WeightsError(
@@ -98,10 +107,66 @@ def load_pretrained(model, weights, arch):
         except Exception as error:
             raise WeightsError(f"{path} does not hold {arch} weights: {error}") from error
         _copy_weights(reference, model)
-        return
+        return _imagenet_classifier(reference.get_layer("fc").get_weights())
     state_dict = read_checkpoint(path)
     include_head = checkpoint_num_classes(state_dict) == _classifier_width(model)
     convert_state_dict(model, state_dict, include_head=include_head)
+    key = torch_key(model.name, "fc")
+    if f"{key}.weight" not in state_dict or f"{key}.bias" not in state_dict:
+        return None
+    return _imagenet_classifier([np.transpose(state_dict[f"{key}.weight"]), state_dict[f"{key}.bias"]])
+
+
+def _imagenet_classifier(values):
+    """(kernel [features, 1000], bias [1000]) from a classifier's weights, or None if it is not ImageNet's."""
+    if len(values) != 2 or values[0].ndim != 2 or values[0].shape[1] != 1000:
+        return None
+    return np.asarray(values[0], np.float32), np.asarray(values[1], np.float32)
+
+
+def hub_imagenet_classifier(name):
+    """A keras-hub ImageClassifier preset's own ImageNet classifier (kernel, bias), or None.
+
+    Its last 1000-unit Dense layer on the backbone's pooled features, as tfdogs' ``fc`` sits
+    on ``avgpool``.
+    """
+    classifier = hub.imagenet_classifier(models.preset_of(name))
+    dense = [layer for layer in classifier.layers if isinstance(layer, keras.layers.Dense) and layer.units == 1000]
+    return _imagenet_classifier(dense[-1].get_weights()) if dense else None
+
+
+def start_head_from_imagenet(model, imagenet_classifier, class_names):
+    """Starts the new classifier's column of each breed as the ImageNet classifier's row of that breed.
+
+    A breed that ImageNet splits (``poodle``) starts from the mean of its classes' weights and the
+    log-sum-exp of their biases, so that its logit starts near the log of their summed probabilities.
+    Breeds ImageNet lacks keep their random start.
+
+    Args:
+        model: a model whose ``fc`` has one unit per breed, in `class_names` order.
+        imagenet_classifier: (kernel [features, 1000], bias [1000]) of the weights' ImageNet classifier.
+        class_names: the data set's breeds.
+
+    Returns:
+        The breeds that started from ImageNet's rows.
+    """
+    kernel, bias = imagenet_classifier
+    fc = model.get_layer("fc")
+    new_kernel, new_bias = (np.array(value) for value in fc.get_weights())
+    if new_kernel.shape[0] != kernel.shape[0]:
+        raise WeightsError(f"The ImageNet classifier takes {kernel.shape[0]} features, {model.name}'s fc "
+                           f"{new_kernel.shape[0]}.")
+    started = []
+    for index, name in enumerate(class_names):
+        try:
+            columns = list(breeds.imagenet_classes(name))
+        except KeyError:
+            continue
+        new_kernel[:, index] = kernel[:, columns].mean(axis=1)
+        new_bias[index] = np.logaddexp.reduce(bias[columns].astype(np.float64))
+        started.append(name)
+    fc.set_weights([new_kernel, new_bias])
+    return started
 
 
 def imagenet_head(weights, arch):
