@@ -13,11 +13,12 @@ import pathlib
 import yaml
 
 from tfdogs import files
-from tfdogs.config.keys import CHOICES, DEFAULT_WEIGHT_DECAY, DEFAULTS, HELP, NUMBER_OR_NULL, RANGES, WHOLE_OR_NULL
+from tfdogs.config.keys import (BOOL_OR_AUTO, CHOICES, DEFAULT_WEIGHT_DECAY, DEFAULTS, HELP, NUMBER_OR_NULL, RANGES,
+                                WHOLE_OR_NULL)
 
 # Any keras-hub image backbone: keras_hub:PRESET (a preset name, a handle or a local preset directory;
 # tfdogs.models.hub). Its weights are the preset's: weights "preset" (the default) or none.
-from tfdogs.models import HUB_WEIGHTS
+from tfdogs.models import HUB_WEIGHTS, LITE_PREFIX
 from tfdogs.models.hub import PREFIX as HUB_PREFIX
 
 
@@ -78,9 +79,10 @@ def _check_type(key, value):
                 allowed += f", {HUB_PREFIX}PRESET (any keras-hub image backbone)"
             raise ConfigError(f"Config key '{key}' is {value!r}; allowed values: {allowed}.")
         return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
+    if isinstance(default, bool) or key in BOOL_OR_AUTO:
+        if not isinstance(value, bool) and not (key in BOOL_OR_AUTO and value == "auto"):
+            raise ConfigError(f"Config key '{key}' must be true or false{' or auto' * (key in BOOL_OR_AUTO)}, "
+                              f"got {value!r}.")
         return value
     if isinstance(default, int) or key in WHOLE_OR_NULL:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -155,6 +157,8 @@ def validate(config):
             f"Config key 'weights' is {checked['weights']!r}, but "
             + (f"{checked['model']} takes its weights from its preset; use weights: {HUB_WEIGHTS} (or none)."
                if hub else f"only keras_hub:PRESET models have {HUB_WEIGHTS!r} weights."))
+    if checked["freeze_bn"] == "auto":
+        checked["freeze_bn"] = checked["model"].startswith(LITE_PREFIX)
     if checked["strategy"] == "auto":
         checked["strategy"] = "scratch" if checked["weights"] is None else "fine-tune"
     elif checked["strategy"] != "scratch" and checked["weights"] is None:
@@ -205,7 +209,7 @@ def add_arguments(parser):
     parser.add_argument("--config", help="YAML file of settings; flags override it")
     for key, default in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or key in BOOL_OR_AUTO:
             parser.add_argument(flag, dest=key, default=None, action=argparse.BooleanOptionalAction, help=HELP[key])
         elif isinstance(default, float) or key in NUMBER_OR_NULL:
             parser.add_argument(flag, dest=key, default=None, type=float, help=HELP[key])
