@@ -18,6 +18,7 @@ from efficientnet_lite_pytorch import EfficientNet
 
 from tfdogs import data, models, weights, zeroshot
 from tfdogs.data import breeds
+from tfdogs.evaluation import gradcam
 from tfdogs.serving import fold
 from tfdogs.weights import WeightsError
 
@@ -153,3 +154,17 @@ def test_folding_the_batch_norms_into_the_depthwise_convolutions_keeps_the_answe
     images = np.random.default_rng(5).normal(size=(3, 96, 96, 3)).astype(np.float32)
     expected = model(images, training=False).numpy()
     assert np.abs(folded(images, training=False).numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_grad_cam_explains_the_last_stage_on_its_32_pixel_grid():
+    model = models.build("efficientnet_lite0", 10, input_shape=(224, 224, 3))
+    layer = gradcam.target_layer_name(model)
+    assert layer == "layer4.relu_head"
+    # Five stride-2 convolutions (the stem and four depthwise) with TensorFlow's SAME padding: cell i of the
+    # 7 x 7 grid is centred on input pixel 32 i + 16.5 less the pixels SAME puts before each (k - s) // 2.
+    centre, spacing = gradcam.cell_geometry(model, layer)
+    assert spacing == 32
+    expected = 0.5
+    for kernel, stride_product in ((3, 1), (3, 2), (5, 4), (3, 8), (5, 16)):  # stem, then layer1 .. layer4
+        expected += ((kernel - 1) / 2 - (kernel - 2) // 2) * stride_product
+    assert centre == expected

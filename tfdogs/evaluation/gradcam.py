@@ -69,7 +69,7 @@ def cell_geometry(model, layer_name):
         if isinstance(layer, keras.layers.ZeroPadding2D):
             centre -= layer.padding[0][0] * spacing
             continue
-        if isinstance(layer, keras.layers.Conv2D):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
             kernel, stride, padding = layer.kernel_size[0], layer.strides[0], layer.padding
         elif isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
             kernel, stride, padding = layer.pool_size[0], layer.strides[0], layer.padding
