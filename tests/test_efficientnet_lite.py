@@ -168,3 +168,12 @@ def test_grad_cam_explains_the_last_stage_on_its_32_pixel_grid():
     for kernel, stride_product in ((3, 1), (3, 2), (5, 4), (3, 8), (5, 16)):  # stem, then layer1 .. layer4
         expected += ((kernel - 1) / 2 - (kernel - 2) // 2) * stride_product
     assert centre == expected
+
+
+def test_random_starts_and_unknown_files_take_the_efficientnet_lite_transform(tmp_path, capsys):
+    assert weights.resolve_preprocessing(None, "efficientnet_lite1", 240) == _entry(1).preprocessing(240)
+    other = tmp_path / "fine-tuned.pth"
+    torch.save({"_fc.weight": torch.zeros(3, 1280)}, other)
+    assert weights.resolve_preprocessing(str(other), "efficientnet_lite0", 224) == _entry(0).preprocessing(224)
+    assert "EfficientNet-Lite transform" in capsys.readouterr().out
+    assert weights.resolve_preprocessing(str(other), "efficientnet_lite0", 224, "timm").mean == (0.485, 0.456, 0.406)

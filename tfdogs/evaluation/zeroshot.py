@@ -51,7 +51,8 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     """Scores the ImageNet classifier restricted to the data set's breeds.
 
     Args:
-        model_name: "resnet18", "resnet34" or "keras_hub:PRESET" (an ImageClassifier preset).
+        model_name: a `tfdogs.models.MODEL_NAMES` network other than lenet5, or "keras_hub:PRESET" (an
+            ImageClassifier preset).
         records: the labelled photos (`data.Records`).
         indices: which of them to score.
         weights_source: "imagenet", "timm" or a checkpoint path with a 1000-class head ("preset" for keras-hub).

@@ -205,7 +205,8 @@ def resolve_preprocessing(weights, arch, image_size, declared="auto"):
     entry's record, wherever it lies and whatever its name. Any other file
     (and random initialisation) follows `declared`: ``"torchvision"`` or
     ``"timm"`` take that family's record (resnet18's entry), ``"auto"``
-    assumes torchvision's and prints a line saying so for a checkpoint.
+    assumes torchvision's (TensorFlow's EfficientNet-Lite transform for those
+    networks) and prints a line saying so for a checkpoint.
 
     Args:
         weights: None, ``"imagenet"``, ``"timm"`` or a checkpoint path.
@@ -231,6 +232,12 @@ def resolve_preprocessing(weights, arch, image_size, declared="auto"):
                 f"{spec.file_name} (resize_rounding {spec.resize_rounding!r}, interpolation "
                 f"{spec.interpolation!r}); leave weights_preprocessing at auto.")
         return spec.preprocessing(image_size)
+    if declared == "auto" and (arch, "tensorflow") in REGISTRY:  # EfficientNet-Lite: TensorFlow's transform
+        record = REGISTRY[(arch, "tensorflow")].preprocessing(image_size)
+        if weights is not None:
+            print(f"Preprocessing: {weights} matches no checkpoint in the registry; assuming TensorFlow's "
+                  f"EfficientNet-Lite transform ((x - 127) / 128, bicubic, crop {record.crop_fraction:.3f}).")
+        return record
     convention = "torchvision" if declared == "auto" else declared
     record = REGISTRY[("resnet18", convention)].preprocessing(image_size)
     if weights is not None and declared == "auto":
