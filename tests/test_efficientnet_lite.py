@@ -13,6 +13,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import torch
 from efficientnet_lite_pytorch import EfficientNet
 
@@ -177,3 +178,28 @@ def test_random_starts_and_unknown_files_take_the_efficientnet_lite_transform(tm
     assert weights.resolve_preprocessing(str(other), "efficientnet_lite0", 224) == _entry(0).preprocessing(224)
     assert "EfficientNet-Lite transform" in capsys.readouterr().out
     assert weights.resolve_preprocessing(str(other), "efficientnet_lite0", 224, "timm").mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.slow
+def test_a_discriminative_run_from_the_real_weights_exports_the_model_it_trained(tmp_path):
+    from conftest import small_config
+
+    from tfdogs.data.preprocessing import Preprocessing
+    from tfdogs.evaluation import predictions
+    from tfdogs.runs import folder
+    from tfdogs.training import loop
+
+    run_dir = loop.train(small_config(
+        model="efficientnet_lite0", weights="imagenet", strategy="discriminative", image_size=64, epochs=1,
+        output=str(tmp_path / "run"), export_dir=str(tmp_path / "export")))
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    record = Preprocessing.load(run_dir / "preprocessing.json")
+    assert record == _entry(0).preprocessing(64)
+    records, _, val_indices = folder.load_run(run_dir).split()
+    paths = [records.paths[index] for index in val_indices[:6]]
+    model = keras.saving.load_model(run_dir / "model.keras")
+    expected = predictions.predict_probabilities(model, data.make_dataset(
+        paths, np.zeros(len(paths), np.int64), batch_size=6, training=False, **record.as_dict()))
+    served = tf.saved_model.load(summary["export"]).signatures["serving_default"](
+        image_bytes=tf.constant([open(path, "rb").read() for path in paths]))["probabilities"].numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
