@@ -40,9 +40,10 @@ from tfdogs.runs.folder import RunFolderError
 from tfdogs.training.phases import TrainingError
 
 
-def main(argv=None):
-    """Command-line entry point: trains configs if asked, compares, prints the table."""
+def build_parser():
+    """The command line's flags; `--help` ends with the examples of this module's docstring."""
     parser = argparse.ArgumentParser(prog="python -m tfdogs.compare", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Examples:"):],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="*", metavar="RUN_DIR", help="run folders (or ensemble folders)")
     parser.add_argument("--configs", nargs="+", default=[], metavar="CONFIG",
@@ -55,7 +56,12 @@ def main(argv=None):
     parser.add_argument("--exports-dir", help="where --configs SavedModels go (default saved_models)")
     parser.add_argument("--zeroshot", nargs="+", default=[], metavar="FILE",
                         help="zero-shot result files (python -m tfdogs.zeroshot) to add as baselines")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point: trains configs if asked, compares, prints the table."""
+    args = build_parser().parse_args(argv)
     output = pathlib.Path(args.output or pathlib.Path("reports") / args.name)
     try:
         folders = list(args.folders)

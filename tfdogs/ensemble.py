@@ -21,7 +21,8 @@ the message and `ensemble.json` say so and how many images remain.
 
 Examples:
     python -m tfdogs.ensemble runs/resnet18-a runs/resnet34-b --output runs/ensemble-resnets
-    python -m tfdogs.ensemble runs/resnet18-a runs/resnet34-b --member-weights 1 2
+    python -m tfdogs.ensemble runs/resnet18-a runs/resnet34-b --member-weights 1 2 --output runs/ensemble-weighted
+    python -m tfdogs.ensemble runs/resnet18-a runs/lenet5-c --export-dir saved_models/dogs
 """
 
 import argparse
@@ -33,16 +34,23 @@ from tfdogs.runs.ensemble import ensemble
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError
 
 
-def main(argv=None):
-    """Command-line entry point: ensembles runs, prints members' and ensemble's scores."""
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.ensemble", description=__doc__.split("\n\n")[0])
+def build_parser():
+    """The command line's flags; `--help` ends with the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.ensemble", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Examples:"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of the members")
     parser.add_argument("--output", help="ensemble folder (default runs/ensemble-<timestamp>)")
     parser.add_argument("--member-weights", type=float, nargs="+", metavar="WEIGHT",
                         help="one weight per member, in order (default: equal)")
     parser.add_argument("--export-dir", help="SavedModel base folder (default saved_models/<output name>)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point: ensembles runs, prints members' and ensemble's scores."""
+    args = build_parser().parse_args(argv)
     try:
         output = ensemble(args.run_dirs, args.output, member_weights=args.member_weights,
                           export_dir=args.export_dir, batch_size=args.batch_size)

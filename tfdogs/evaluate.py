@@ -23,8 +23,7 @@ each with its mirror image (a bare `--tta` means 2).
 
 Examples:
     python -m tfdogs.evaluate runs/resnet18-20240101-120000
-    python -m tfdogs.evaluate runs/resnet18-20240101-120000 --tta 10
-    python -m tfdogs.evaluate runs/ensemble-resnets
+    python -m tfdogs.evaluate runs/ensemble-resnets --tta 10
     python -m tfdogs.evaluate runs/lenet --data-dir path/to/other/labelled/photos --output reports/lenet-other
 """
 
@@ -39,9 +38,11 @@ from tfdogs.runs.evaluation import evaluate
 from tfdogs.runs.folder import RunFolderError
 
 
-def main(argv=None):
-    """Command-line entry point: evaluates one run or ensemble and prints the scores and worst breeds."""
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser():
+    """The command line's flags; `--help` ends with the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Examples:"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run folder (python -m tfdogs.train) or ensemble folder (tfdogs.ensemble)")
     parser.add_argument("--data-dir",
                         help="another labelled data set to score on (default: the run's validation split)")
@@ -57,7 +58,12 @@ def main(argv=None):
                         help="1: a progress bar on a terminal for a few hundred photos or more")
     parser.add_argument("--calibrate", action="store_true",
                         help="refit the temperature on these images and report the calibrated scores too")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point: evaluates one run or ensemble and prints the scores and worst breeds."""
+    args = build_parser().parse_args(argv)
     try:
         result = evaluate(args.run_dir, data_dir=args.data_dir, tta=args.tta, output=args.output,
                           batch_size=args.batch_size, top_pairs=args.top_pairs, report=not args.no_report,

@@ -1,11 +1,12 @@
 """`python -m tfdogs.export`: a run folder or an ensemble folder as a SavedModel (TF Serving) or a TFLite file.
 
+What an export holds (signatures, outputs, `tfdogs.json`) is said in
+`tfdogs.serving.saved_model` and `tfdogs.serving.tflite`.
+
+Examples:
     python -m tfdogs.export runs/resnet18-demo                  # saved_models/resnet18-demo/<next version>
     python -m tfdogs.export runs/resnet18-demo --tta 10         # ten views of each image, averaged
     python -m tfdogs.export runs/resnet18-demo --format tflite  # runs/resnet18-demo/tflite/model.tflite
-
-What an export holds (signatures, outputs, `tfdogs.json`) is said in
-`tfdogs.serving.saved_model` and `tfdogs.serving.tflite`.
 """
 
 import argparse
@@ -18,11 +19,12 @@ from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.serving.tflite import export_tflite
 
 
-def main(argv=None):
-    """Command-line entry point: exports a run or ensemble folder as a SavedModel or a TFLite file."""
+def build_parser():
+    """The command line's flags; `--help` ends with the examples of this module's docstring."""
     parser = argparse.ArgumentParser(
         prog="python -m tfdogs.export",
-        description="Exports a run folder or an ensemble folder as a SavedModel (TF Serving) or TFLite file.")
+        description="Exports a run folder or an ensemble folder as a SavedModel (TF Serving) or TFLite file.",
+        epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="run folder (python -m tfdogs.train) or ensemble folder (tfdogs.ensemble)")
     parser.add_argument("--format", choices=("saved_model", "tflite"), default="saved_model",
                         help="saved_model: the next numeric version under --output; tflite: model.tflite, "
@@ -33,7 +35,12 @@ def main(argv=None):
                         help="test-time augmentation in the SavedModel: answer the mean softmax of N views of "
                              "each image: 1 none, 2 the evaluation crop and its mirror, 10 the centre and four "
                              "corner crops and their mirrors (same signatures)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point: exports a run or ensemble folder as a SavedModel or a TFLite file."""
+    args = build_parser().parse_args(argv)
     folder = pathlib.Path(args.model)
     if args.format == "tflite" and args.tta != 1:
         print(f"error: --tta {args.tta} is for SavedModel exports only: the TFLite file takes one image already "

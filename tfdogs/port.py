@@ -1,9 +1,14 @@
 """`python -m tfdogs.port`: converts a torchvision or timm ResNet checkpoint into a ``.weights.h5`` file.
 
+The conversion itself is `tfdogs.weights.port`. Training converts registry
+weights by itself; this is for a checkpoint file to convert once by hand.
+
+Examples:
     python -m tfdogs.port --arch resnet18 --checkpoint resnet18-f37072fd.pth \\
         --output resnet18_imagenet.weights.h5
-
-The conversion itself is `tfdogs.weights.port`.
+    python -m tfdogs.port --arch resnet34 --checkpoint model.safetensors --output resnet34-timm.weights.h5
+    python -m tfdogs.port --arch resnet18 --checkpoint resnet18-f37072fd.pth --num-classes 120 \\
+        --output resnet18-120.weights.h5
 """
 
 import argparse
@@ -23,16 +28,7 @@ def main(argv=None):
     Returns:
         The path of the written weights file.
     """
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.port", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", required=True, choices=("resnet18", "resnet34"))
-    parser.add_argument("--checkpoint", required=True, help="torchvision .pth or timm .safetensors file")
-    parser.add_argument("--output", required=True, help="destination, must end in .weights.h5")
-    parser.add_argument(
-        "--num-classes",
-        type=int,
-        default=1000,
-        help="classifier width; when it differs from the checkpoint's, fc is left freshly initialised",
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.output.endswith(".weights.h5"):
         parser.error("--output must end in .weights.h5 (Keras' weights format).")
@@ -47,6 +43,23 @@ def main(argv=None):
     head = "with its classifier" if include_head else f"with a fresh {args.num_classes}-class classifier"
     print(f"Wrote {output} ({args.arch}, {head}).", file=sys.stderr)
     return output
+
+
+def build_parser():
+    """The command line's flags; `--help` ends with the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.port", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Examples:"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", required=True, choices=("resnet18", "resnet34"))
+    parser.add_argument("--checkpoint", required=True, help="torchvision .pth or timm .safetensors file")
+    parser.add_argument("--output", required=True, help="destination, must end in .weights.h5")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=1000,
+        help="classifier width; when it differs from the checkpoint's, fc is left freshly initialised",
+    )
+    return parser
 
 
 if __name__ == "__main__":

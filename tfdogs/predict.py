@@ -26,7 +26,6 @@ not be read, 2 the model could not be loaded.
 Examples:
     python -m tfdogs.predict runs/resnet18-20240101-120000 dog.jpg other_dog.png
     python -m tfdogs.predict saved_models/resnet18-20240101-120000 photos/ --json
-    python -m tfdogs.predict runs/resnet18-20240101-120000 dog.jpg --tta 10
     python -m tfdogs.predict runs/resnet18-20240101-120000 photos/ --json --explain why/   # heat maps
 """
 
@@ -49,6 +48,20 @@ from tfdogs.runs.predictor import (
 ALL_ANSWERED, SOME_FAILED, NOTHING_RUN = 0, 1, 2
 
 
+def build_parser():
+    """The command line's flags; `--help` ends with the exit statuses and the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.predict", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 every image answered, 1 some images could not be read "
+                                            "(the rest are answered), 2 the model could not be loaded.\n\n"
+                                            + __doc__[__doc__.index("Examples:"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, images=True)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--explain", metavar="DIR", help="write a heat map (Grad-CAM) of each answered image's "
+                        "top breed to DIR/<image name>.png; needs a run or ensemble folder (tfdogs.runs.explain)")
+    return parser
+
+
 def main(argv=None):
     """Command-line entry point: prints the top-5 breeds of each image.
 
@@ -57,14 +70,7 @@ def main(argv=None):
         others are answered and each failure is named), 2 when the model
         cannot be loaded or the command line is wrong.
     """
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.predict", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 every image answered, 1 some images could not be read "
-                                            "(the rest are answered), 2 the model could not be loaded.")
-    add_model_arguments(parser, images=True)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--explain", metavar="DIR", help="write a heat map (Grad-CAM) of each answered image's "
-                        "top breed to DIR/<image name>.png; needs a run or ensemble folder (tfdogs.runs.explain)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     inputs = image_inputs(args.images)
     try:
         predictor = load_predictor(args.model, tta=args.tta)

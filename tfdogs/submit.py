@@ -21,13 +21,20 @@ from tfdogs.runs.predictor import PredictError, add_model_arguments
 from tfdogs.runs.submission import SubmissionError, write_submission
 
 
-def main(argv=None):
-    """Command-line entry point: writes the submission and says where."""
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.submit", description=__doc__.split("\n\n")[0])
+def build_parser():
+    """The command line's flags; `--help` ends with the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.submit", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Examples:"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--data-dir", required=True, help="the Kaggle dog-breed-identification folder")
     parser.add_argument("--output", default="submission.csv", help="CSV file to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point: writes the submission and says where."""
+    args = build_parser().parse_args(argv)
     try:
         table = write_submission(args.model, args.data_dir, args.output, batch_size=args.batch_size,
                                  verbose=args.verbose, tta=args.tta)

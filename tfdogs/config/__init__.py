@@ -204,19 +204,58 @@ def validate(config):
     return checked
 
 
+# The train command's --help, and docs/configuration.md, show the keys in these groups, in this order.
+GROUPS = (
+    ("data", "where the photos come from and how they are split", (
+        "data", "data_dir", "strict", "val_fraction", "synthetic_classes", "synthetic_images_per_class")),
+    ("model", "the network, its starting weights and its input", (
+        "model", "weights", "weights_preprocessing", "head_init", "image_size", "dropout", "l1", "l2")),
+    ("training", "what trains, how fast, and for how long", (
+        "strategy", "epochs", "head_epochs", "batch_size", "optimizer", "learning_rate", "backbone_lr_factor",
+        "momentum", "weight_decay", "schedule", "warmup_epochs", "freeze_bn", "label_smoothing", "ema", "monitor",
+        "early_stopping_patience", "calibrate", "finetune_image_size", "finetune_epochs", "steps_per_epoch",
+        "seed")),
+    ("augmentation", "what the training photos go through (validation photos get the evaluation crop only)", (
+        "flip", "rotation", "zoom", "translation", "contrast", "crop_scale_min", "randaugment", "augmix",
+        "random_erasing", "mixup", "cutmix")),
+    ("speed and devices", "the same training, computed differently", (
+        "cache", "feature_views", "jit_compile", "precision", "distribute")),
+    ("output", "where the run goes and what it prints", ("output", "export_dir", "verbose")),
+)
+
+
+def grouped_keys():
+    """Every key of `DEFAULTS` once, as (group name, description, keys); keys no group names come last."""
+    named = {key for _, _, keys in GROUPS for key in keys}
+    others = tuple(key for key in DEFAULTS if key not in named)
+    groups = [(name, about, tuple(key for key in keys if key in DEFAULTS)) for name, about, keys in GROUPS]
+    return groups + ([("other", "", others)] if others else [])
+
+
 def add_arguments(parser):
-    """Adds one flag per config key (`--learning-rate` for `learning_rate`) plus `--config`."""
+    """Adds one flag per config key (`--learning-rate` for `learning_rate`), in `GROUPS`, plus `--config`."""
     parser.add_argument("--config", help="YAML file of settings; flags override it")
-    for key, default in DEFAULTS.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(default, bool) or key in BOOL_OR_AUTO:
-            parser.add_argument(flag, dest=key, default=None, action=argparse.BooleanOptionalAction, help=HELP[key])
-        elif isinstance(default, float) or key in NUMBER_OR_NULL:
-            parser.add_argument(flag, dest=key, default=None, type=float, help=HELP[key])
-        elif isinstance(default, int) or key in WHOLE_OR_NULL:
-            parser.add_argument(flag, dest=key, default=None, type=int, help=HELP[key])
-        else:
-            parser.add_argument(flag, dest=key, default=None, help=HELP[key])
+    for name, about, keys in grouped_keys():
+        group = parser.add_argument_group(name, about)
+        for key in keys:
+            _add_flag(group, key)
+
+
+def _add_flag(group, key):
+    # A flag left out stays out of the namespace (SUPPRESS), so `resolve` can tell it from a value given; the
+    # help states the table's default instead of argparse's None.
+    default, flag = DEFAULTS[key], "--" + key.replace("_", "-")
+    shown = "true" if default is True else "false" if default is False else default
+    help_text = HELP[key] if default is None or "default" in HELP[key] else f"{HELP[key]} (default: {shown})"
+    options = dict(dest=key, default=argparse.SUPPRESS, help=help_text)
+    if isinstance(default, bool) or key in BOOL_OR_AUTO:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+    elif isinstance(default, float) or key in NUMBER_OR_NULL:
+        group.add_argument(flag, type=float, **options)
+    elif isinstance(default, int) or key in WHOLE_OR_NULL:
+        group.add_argument(flag, type=int, **options)
+    else:
+        group.add_argument(flag, **options)
 
 
 def resolve(args):
