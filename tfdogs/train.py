@@ -1,7 +1,7 @@
 """`python -m tfdogs.train`: the study's experiment end to end.
 
-Loads labelled dog photos, splits them (stratified, seeded), trains LeNet-5 or
-ResNet-18/34 with a transfer strategy, and writes a run folder:
+Loads labelled dog photos, splits them (stratified, seeded), trains LeNet-5,
+ResNet-18/34 or EfficientNet-Lite0/1/2 with a transfer strategy, and writes a run folder:
 
     config.yaml    the resolved settings (re-run with --config RUN/config.yaml)
     problems.csv   every bad file or labels.csv row, and whether it was skipped,
@@ -17,8 +17,8 @@ ResNet-18/34 with a transfer strategy, and writes a run folder:
 and a SavedModel for TF Serving under `saved_models/<run name>/<version>/`.
 
 Examples:
-    python -m tfdogs.train --model resnet18 --data-dir path/to/dog-breed-identification
-    python -m tfdogs.train --config configs/lenet5.yaml --epochs 3 --output runs/lenet
+    python -m tfdogs.train --model efficientnet_lite0 --data-dir path/to/photos
+    python -m tfdogs.train --config configs/resnet18.yaml --data-dir path/to/dog-breed-identification
     python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --image-size 64
 
 Running the same command (same --output) after an interruption, even kill -9,
@@ -42,12 +42,20 @@ from tfdogs.training.prepare import output_folders
 from tfdogs.training.resume import resume_epoch
 
 
+def build_parser():
+    """Every config key as a flag, in groups; `--help` ends with the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tfdogs.train", description=__doc__.split("\n\n")[0],
+        usage="python -m tfdogs.train [--config FILE] [--KEY VALUE ...]",
+        epilog=__doc__[__doc__.index("Examples:"):__doc__.index("\n\nRunning")],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_lib.add_arguments(parser)
+    return parser
+
+
 def main(argv=None):
     """Command-line entry point: parses flags, trains, prints where everything went."""
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    config_lib.add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     command = ["python", "-m", "tfdogs.train", *(sys.argv[1:] if argv is None else argv)]
     config = run_dir = export_dir = None
     try:

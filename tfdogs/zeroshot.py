@@ -29,25 +29,36 @@ from tfdogs.evaluation.zeroshot import evaluate_zero_shot
 from tfdogs.runs.folder import load_run
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tfdogs.zeroshot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=[name for name in models.MODEL_NAMES if name != "lenet5"],
-                        help="default: the run's, else resnet18")
-    parser.add_argument("--weights", help="imagenet, timm or a 1000-class checkpoint path; "
-                                          "default: the run's, else imagenet")
-    parser.add_argument("--weights-preprocessing", choices=("auto", *weights.CONVENTIONS),
-                        help="preprocessing of a checkpoint file the registry does not know (default auto)")
-    parser.add_argument("--data-dir", help="labelled photos (Kaggle or class-folder layout)")
-    parser.add_argument("--run", help="a training run folder: its data, validation split, model, weights, "
+def build_parser():
+    """The command line's flags in groups; `--help` ends with the examples of this module's docstring."""
+    parser = argparse.ArgumentParser(prog="python -m tfdogs.zeroshot", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Examples:"):__doc__.index("\n\nBy default")],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    network = parser.add_argument_group("model and weights")
+    network.add_argument("--model", choices=[name for name in models.MODEL_NAMES if name != "lenet5"],
+                         help="default: the run's, else resnet18")
+    network.add_argument("--weights", help="imagenet, timm or a 1000-class checkpoint path; "
+                                           "default: the run's, else imagenet")
+    network.add_argument("--weights-preprocessing", choices=("auto", *weights.CONVENTIONS),
+                         help="preprocessing of a checkpoint file the registry does not know (default auto)")
+    network.add_argument("--image-size", type=int, help="default: the run's, else the weights' own (224 for "
+                                                        "ResNets, 224/240/260 for EfficientNet-Lite0/1/2)")
+    photos = parser.add_argument_group("photos")
+    photos.add_argument("--data-dir", help="labelled photos (Kaggle or class-folder layout)")
+    photos.add_argument("--run", help="a training run folder: its data, validation split, model, weights, "
                                       "image size and preprocessing record, unless flags say otherwise")
-    parser.add_argument("--subset", default="val", choices=("val", "all"),
+    photos.add_argument("--subset", default="val", choices=("val", "all"),
                         help="without --run: the default split's validation part, or every image")
-    parser.add_argument("--image-size", type=int, help="default: the run's, else the weights' own (224 for "
-                                                       "ResNets, 224/240/260 for EfficientNet-Lite0/1/2)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", help="JSON file (default RUN/zeroshot.json, else zeroshot-<model>.json)")
-    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1,
+    photos.add_argument("--batch-size", type=int, default=32)
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", help="JSON file (default RUN/zeroshot.json, else zeroshot-<model>.json)")
+    output.add_argument("--verbose", type=int, choices=(0, 1), default=1,
                         help="1: a progress bar on a terminal for a few hundred photos or more")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.run:
