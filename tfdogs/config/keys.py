@@ -27,7 +27,7 @@ DEFAULTS = {
     "weight_decay": None,
     "schedule": "cosine",
     "warmup_epochs": 0,
-    "head_init": "imagenet",
+    "head_init": "random",
     "dropout": 0.2,
     "l1": 0.0,
     "l2": 0.0,
@@ -154,9 +154,10 @@ HELP = {
     "biases or BatchNorm; default 0 for adam, 0.01 for adamw, 1e-4 for sgd",
     "schedule": "learning-rate schedule over the run: cosine decay or constant",
     "warmup_epochs": "epochs of linear warm-up before the schedule",
-    "head_init": "how the new classifier starts: imagenet (each breed's column from the weights' ImageNet "
-                 "classifier row of that breed, where the weights have a 1000-class head and ImageNet the breed; "
-                 "the first epoch then starts at the zero-shot baseline) or random",
+    "head_init": "how the new classifier starts: random, or imagenet (each breed's column from the weights' "
+                 "ImageNet classifier row of that breed, where the weights have a 1000-class head; the first epoch "
+                 "then starts near the zero-shot baseline). random is the default: on dogs10 it ended with the "
+                 "higher accuracy and, calibrated, the lower log loss",
     "dropout": "dropout rate before the classifier",
     "l1": "L1 penalty on the classifier weights",
     "l2": "L2 penalty on the classifier weights",

@@ -219,6 +219,9 @@ def imagenet_index(breed):
         raise KeyError(f"{breed!r} is not one of the 120 Kaggle dog breeds.") from None
 
 
+# ImageNet-1k's 118 domestic dog classes (Chihuahua .. Mexican hairless).
+IMAGENET_DOG_CLASSES = tuple(range(151, 269))
+
 # Common breed names that ImageNet-1k splits into several classes: the breed is their union.
 BREED_GROUPS = {"poodle": ("toy_poodle", "miniature_poodle", "standard_poodle")}
 

@@ -66,5 +66,6 @@ def pretrained_model(name, num_classes, weights=None, *, head_from_imagenet=None
         started = start_head_from_imagenet(model, imagenet, head_from_imagenet)
         left = [breed for breed in head_from_imagenet if breed not in started]
         print(f"Head: {len(started)} of {len(head_from_imagenet)} breeds start from the ImageNet classifier's rows"
-              + (f"; {', '.join(left)} (no ImageNet class) start at random." if left else "."))
+              + (f"; {', '.join(left)} (no ImageNet class) start as the mean of its 118 dog classes."
+                 if left else "."))
     return model
