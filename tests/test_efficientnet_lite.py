@@ -203,3 +203,15 @@ def test_a_discriminative_run_from_the_real_weights_exports_the_model_it_trained
     served = tf.saved_model.load(summary["export"]).signatures["serving_default"](
         image_bytes=tf.constant([open(path, "rb").read() for path in paths]))["probabilities"].numpy()
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_the_port_command_writes_weights_that_load_as_the_package_file_does(tmp_path):
+    from tfdogs import port as port_command
+
+    output = port_command.main(["--arch", "efficientnet_lite1", "--checkpoint", str(weights.fetch(_entry(1))),
+                                "--output", str(tmp_path / "lite1.weights.h5")])
+    assert weights.imagenet_head(str(output), "efficientnet_lite1")
+    ported = weights.pretrained_model("efficientnet_lite1", 1000, str(output), input_shape=(64, 64, 3))
+    reference = weights.pretrained_model("efficientnet_lite1", 1000, "imagenet", input_shape=(64, 64, 3))
+    for ours, theirs in zip(ported.weights, reference.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())

@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-from tfdogs.models import build
+from tfdogs.models import MODEL_NAMES, build
 from tfdogs.weights.port import checkpoint_num_classes, convert_state_dict, read_checkpoint
 
 
@@ -50,8 +50,10 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="python -m tfdogs.port", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__[__doc__.index("Examples:"):],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", required=True, choices=("resnet18", "resnet34"))
-    parser.add_argument("--checkpoint", required=True, help="torchvision .pth or timm .safetensors file")
+    parser.add_argument("--arch", required=True, choices=[name for name in MODEL_NAMES if name != "lenet5"])
+    parser.add_argument("--checkpoint", required=True,
+                        help="torchvision .pth, timm .safetensors or EfficientNet-Lite .pth (efficientnet-lite-pytorch "
+                             "keys) file")
     parser.add_argument("--output", required=True, help="destination, must end in .weights.h5")
     parser.add_argument(
         "--num-classes",
