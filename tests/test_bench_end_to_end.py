@@ -1,21 +1,32 @@
 """tfdogs.bench.end_to_end: whole commands timed alternately from the outside.
 
-The runner is tested on tiny Python commands that sleep and log their turn;
-the tfdogs commands of both jobs are run for one epoch at 32 px, so the flags
-`end_to_end_jobs` writes are ones `python -m tfdogs.train` accepts. The
-PyTorch script itself needs torchvision, which is not importable beside the
-project's torch: it is run by hand in its own environment (see its docstring).
+The runner is tested on tiny Python commands that sleep and log their turn
+(or write a tfdogs run's metrics and print the PyTorch script's last line);
+the tfdogs commands of every job are run for an epoch or two at 32 px, so the
+flags `end_to_end_jobs` writes are ones `python -m tfdogs.train` accepts. The
+PyTorch script needs torchvision, which is not importable beside the
+project's torch: its pure functions are tested imported with an empty
+stand-in for torchvision, and the whole script runs (slow tier) only where
+TFDOGS_TORCH_PYTHON names a Python that has torchvision.
 """
 
+import csv
+import enum
+import importlib.util
+import json
+import os
+import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tfdogs.bench import end_to_end as bench_end_to_end
+from tfdogs.bench import end_to_end as bench_end_to_end, results as bench_results
 from tfdogs.bench.end_to_end import REPEAT, CommandFailed, CommandPair
+from tfdogs.bench.pytorch import probe_torch
 
 # Sleeps for argv[1] seconds, then appends argv[3] to the file argv[2].
 SLEEP_AND_LOG = "import sys, time; time.sleep(float(sys.argv[1])); open(sys.argv[2], 'a').write(sys.argv[3] + '\\n')"
@@ -36,7 +47,7 @@ def test_commands_alternate_and_are_timed_from_outside(tmp_path):
     assert log.read_text().split() == expected
     assert [f"{row['job']}-{row['side']}-{row['repeat']}" for row in rows] == expected
 
-    summary = {row["job"]: row for row in bench_end_to_end.summarise(rows)}
+    summary = {row["job"]: row for row in bench_results.summarise(rows)}
     slow = summary["slow"]
     assert slow["tfdogs_seconds"] == pytest.approx(np.median(slow["tfdogs_runs"]))
     assert slow["torch_seconds"] == pytest.approx(np.median(slow["torch_runs"]))
@@ -46,7 +57,7 @@ def test_commands_alternate_and_are_timed_from_outside(tmp_path):
     assert slow["tfdogs_seconds"] - slow["torch_seconds"] == pytest.approx(0.4, abs=0.3)
     assert slow["ratio"] == pytest.approx(slow["torch_seconds"] / slow["tfdogs_seconds"])
     assert 0.2 < slow["ratio"] < 0.8
-    table = bench_end_to_end.format_markdown(list(summary.values()))
+    table = bench_results.format_markdown(list(summary.values()))
     assert f"| slow | {slow['tfdogs_seconds']:.1f} | {slow['torch_seconds']:.1f} | {slow['ratio']:.2f} |" in table
 
 
@@ -54,7 +65,7 @@ def test_summary_takes_medians_over_repeats():
     rows = [{"job": "a", "side": side, "repeat": repeat, "seconds": seconds}
             for repeat, (tfdogs, torch) in enumerate([(10.0, 30.0), (12.0, 20.0), (50.0, 25.0)])
             for side, seconds in (("tfdogs", tfdogs), ("torch", torch))]
-    (row,) = bench_end_to_end.summarise(rows)
+    (row,) = bench_results.summarise(rows)
     assert (row["tfdogs_seconds"], row["torch_seconds"]) == (12.0, 25.0)
     assert row["tfdogs_runs"] == [10.0, 12.0, 50.0] and row["torch_runs"] == [30.0, 20.0, 25.0]
     assert row["ratio"] == pytest.approx(25.0 / 12.0)
@@ -123,9 +134,11 @@ def test_the_tfdogs_commands_of_every_job_train(tmp_path):
     data_dir = tiny_breed_folders(tmp_path / "photos")
     checkpoint = torchvision_resnet18_checkpoint(tmp_path / "resnet18-random.pth")
     pairs = bench_end_to_end.end_to_end_jobs(data_dir, tmp_path / "runs", "torch-python", checkpoint=checkpoint,
-                                             scratch_epochs=1, feature_extract_epochs=1, batch_size=4, image_size=32)
+                                             scratch_epochs=1, feature_extract_epochs=1, batch_size=4, image_size=32,
+                                             lite_feature_extract_epochs=1, lite_head_epochs=1, lite_fine_tune_epochs=2)
     assert [pair.name for pair in pairs] == ["resnet18-scratch", "resnet18-feature-extract",
-                                             "resnet18-feature-extract-cached"]
+                                             "resnet18-feature-extract-cached", "efficientnet_lite0-feature-extract",
+                                             "efficientnet_lite0-fine-tune"]
     def without_output(command):
         return [part for part in command if "resnet18-feature-extract" not in part]
 
@@ -136,7 +149,7 @@ def test_the_tfdogs_commands_of_every_job_train(tmp_path):
         assert bench_end_to_end.expand(pair.tfdogs, 0) != bench_end_to_end.expand(pair.tfdogs, 1)
         assert bench_end_to_end.expand(pair.torch, 0) != bench_end_to_end.expand(pair.torch, 1)
         assert pair.torch[:2] == ("torch-python", str(bench_end_to_end.TORCH_SCRIPT))
-        assert ("--weights" in pair.torch) == pair.name.startswith("resnet18-feature-extract")
+        assert ("--weights" in pair.torch) == (pair.name != "resnet18-scratch")
         command = bench_end_to_end.expand(pair.tfdogs, 0)
         done = subprocess.run(command, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(command)}\n{done.stderr[-3000:]}"
@@ -144,6 +157,14 @@ def test_the_tfdogs_commands_of_every_job_train(tmp_path):
         assert (run_dir / "metrics.json").is_file() and (run_dir / "model.keras").is_file()
         assert ("Cached backbone features" in done.stdout) == pair.name.endswith("-cached")
         assert (tmp_path / "runs" / f"tfdogs-{pair.name}-r0-export" / "1").is_dir()
+        if pair.scored:  # the scores are read from what the real run wrote
+            scores = bench_results.read_scores("tfdogs", command, done.stdout)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert scores["best_accuracy"] == metrics["val"]["accuracy"]
+            assert scores["best_epoch"] == metrics["best_epoch"]
+            assert scores["final_accuracy"] == pytest.approx(metrics["final_val_accuracy"])
+            with open(run_dir / "split.csv", newline="") as file:  # the split the PyTorch command reads
+                assert {row["subset"] for row in csv.DictReader(file)} == {"train", "val"}
 
 
 def test_photo_like_folder_deals_distinct_photos_into_class_folders(tmp_path):
@@ -166,3 +187,230 @@ def test_photo_like_folder_deals_distinct_photos_into_class_folders(tmp_path):
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "few"), "--photos", "7", "--breeds", "4"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "each breed needs 2" in refused.stderr
+
+
+# ----------------------------------------------------------------------------- the EfficientNet-Lite0 jobs
+
+
+def test_lite_jobs_validate_torch_on_the_split_of_the_same_repeat(tmp_path):
+    pairs = {pair.name: pair for pair in bench_end_to_end.end_to_end_jobs(tmp_path / "photos", tmp_path / "runs",
+                                                                         "torch-python")}
+    flag = bench_results.flag_value
+    assert [name for name, pair in pairs.items() if pair.scored] == list(bench_end_to_end.LITE_JOBS)
+    for name in bench_end_to_end.LITE_JOBS:
+        for repeat in (0, 2):
+            tfdogs = bench_end_to_end.expand(pairs[name].tfdogs, repeat)
+            torch = bench_end_to_end.expand(pairs[name].torch, repeat)
+            run_dir = tmp_path.resolve() / "runs" / f"tfdogs-{name}-r{repeat}"
+            assert flag(tfdogs, "--output") == str(run_dir)
+            assert flag(torch, "--split-csv") == str(run_dir / "split.csv")
+            assert flag(torch, "--output") == str(tmp_path.resolve() / "runs" / f"torch-{name}-r{repeat}")
+            for option in ("--seed", "--model", "--weights", "--strategy", "--epochs", "--batch-size",
+                           "--image-size", "--data-dir"):
+                assert flag(tfdogs, option) == flag(torch, option), option
+            assert flag(torch, "--seed") == str(repeat)  # the repeats are seeds
+    assert flag(pairs["efficientnet_lite0-feature-extract"].torch, "--epochs") == "5"
+    fine_tune = pairs["efficientnet_lite0-fine-tune"]
+    assert (flag(fine_tune.tfdogs, "--strategy"), flag(fine_tune.tfdogs, "--weights")) == ("fine-tune", "imagenet")
+    assert [flag(fine_tune.torch, option) for option in ("--epochs", "--head-epochs", "--backbone-lr-factor")] == \
+        [flag(fine_tune.tfdogs, option) for option in ("--epochs", "--head-epochs", "--backbone-lr-factor")] == \
+        ["5", "2", "0.1"]
+    # tfdogs' whole phase runs its classifier at the backbone's factor too (tfdogs.training.phases).
+    assert flag(fine_tune.torch, "--head-lr-factor") == "0.1"
+    for name in bench_end_to_end.LITE_JOBS:  # both classifiers start at random, both sides in float32
+        assert flag(pairs[name].tfdogs, "--head-init") == "random"
+        assert flag(pairs[name].torch, "--precision") == "float32"
+    # The timing jobs keep their fixed seed and draw their own split.
+    resnet = pairs["resnet18-scratch"]
+    assert flag(resnet.torch, "--seed") == "0" and "--split-csv" not in resnet.torch and not resnet.scored
+
+
+def test_select_jobs_keeps_the_named_jobs_in_order(tmp_path):
+    pairs = bench_end_to_end.end_to_end_jobs(tmp_path, tmp_path, "torch-python")
+    chosen = bench_end_to_end.select_jobs(pairs, ["efficientnet_lite0-fine-tune", "resnet18-scratch"])
+    assert [pair.name for pair in chosen] == ["resnet18-scratch", "efficientnet_lite0-fine-tune"]
+    assert bench_end_to_end.select_jobs(pairs, None) == pairs
+    with pytest.raises(ValueError, match="resnet99"):
+        bench_end_to_end.select_jobs(pairs, ["resnet99"])
+
+
+# Writes a tfdogs run's metrics.json and history.csv into the folder after --output.
+FAKE_TFDOGS = """import json, pathlib, sys
+run = pathlib.Path(sys.argv[sys.argv.index('--output') + 1]); run.mkdir(parents=True)
+seed = int(sys.argv[sys.argv.index('--seed') + 1])
+(run / 'metrics.json').write_text(json.dumps({'best_epoch': 2, 'val': {'accuracy': 0.5 + seed * seed / 10, 'log_loss': 1.5}}))
+(run / 'history.csv').write_text('epoch,val_accuracy,val_log_loss\\n0,0.3,2.0\\n1,0.5,1.5\\n2,0.4,1.75\\n')
+"""
+# Prints the PyTorch script's progress and last line, its accuracies keyed by the seed.
+FAKE_TORCH = """import json, sys
+seed = int(sys.argv[sys.argv.index('--seed') + 1])
+print('epoch 1/2: ...')
+print(json.dumps({'val_accuracy': 0.25 * seed, 'val_log_loss': 1.0 + seed, 'best_epoch': 1,
+                  'best_val_accuracy': 0.75, 'best_val_log_loss': 0.5 + seed, 'total_seconds': 1.0}))
+"""
+
+
+def test_scored_pairs_read_each_sides_scores_and_spread_them_over_seeds(tmp_path):
+    pair = CommandPair("lite", (sys.executable, "-c", FAKE_TFDOGS, "--seed", REPEAT, "--output",
+                                str(tmp_path / f"run-{REPEAT}")),
+                       (sys.executable, "-c", FAKE_TORCH, "--seed", REPEAT), scored=True)
+    unscored = CommandPair("timing", (sys.executable, "-c", "pass"), (sys.executable, "-c", "pass"))
+    rows = bench_end_to_end.time_commands([pair, unscored], repeats=3, log=None)
+
+    tfdogs = [row for row in rows if row["job"] == "lite" and row["side"] == "tfdogs"]
+    assert [row["best_accuracy"] for row in tfdogs] == pytest.approx([0.5, 0.6, 0.9])  # metrics.json val
+    assert [(row["final_accuracy"], row["final_log_loss"], row["best_epoch"]) for row in tfdogs] == [(0.4, 1.75, 2)] * 3
+    torch = [row for row in rows if row["job"] == "lite" and row["side"] == "torch"]
+    assert [(row["final_accuracy"], row["final_log_loss"]) for row in torch] == [(0.0, 1.0), (0.25, 2.0), (0.5, 3.0)]
+    assert [row["best_log_loss"] for row in torch] == [0.5, 1.5, 2.5]
+    assert all("best_accuracy" not in row for row in rows if row["job"] == "timing")
+
+    summary = {row["job"]: row for row in bench_results.summarise(rows)}
+    assert "scores" not in summary["timing"]
+    scores = summary["lite"]["scores"]
+    assert scores["tfdogs"]["best_accuracy"]["mean"] == pytest.approx(2 / 3)  # the mean, not the median
+    assert (scores["tfdogs"]["best_accuracy"]["min"], scores["tfdogs"]["best_accuracy"]["max"]) == \
+        pytest.approx((0.5, 0.9))
+    assert scores["torch"]["final_accuracy"] == {"mean": 0.25, "min": 0.0, "max": 0.5, "runs": [0.0, 0.25, 0.5]}
+    assert scores["torch"]["final_log_loss"]["mean"] == 2.0
+    assert scores["torch"]["seconds"]["runs"] == summary["lite"]["torch_runs"]
+
+    table = bench_results.format_scores_markdown(list(summary.values()))
+    seconds = scores["torch"]["seconds"]
+    assert (f"| lite | torch | 3 | {seconds['mean']:.1f} ({seconds['min']:.1f}-{seconds['max']:.1f}) "
+            "| 0.750 (0.750-0.750) | 1.500 (0.500-2.500) | 0.250 (0.000-0.500) | 2.000 (1.000-3.000) |") in table
+    assert "| lite | tfdogs | 3 |" in table and "| 0.667 (0.500-0.900) | 1.500 (1.500-1.500) |" in table
+    assert "timing" not in table
+    assert bench_results.format_scores_markdown([summary["timing"]]) == ""
+
+
+# ----------------------------------------------------------------------------- benchmarks/torch_train.py
+
+
+@pytest.fixture
+def torch_script(monkeypatch):
+    """benchmarks/torch_train.py imported as a module, an empty stand-in for torchvision in its place.
+
+    torchvision cannot be imported beside the project's torch; the functions
+    tested here never call it (the stand-in only names the interpolations).
+    """
+    pytest.importorskip("torch")
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.InterpolationMode = enum.Enum("InterpolationMode", "BILINEAR BICUBIC")
+    torchvision = types.ModuleType("torchvision")
+    torchvision.transforms = transforms
+    monkeypatch.setitem(sys.modules, "torchvision", torchvision)
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", transforms)
+    spec = importlib.util.spec_from_file_location("torch_train_under_test", bench_end_to_end.TORCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_split_csv(data_dir, path, val_names=("1.jpg", "4.jpg")):
+    """A tfdogs-style split.csv of every photo under `data_dir`, photos named in `val_names` held out."""
+    photos = sorted(data_dir.rglob("*.jpg"))
+    breeds = sorted({photo.parent.name for photo in photos})
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "label", "breed", "subset"])
+        for photo in photos:
+            writer.writerow([photo.relative_to(data_dir).as_posix(), breeds.index(photo.parent.name),
+                             photo.parent.name, "val" if photo.name in val_names else "train"])
+    return path
+
+
+def test_torch_script_takes_exactly_the_split_of_a_tfdogs_run(torch_script, tmp_path):
+    data_dir = tiny_breed_folders(tmp_path / "photos", breeds=("beagle", "boxer", "pug"), per_breed=5)
+    split_csv = write_split_csv(data_dir, tmp_path / "split.csv")
+    args = torch_script.parse_args(["--data-dir", str(data_dir), "--output", str(tmp_path / "out"),
+                                    "--split-csv", str(split_csv), "--seed", "7"])
+    paths, labels, class_names, train, val = torch_script.load_split(args)
+
+    assert sorted(paths[index] for index in val) == sorted(
+        str(data_dir / breed / name) for breed in ("beagle", "boxer", "pug") for name in ("1.jpg", "4.jpg"))
+    assert sorted(paths[index] for index in train) == sorted(
+        str(data_dir / breed / f"{photo}.jpg") for breed in ("beagle", "boxer", "pug") for photo in (0, 2, 3))
+    assert class_names == ["beagle", "boxer", "pug"]
+    assert all(class_names[labels[index]] == pathlib.Path(paths[index]).parent.name for index in train + val)
+    # Without --split-csv the script draws its own split: a different one here.
+    drawn = torch_script.load_split(torch_script.parse_args(["--data-dir", str(data_dir), "--output", "x"]))
+    assert {drawn[0][index] for index in drawn[4]} != {paths[index] for index in val}
+
+
+def test_torch_script_refuses_a_split_it_cannot_follow(torch_script, tmp_path):
+    data_dir = tiny_breed_folders(tmp_path / "photos", per_breed=3)
+    split_csv = write_split_csv(data_dir, tmp_path / "split.csv")
+    text = split_csv.read_text()
+    (tmp_path / "test.csv").write_text(text.replace(",val", ",test"))
+    with pytest.raises(SystemExit, match="not test"):
+        torch_script.read_split_csv(tmp_path / "test.csv", data_dir)
+    (tmp_path / "missing.csv").write_text(text.replace("beagle/0.jpg", "beagle/gone.jpg"))
+    with pytest.raises(SystemExit, match="1 photos .* are not in"):
+        torch_script.read_split_csv(tmp_path / "missing.csv", data_dir)
+
+
+def test_torch_script_preprocesses_each_family_as_its_weights_want(torch_script):
+    lite = torch_script.preprocessing_for("efficientnet_lite1")
+    assert lite.mean == pytest.approx((127 / 255,) * 3) and lite.std == pytest.approx((128 / 255,) * 3)
+    assert lite.interpolation.name == "BICUBIC"
+    assert (lite.eval_resize(224), lite.eval_resize(240)) == (256, 272)  # size + 32, then a centre crop of size
+    resnet = torch_script.preprocessing_for("resnet18")
+    assert resnet.interpolation.name == "BILINEAR" and resnet.eval_resize(224) == 256 and resnet.eval_resize(64) == 73
+    assert resnet.mean == (0.485, 0.456, 0.406)
+    assert [torch_script.classifier_name(name) for name in ("resnet18", "efficientnet_lite0")] == ["fc", "_fc"]
+
+
+def test_torch_script_fine_tunes_in_two_phases(torch_script):
+    torch = pytest.importorskip("torch")
+    frozen = [torch_script.backbone_frozen("fine-tune", epoch, head_epochs=2) for epoch in range(5)]
+    assert frozen == [True, True, False, False, False]
+    assert torch_script.backbone_frozen("feature-extract", 3, 2) and not torch_script.backbone_frozen("scratch", 0, 2)
+
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv2d(3, 4, 3))
+    model.add_module("bn", torch.nn.BatchNorm2d(4))
+    model.add_module("fc", torch.nn.Linear(4, 2))
+    groups = torch_script.parameter_groups(model, "resnet18", 1e-3, 0.1, 0.01)
+    by_part = {(group["part"], group["weight_decay"]): group for group in groups}
+    assert {id(p) for p in by_part["head", 0.01]["params"]} == {id(model.fc.weight)}
+    assert {id(p) for p in by_part["head", 0.0]["params"]} == {id(model.fc.bias)}
+    assert {id(p) for p in by_part["backbone", 0.01]["params"]} == {id(model.conv.weight)}
+    assert len(by_part["backbone", 0.0]["params"]) == 3  # conv bias, BatchNorm weight and bias
+    assert by_part["backbone", 0.01]["lr"] == pytest.approx(1e-4) and by_part["head", 0.01]["lr"] == 1e-3
+
+    torch_script.freeze_backbone(model, "resnet18", True)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    torch_script.set_training_mode(model, "resnet18", True)
+    assert (model.bn.training, model.fc.training) == (False, True)  # the frozen BatchNorm keeps its statistics
+
+    backbone, head = torch_script.rate_schedule(total_steps=10, head_steps=4, head_factor=0.1)
+    assert [backbone(step) for step in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    assert [head(step) for step in (0, 3, 4, 5)] == pytest.approx([1.0, backbone(3), 0.1 * backbone(4), 0.05])
+
+
+def test_torch_script_reports_the_best_epoch_by_accuracy(torch_script):
+    history = [(0.5, 1.2), (0.75, 0.9), (0.75, 0.8), (0.6, 0.7)]
+    assert torch_script.best_epoch_of(history) == 1  # the first of equals, as tfdogs' best_so_far
+    assert torch_script.best_epoch_of([(0.1, 3.0)]) == 0
+
+
+@pytest.mark.slow
+def test_torch_script_trains_efficientnet_lite_on_a_tfdogs_split(tmp_path):
+    torch_python = os.environ.get("TFDOGS_TORCH_PYTHON")
+    versions, reason = probe_torch(torch_python) if torch_python else (None, "TFDOGS_TORCH_PYTHON is not set")
+    if versions is None:
+        pytest.skip(f"the PyTorch script needs torch and torchvision: {reason}")
+    data_dir = tiny_breed_folders(tmp_path / "photos", per_breed=6)
+    split_csv = write_split_csv(data_dir, tmp_path / "split.csv")
+    command = [torch_python, str(bench_end_to_end.TORCH_SCRIPT), "--data-dir", str(data_dir), "--output",
+               str(tmp_path / "out"), "--model", "efficientnet_lite0", "--weights", "imagenet", "--strategy",
+               "fine-tune", "--epochs", "2", "--head-epochs", "1", "--image-size", "64", "--batch-size", "4",
+               "--workers", "0", "--precision", "float32", "--split-csv", str(split_csv)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 breeds, 8 training and 4 validation photos; efficientnet_lite0, fine-tune, float32" in done.stdout
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(line["epoch_seconds"]) == 2 and 1 <= line["best_epoch"] <= 2
+    assert line["best_val_accuracy"] >= line["val_accuracy"] and 0 <= line["val_accuracy"] <= 1
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["beagle", "boxer"]

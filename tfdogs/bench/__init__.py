@@ -30,8 +30,7 @@ without them tfdogs is measured alone and the table says "PyTorch absent".
 Examples:
     python -m tfdogs.bench --torch-python venv-bench/bin/python
     python -m tfdogs.bench --models resnet18 --parts train inference --repeats 3
-    python -m tfdogs.bench --models lenet5 --image-size 32 --windows 2 --in-process   # seconds
-    python -m tfdogs.bench --models keras_hub:benchmarks/presets/efficientnet_b0_ra_imagenet --parts train inference
+    python -m tfdogs.bench --models lenet5 --image-size 32 --windows 2 --in-process --no-torch   # seconds
 """
 
 import argparse
@@ -46,7 +45,7 @@ import sys
 import tempfile
 
 from tfdogs import files, models
-from tfdogs.bench import end_to_end, measure
+from tfdogs.bench import end_to_end, measure, results
 from tfdogs.bench.pytorch import probe_torch, run_torch
 from tfdogs.bench.steps import (
     COLUMNS,
@@ -229,9 +228,12 @@ def whole_commands(args):
     versions, reason = probe_torch(args.torch_python)
     if versions is None:
         sys.exit(f"error: --end-to-end needs torch and torchvision in --torch-python ({reason}).")
-    rows = end_to_end.run_end_to_end(args.data_dir, args.torch_python, max(args.repeats, 1))
-    table = end_to_end.format_markdown(rows)
-    print(table)
+    rows = end_to_end.run_end_to_end(args.data_dir, args.torch_python, max(args.repeats, 1), jobs=args.jobs,
+                                     workdir=args.end_to_end_dir)
+    print(results.format_markdown(rows))
+    scores = results.format_scores_markdown(rows)
+    if scores:
+        print(f"\nScored jobs, mean (min-max) over {max(args.repeats, 1)} repeats, repeat r with seed r:\n{scores}")
     output = pathlib.Path(f"{args.output}-end-to-end.json")
     files.write_json({"environment": environment_report(), "torch": versions, "rows": rows,
                       "load_average_after": os.getloadavg()}, output)
@@ -239,36 +241,55 @@ def whole_commands(args):
     return rows
 
 
-def parse_args(argv=None):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default in its help, and the examples laid out as written."""
+
+
+def build_parser():
+    """The command line's flags, in groups; `--help` ends with the examples of this module's docstring."""
     parser = argparse.ArgumentParser(prog="python -m tfdogs.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(TORCH_MODELS), type=model_name, metavar="MODEL",
+                                     epilog=__doc__[__doc__.index("Examples:"):], formatter_class=_HelpFormatter)
+    measured = parser.add_argument_group("what is measured")
+    pipeline = parser.add_argument_group("the input pipeline's photos")
+    timing = parser.add_argument_group("timing")
+    pytorch = parser.add_argument_group("the PyTorch side")
+    whole = parser.add_argument_group("whole training commands")
+    output = parser.add_argument_group("output")
+    measured.add_argument("--models", nargs="+", default=list(TORCH_MODELS), type=model_name, metavar="MODEL",
                         help="lenet5, resnet18, resnet34 or keras_hub:PRESET (tfdogs alone: no PyTorch counterpart)")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-classes", type=int, default=120)
-    parser.add_argument("--data-dir", help="JPEGs for the pipeline (Kaggle or class-folder layout); "
+    measured.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    measured.add_argument("--image-size", type=int, default=224)
+    measured.add_argument("--batch-size", type=int, default=32)
+    measured.add_argument("--num-classes", type=int, default=120)
+    pipeline.add_argument("--data-dir", help="JPEGs for the pipeline (Kaggle or class-folder layout); "
                         f"default: generated {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} photo-like JPEGs")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = tf.data threads")
-    parser.add_argument("--crop-scale-min", type=float, default=0.25, help="random-resized-crop area range low")
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--window-steps", type=int, default=3)
-    parser.add_argument("--windows", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=1, help="run everything this often; report medians")
-    parser.add_argument("--torch-python", default=os.environ.get("TFDOGS_TORCH_PYTHON", sys.executable),
+    pipeline.add_argument("--workers", type=int, default=2, help="DataLoader workers = tf.data threads")
+    pipeline.add_argument("--crop-scale-min", type=float, default=0.25, help="random-resized-crop area range low")
+    timing.add_argument("--warmup-steps", type=int, default=2)
+    timing.add_argument("--window-steps", type=int, default=3)
+    timing.add_argument("--windows", type=int, default=5)
+    timing.add_argument("--repeats", type=int, default=1, help="run everything this often; report medians")
+    pytorch.add_argument("--torch-python", default=os.environ.get("TFDOGS_TORCH_PYTHON", sys.executable),
                         help="Python with torch and torchvision (env TFDOGS_TORCH_PYTHON)")
-    parser.add_argument("--no-torch", action="store_true", help="measure tfdogs alone")
-    parser.add_argument("--in-process", action="store_true",
+    pytorch.add_argument("--no-torch", action="store_true", help="measure tfdogs alone")
+    timing.add_argument("--in-process", action="store_true",
                         help="measure TensorFlow rows in this process (faster; memory peaks less clean, "
                         "settings' environment variables ignored)")
-    parser.add_argument("--output", default="benchmark", help="writes OUTPUT.csv and OUTPUT.json")
-    parser.add_argument("--end-to-end", action="store_true",
+    output.add_argument("--output", default="benchmark", help="writes OUTPUT.csv and OUTPUT.json")
+    whole.add_argument("--end-to-end", action="store_true",
                         help="instead of the parts: whole training commands, python -m tfdogs.train against "
                         "benchmarks/torch_train.py on --data-dir (required), timed as processes and alternated "
                         "--repeats times (tfdogs.bench.end_to_end); writes OUTPUT-end-to-end.json")
+    whole.add_argument("--jobs", nargs="+", choices=end_to_end.JOB_NAMES, metavar="JOB",
+                        help="--end-to-end: only these jobs (default: all): " + ", ".join(end_to_end.JOB_NAMES))
+    whole.add_argument("--end-to-end-dir", help="--end-to-end: keep every run and its log here "
+                        "(default: a temporary folder, removed)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one isolated measurement
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):

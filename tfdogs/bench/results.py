@@ -1,0 +1,124 @@
+"""What the end-to-end benchmark's commands measured: their scores, read back, and the tables of both sides.
+
+`tfdogs.bench.end_to_end` runs the commands; this module reads each finished
+command's validation scores (tfdogs' run folder, PyTorch's last JSON line) and
+summarises the repeats (seeds) as medians, spreads and markdown tables.
+"""
+
+import csv
+import json
+import pathlib
+import statistics
+
+SIDES = ("tfdogs", "torch")
+SCORES = ("best_accuracy", "best_log_loss", "final_accuracy", "final_log_loss")
+
+
+def flag_value(argv, flag):
+    """The value after `flag` in `argv` (its last occurrence); None without one."""
+    positions = [index for index, part in enumerate(argv[:-1]) if part == flag]
+    return argv[positions[-1] + 1] if positions else None
+
+
+def read_scores(side, command, stdout):
+    """Validation accuracy and log loss of a finished command, at its best and at its last epoch.
+
+    tfdogs: `best_*` from the run's `metrics.json` (`val`: the best epoch by
+    its monitor, `best_epoch`), `final_*` from the last row of its
+    `history.csv`; the run folder is the command's `--output`. PyTorch: its
+    last stdout line (JSON): `best_*` from the epoch of highest validation
+    accuracy, `final_*` from its last epoch.
+
+    Args:
+        side: ``"tfdogs"`` or ``"torch"``.
+        command: the argv that ran.
+        stdout: what it printed.
+
+    Returns:
+        A dict of `SCORES` (floats) and `best_epoch` (1-based).
+    """
+    if side == "torch":
+        line = json.loads(stdout.strip().splitlines()[-1])
+        return {"best_accuracy": line["best_val_accuracy"], "best_log_loss": line["best_val_log_loss"],
+                "final_accuracy": line["val_accuracy"], "final_log_loss": line["val_log_loss"],
+                "best_epoch": line["best_epoch"]}
+    run_dir = pathlib.Path(flag_value(command, "--output"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "history.csv", newline="") as file:
+        last = list(csv.DictReader(file))[-1]
+    return {"best_accuracy": metrics["val"]["accuracy"], "best_log_loss": metrics["val"]["log_loss"],
+            "final_accuracy": float(last["val_accuracy"]), "final_log_loss": float(last["val_log_loss"]),
+            "best_epoch": metrics["best_epoch"]}
+
+
+def spread(values):
+    """Mean, min, max and the values themselves, as a dict."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+def summarise(rows):
+    """Per job: median seconds of each side, every repeat's seconds, and torch / tfdogs (> 1: tfdogs faster).
+
+    Scored jobs also get, per side, the spread (mean, min, max over the
+    repeats, i.e. seeds) of the seconds and of every score in `SCORES`.
+
+    Args:
+        rows: the rows `time_commands` returns.
+
+    Returns:
+        One dict per job, in the order the jobs first ran: job, tfdogs_seconds,
+        torch_seconds (medians), tfdogs_runs, torch_runs (seconds of each repeat)
+        and ratio (torch_seconds / tfdogs_seconds); for scored jobs `scores`:
+        side -> {"seconds" or a `SCORES` name -> `spread`}.
+    """
+    jobs = {}
+    for row in rows:
+        jobs.setdefault(row["job"], {side: [] for side in SIDES})[row["side"]].append(row)
+    summary = []
+    for job, runs in jobs.items():
+        seconds = {side: [row["seconds"] for row in runs[side]] for side in SIDES}
+        medians = {side: statistics.median(seconds[side]) if seconds[side] else None for side in SIDES}
+        ratio = medians["torch"] / medians["tfdogs"] if medians["torch"] and medians["tfdogs"] else None
+        entry = {"job": job, "tfdogs_seconds": medians["tfdogs"], "torch_seconds": medians["torch"],
+                 "tfdogs_runs": seconds["tfdogs"], "torch_runs": seconds["torch"], "ratio": ratio}
+        if any(SCORES[0] in row for side in SIDES for row in runs[side]):
+            entry["scores"] = {side: {name: spread([row[name] for row in runs[side]])
+                                      for name in ("seconds", *SCORES)} for side in SIDES if runs[side]}
+        summary.append(entry)
+    return summary
+
+
+def format_markdown(summary):
+    """The `summarise` rows as a markdown table."""
+    def seconds(values):
+        return ", ".join(f"{value:.1f}" for value in values)
+
+    lines = ["| job | tfdogs s (median) | torch s (median) | torch / tfdogs | tfdogs runs s | torch runs s |",
+             "| --- | ---: | ---: | ---: | --- | --- |"]
+    for row in summary:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        lines.append(f"| {row['job']} | {row['tfdogs_seconds']:.1f} | {row['torch_seconds']:.1f} | {ratio} "
+                     f"| {seconds(row['tfdogs_runs'])} | {seconds(row['torch_runs'])} |")
+    return "\n".join(lines)
+
+
+def format_scores_markdown(summary):
+    """The scored jobs of `summarise` as a markdown table: each side's seconds and scores, mean (min-max).
+
+    "best": tfdogs' best epoch by its monitor (metrics.json `val`), PyTorch's
+    epoch of highest validation accuracy; "last": the last epoch of each.
+    Empty when no job was scored.
+    """
+    def cell(values, digits):
+        return f"{values['mean']:.{digits}f} ({values['min']:.{digits}f}-{values['max']:.{digits}f})"
+
+    lines = []
+    for row in summary:
+        for side, scores in row.get("scores", {}).items():
+            lines.append(f"| {row['job']} | {side} | {len(scores['seconds']['runs'])} | {cell(scores['seconds'], 1)} "
+                         + " ".join(f"| {cell(scores[name], 3)}" for name in SCORES) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| job | side | seeds | seconds | val accuracy, best epoch | val log loss, best epoch "
+                      "| val accuracy, last epoch | val log loss, last epoch |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", *lines])
