@@ -58,3 +58,22 @@ def test_weights_without_an_imagenet_classifier_keep_the_random_start(tmp_path):
     plain = weights.pretrained_model("resnet18", 3, str(path), input_shape=(64, 64, 3))
     for ours, theirs in zip(started.get_layer("fc").get_weights(), plain.get_layer("fc").get_weights()):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_keras_hub_imagenet_classifier_preset_starts_the_head_from_its_own_classifier(tmp_path):
+    import keras_hub
+    from test_hub import tiny_backbone
+
+    keras.utils.set_random_seed(4)
+    classifier = keras_hub.models.ResNetImageClassifier(backbone=tiny_backbone(), num_classes=1000)
+    dense = [layer for layer in classifier.layers if isinstance(layer, keras.layers.Dense)][-1]
+    kernel, _ = dense.get_weights()
+    bias = np.random.default_rng(5).normal(size=1000).astype(np.float32)
+    dense.set_weights([kernel, bias])
+    classifier.save_to_preset(str(tmp_path / "classifier"))
+    model = weights.pretrained_model(f"keras_hub:{tmp_path / 'classifier'}", 3, "preset", input_shape=(64, 64, 3),
+                                     head_from_imagenet=BREEDS)
+    columns, biases = expected_head(kernel, bias)
+    new_kernel, new_bias = model.get_layer("fc").get_weights()
+    np.testing.assert_allclose(new_kernel, columns, rtol=1e-6)
+    np.testing.assert_allclose(new_bias, biases, rtol=1e-5)
