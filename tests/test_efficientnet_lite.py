@@ -9,6 +9,7 @@ packages ship, read by torch on one side and by tfdogs' pickle-safe reader on th
 import dataclasses
 import importlib
 import json
+import pathlib
 
 import keras
 import numpy as np
@@ -152,6 +153,10 @@ def test_folding_the_batch_norms_into_the_depthwise_convolutions_keeps_the_answe
     folded = fold.fold_batch_norms(model)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
     assert folded.get_layer("layer2.blocks.4.depthwise_conv").use_bias
+    # 1 stem + 15 expansions + 16 depthwise + 16 projections + 1 head convolution
+    assert fold.folding_counts([folded]) == {"folded": 49, "left": 0}
+    partial = keras.Model(model.input, model.get_layer("layer1.blocks.1.bn1").output)  # ends on a norm it can fold
+    assert fold.folding_counts([fold.fold_batch_norms(partial)]) == {"folded": 5, "left": 0}
     images = np.random.default_rng(5).normal(size=(3, 96, 96, 3)).astype(np.float32)
     expected = model(images, training=False).numpy()
     assert np.abs(folded(images, training=False).numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -203,6 +208,8 @@ def test_a_discriminative_run_from_the_real_weights_exports_the_model_it_trained
     served = tf.saved_model.load(summary["export"]).signatures["serving_default"](
         image_bytes=tf.constant([open(path, "rb").read() for path in paths]))["probabilities"].numpy()
     np.testing.assert_allclose(served, expected, atol=1e-5)
+    exported = json.loads((pathlib.Path(summary["export"]) / "tfdogs.json").read_text())
+    assert exported["batch_norms_folded"] == {"folded": 49, "left": 0}
 
 
 def test_the_port_command_writes_weights_that_load_as_the_package_file_does(tmp_path):

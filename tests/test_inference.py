@@ -94,3 +94,12 @@ def test_folding_shares_a_layer_it_cannot_rebuild_and_still_folds_the_rest():
     assert isinstance(folded.get_layer("bn"), fold.PassThrough)
     images = np.random.default_rng(2).normal(size=(3, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(folded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_the_counts_say_which_batch_norms_were_folded_and_which_were_left():
+    inputs = keras.Input((8, 8, 3), name="images")
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, use_bias=False)(inputs))  # foldable
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))  # after a biased convolution: left
+    x = keras.layers.BatchNormalization()(keras.layers.ReLU()(x))  # after an activation: left
+    folded = fold.fold_batch_norms(keras.Model(inputs, x))
+    assert fold.folding_counts([folded, folded]) == {"folded": 2, "left": 4}

@@ -93,3 +93,28 @@ def fold_batch_norms(model):
         elif layer.name not in folded_norms and layer.weights and target is not layer:
             target.set_weights(layer.get_weights())
     return folded
+
+
+def folding_counts(folded_models):
+    """How many BatchNormalizations the folded copies merged into a convolution, and how many they kept.
+
+    A BatchNormalization stays where it does not directly follow a bias-free convolution
+    that feeds it alone (or in a keras-hub layer that cannot be rebuilt); exports record both counts.
+
+    Args:
+        folded_models: models returned by `fold_batch_norms`.
+
+    Returns:
+        ``{"folded": int, "left": int}`` over all of them.
+    """
+    layers = [layer for model in folded_models for layer in _every_layer(model)]
+    return {"folded": sum(isinstance(layer, PassThrough) for layer in layers),
+            "left": sum(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)}
+
+
+def _every_layer(model):
+    """A model's layers, those of the models nested in it included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _every_layer(layer)

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from tfdogs import data, files
 from tfdogs.data.preprocessing import Preprocessing
-from tfdogs.serving.fold import fold_batch_norms
+from tfdogs.serving.fold import fold_batch_norms, folding_counts
 from tfdogs.evaluation import metrics
 
 METADATA_FILE = "tfdogs.json"
@@ -200,7 +200,7 @@ def export_saved_model(models, class_names, export_base, *, preprocessing, model
         "member_preprocessing": [record.as_dict() for record in records],
         "members": [model.name for model in models],
         "member_weights": module.model_weights,
-        "batch_norms_folded": True,
+        "batch_norms_folded": folding_counts(module.models),
         # probabilities = mean over these views of each view's softmax (data.eval_views)
         "tta_views": views,
         "tta_view_names": list(data.TTA_VIEWS[views]),

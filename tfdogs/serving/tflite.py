@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from tfdogs import data, files
-from tfdogs.serving.fold import fold_batch_norms
+from tfdogs.serving.fold import fold_batch_norms, folding_counts
 from tfdogs.serving.saved_model import METADATA_FILE, preprocessing_records, write_saved_model
 from tfdogs.evaluation import metrics
 from tfdogs.data.image import normalize
@@ -102,6 +102,6 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
                       "(tfdogs.serving.tflite.tflite_input)",
              "output": "probabilities [batch, classes], in labels.txt order",
              "members": [model.name for model in models], "member_weights": member_weights,
-             "batch_norms_folded": True, **(metadata or {})}
+             "batch_norms_folded": folding_counts(models), **(metadata or {})}
     files.write_json(facts, output_dir / METADATA_FILE)
     return path
