@@ -1,15 +1,25 @@
 """Files written whole or not at all: a kill never leaves half a file where a good one was.
 
-Every file or folder a run, an export or the data check writes goes through
-`replace_into`: written under a temporary name beside its destination, then
-renamed over it (a rename is atomic on one file system).
+Every file or folder a run, an evaluation, a report, an ensemble, a
+comparison, an export or the data check writes goes through `replace_into`:
+written under a temporary name beside its destination (`.partial-<pid>-<name>`),
+then renamed over it (a rename is atomic on one file system; a folder that
+already exists is swapped with the new one in one step where Linux allows,
+see `_exchange`). What a killed process left under such a name is removed by
+the next write into the same folder (`remove_leftovers`): its pid is gone.
 """
 
+import contextlib
 import csv
+import ctypes
+import errno
 import json
 import os
 import pathlib
+import re
 import shutil
+
+_PARTIAL = re.compile(r"\.partial-(\d+)-")
 
 
 def replace_into(path, write):
@@ -22,19 +32,141 @@ def replace_into(path, write):
     Returns:
         `path`, as a `pathlib.Path`.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    path, temporary = _beside(path)
     try:
         write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
-            temporary.unlink(missing_ok=True)
-        raise
+        _put_in_place(temporary, path)
+    finally:
+        _remove(temporary)
     return path
+
+
+def refuse_foreign_folder(path, written_by):
+    """Raises ForeignFolderError unless `path` is absent, empty, or an earlier folder with `written_by` in it."""
+    path = pathlib.Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / written_by).is_file())):
+        raise ForeignFolderError(f"{path} already holds files and no {written_by}: it is not an earlier output "
+                                 f"of this command, so it is left as it is; give another output folder.")
+
+
+def _beside(path):
+    """`path` and its temporary name, its folder made and tidied of what dead processes left."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent)
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    _remove(temporary)  # this process's own, from a write that an exception cut short in a `finally`
+    return path, temporary
+
+
+def _put_in_place(temporary, path):
+    if temporary.is_dir() and path.is_dir():
+        _exchange(temporary, path)  # `temporary` now holds the old folder, which the caller removes
+    else:
+        os.replace(temporary, path)
+
+
+class ForeignFolderError(Exception):
+    """A command would replace a folder that holds files it did not write."""
+
+
+@contextlib.contextmanager
+def whole_folder(path, written_by):
+    """A folder written whole: the block writes into a new temporary folder, which then replaces `path`.
+
+    Until the block ends, `path` keeps its old content (or stays absent); an
+    exception or Ctrl-C inside it leaves `path` as it was and nothing beside it.
+
+    Args:
+        path: the folder to write.
+        written_by: the name of a file the block always writes (`evaluation.json`):
+            an existing, non-empty `path` without it holds someone else's
+            files, and is refused rather than replaced.
+
+    Yields:
+        The temporary folder (created, empty), a sibling of `path`: paths
+        relative to it are those relative to `path`.
+
+    Raises:
+        ForeignFolderError: `path` holds files but no `written_by`.
+    """
+    refuse_foreign_folder(path, written_by)
+    path, temporary = _beside(path)
+    temporary.mkdir()
+    try:
+        yield temporary
+        _put_in_place(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+def remove_leftovers(folder, own=False):
+    """Removes the `.partial-<pid>-*` files and folders in `folder` whose process has ended.
+
+    Args:
+        folder: the folder to tidy; nothing happens if it does not exist.
+        own: also remove this process's own (an interrupted command tidying up).
+
+    Returns:
+        The names removed.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _PARTIAL.match(entry.name)
+        if match and (not _alive(int(match.group(1))) or (own and int(match.group(1)) == os.getpid())):
+            _remove(entry)
+            removed.append(entry.name)
+    return removed
+
+
+def _alive(pid):
+    """Whether a process with this pid runs on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(new, old):
+    """Swaps two folders in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Elsewhere, or on a file system without it: the old folder is first
+    renamed aside, under a name `remove_leftovers` tidies, then the new one
+    into place; a kill between the two renames leaves neither at `old`.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_cwd = -100  # AT_FDCWD: paths relative to the working directory
+        if renameat2(at_cwd, os.fsencode(new), at_cwd, os.fsencode(old), _RENAME_EXCHANGE) == 0:
+            return
+        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(old))
+    aside = pathlib.Path(old).with_name(f".partial-{os.getpid()}-old-{pathlib.Path(old).name}")
+    os.replace(old, aside)
+    os.replace(new, old)
+    os.replace(aside, new)
 
 
 def write_csv(path, header, rows):

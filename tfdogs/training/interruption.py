@@ -12,9 +12,10 @@ import contextlib
 import os
 import pathlib
 import shlex
-import shutil
 import signal
 import sys
+
+from tfdogs import files
 
 # Exit status of a process ended by a signal, as shells report it: 128 + the signal number.
 EXIT_STATUS = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
@@ -59,8 +60,9 @@ def stopped(interrupt, command, run_dir=None, export_dir=None, total_epochs=None
     if run_dir is not None:
         run_dir = pathlib.Path(run_dir)
         if export_dir is not None:
-            _remove_partial_exports(pathlib.Path(export_dir))
+            files.remove_leftovers(export_dir, own=True)
             _remove_empty_folders(pathlib.Path(export_dir))
+        files.remove_leftovers(run_dir, own=True)
         if (run_dir / "metrics.json").is_file():
             where = f"after training, while finishing {run_dir}"
         elif kept_epochs:
@@ -73,13 +75,6 @@ def stopped(interrupt, command, run_dir=None, export_dir=None, total_epochs=None
     print(f"Stopped by {'Ctrl-C' if name == 'SIGINT' else name} {where}; nothing saved was lost "
           f"(every file is replaced whole). Resume with: {shlex.join(command)}", file=sys.stderr, flush=True)
     return EXIT_STATUS[name]
-
-
-def _remove_partial_exports(export_dir):
-    """This process's half-written SavedModel version (`.tmp-<version>-<pid>`, see `tfdogs.export`)."""
-    if export_dir.is_dir():
-        for partial in export_dir.glob(f".tmp-*-{os.getpid()}"):
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _remove_empty_folders(folder):
