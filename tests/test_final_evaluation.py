@@ -107,8 +107,9 @@ def test_the_training_step_is_traced_once():
 
 def test_the_command_ends_with_its_status_its_whole_output_and_its_atexit_work(tmp_path):
     """`python -m tfdogs.train` leaves by `os._exit` (no interpreter teardown), having done what an exit does."""
-    script = ("import atexit, sys; atexit.register(lambda: print('atexit ran')); "
-              "from tfdogs.train import run_command; run_command(sys.argv[1:])")
+    script = ("import atexit, runpy, sys; atexit.register(lambda: print('atexit ran')); "
+              "sys.argv[0] = 'tfdogs.train'; runpy.run_module('tfdogs.train', run_name='__main__', alter_sys=True); "
+              "print('not reached')")
     flags = ["--model", "lenet5", "--weights", "none", "--strategy", "scratch", "--data", "synthetic",
              "--synthetic-classes", "4", "--synthetic-images-per-class", "12", "--image-size", "32", "--batch-size",
              "16", "--epochs", "1", "--verbose", "0", "--output", str(tmp_path / "run"), "--export-dir",
@@ -124,3 +125,13 @@ def test_the_command_ends_with_its_status_its_whole_output_and_its_atexit_work(t
                              "--output", str(tmp_path / "run2")], capture_output=True, text=True, timeout=300,
                             env=environment)
     assert failed.returncode == 2 and "nowhere" in failed.stderr and failed.stdout.endswith("atexit ran\n")
+
+
+def test_a_python_caller_of_the_command_function_goes_on_after_it(tmp_path):
+    """`tfdogs.train.run_command` returns the exit status; only `python -m` ends the process at once."""
+    script = ("import sys; from tfdogs.train import run_command; "
+              "status = run_command(sys.argv[1:]); print('the caller goes on with', status)")
+    done = subprocess.run([sys.executable, "-c", script, "--model", "lenet5", "--data-dir", str(tmp_path / "nowhere"),
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "the caller goes on with 2", done.stderr[-2000:]

@@ -101,14 +101,19 @@ def main(argv=None):
 
 
 def run_command(argv=None):
-    """`main`, then this process ends at once with its exit status, its output flushed and its atexit work done.
+    """The command as a function: `main`, returning its exit status; the caller's process goes on."""
+    return main(argv)
+
+
+def exit_now(status):
+    """Ends `python -m tfdogs.train` at once with `status`, its output flushed and its atexit work done.
 
     What a normal exit adds after that is the interpreter tearing down
     TensorFlow's modules and threads: about 0.8 s on the 2-core machines
-    these numbers come from, once the run has written everything. Errors that
-    escape `main` (and argparse's own exits) end the process the usual way.
+    these numbers come from, once the run has written everything. Only the
+    `python -m` entry point ends this way; errors that escape `main` (and
+    argparse's own exits) end the process the usual way.
     """
-    status = main(argv)
     atexit._run_exitfuncs()  # e.g. a worker's temporary folders; logging's flush
     sys.stdout.flush()
     sys.stderr.flush()
@@ -116,4 +121,4 @@ def run_command(argv=None):
 
 
 if __name__ == "__main__":
-    run_command()
+    exit_now(run_command())
