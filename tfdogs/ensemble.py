@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 
-from tfdogs import data
+from tfdogs import data, files
 from tfdogs.runs.ensemble import ensemble
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError
 
@@ -54,7 +54,7 @@ def main(argv=None):
     try:
         output = ensemble(args.run_dirs, args.output, member_weights=args.member_weights,
                           export_dir=args.export_dir, batch_size=args.batch_size)
-    except (RunFolderError, data.DataError) as error:
+    except (RunFolderError, data.DataError, files.ForeignFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = json.loads((output / ENSEMBLE_FILE).read_text())

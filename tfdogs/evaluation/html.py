@@ -5,7 +5,8 @@ or Markdown viewer, and nothing beyond the standard library is needed.
 """
 
 import html
-import pathlib
+
+from tfdogs import files
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -74,4 +75,4 @@ def write_index(path, title, *, table, notes=(), figures=(), links=()):
         parts.append(f'<figure><img src="{html.escape(image)}" alt="{html.escape(caption)}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body>\n</html>\n")
-    pathlib.Path(path).write_text("\n".join(parts))
+    files.replace_into(path, lambda temporary: temporary.write_text("\n".join(parts)))

@@ -7,6 +7,8 @@ import numpy as np
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tfdogs import files  # noqa: E402
+
 
 def plot_curves(history, path, title=None):
     """Writes loss and accuracy per epoch, training against validation, as a PNG.
@@ -142,8 +144,10 @@ def plot_reliability(tables, path, title=None):
 def _save(figure, path):
     """Lays out, writes (PNG, 100 dpi) and closes a figure."""
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        files.replace_into(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    finally:
+        plt.close(figure)
 
 
 def plot_confusion_heat_map(counts, class_names, order, path, title=None):

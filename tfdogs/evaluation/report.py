@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from tfdogs import files
 from tfdogs.evaluation import gradcam, metrics, plots
 from tfdogs.evaluation.html import STYLE
 
@@ -194,7 +195,8 @@ def write_report(folder, *, title, paths, labels, probabilities, class_names, co
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, np.float64)
     table = predictions_table(paths, labels, probabilities, class_names)
-    table.to_csv(folder / "predictions.csv", index=False, float_format="%.6g")
+    files.replace_into(folder / "predictions.csv",
+                       lambda temporary: table.to_csv(temporary, index=False, float_format="%.6g"))
     pictures = _Pictures(folder)
     worst = list(table.sort_values("loss", ascending=False, kind="stable").index[:top_losses])
 
@@ -220,7 +222,7 @@ def write_report(folder, *, title, paths, labels, probabilities, class_names, co
             f"<title>{html.escape(title)}: evaluation</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n"
             f"<h1>{html.escape(title)}: what the model gets wrong</h1>\n" + "\n".join(header) + "\n"
             + navigation + "\n" + body + "\n</body>\n</html>\n")
-    (folder / "index.html").write_text(page)
+    files.replace_into(folder / "index.html", lambda temporary: temporary.write_text(page))
     return folder / "index.html"
 
 

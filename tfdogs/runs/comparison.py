@@ -11,7 +11,7 @@ import pathlib
 import pandas as pd
 import yaml
 
-from tfdogs import config as config_lib
+from tfdogs import config as config_lib, files
 from tfdogs.evaluation import plots
 from tfdogs.evaluation.html import html_table, markdown_table, write_index
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError, load_run, read_json
@@ -229,8 +229,16 @@ def compare(folders, output, *, zeroshot_files=(), title=None):
     if not folders:
         raise RunFolderError("Nothing to compare: give run folders or --configs.")
     output = pathlib.Path(output)
-    (output / "curves").mkdir(parents=True, exist_ok=True)
+    files.refuse_foreign_folder(output, "table.csv")
     table = comparison_table(folders, zeroshot_files)
+    with files.whole_folder(output, "table.csv") as written:  # an earlier report stays until this one is whole
+        _write_report(table, folders, written, title or output.name)
+    return table
+
+
+def _write_report(table, folders, output, title):
+    """The comparison's files in `output` (a sibling of the report's final folder: relative links hold)."""
+    (output / "curves").mkdir()
     table.to_csv(output / "table.csv", index=False)
     rows = display_rows(table)
     (output / "table.md").write_text(markdown_table(DISPLAY, rows, NUMERIC))
@@ -257,13 +265,12 @@ def compare(folders, output, *, zeroshot_files=(), title=None):
     if len(set(validation_sets)) > 1:
         notes.append("These runs were validated on different splits (their split.csv differ); "
                      "their numbers are not measured on the same images.")
-    write_index(output / "index.html", title or output.name,
-                       table=html_table(DISPLAY, rows, NUMERIC, list(table["kind"])),
-                       notes=notes, figures=figures, links=[("table.csv", "table.csv"), ("table.md", "table.md")] + [
-                           (f"{name}: evaluation report", pathlib.Path(os.path.relpath(page, output)).as_posix())
-                           for folder, name in zip(folders, table["name"])
-                           if (page := evaluation_report(folder)) is not None])
-    return table
+    write_index(output / "index.html", title,
+                table=html_table(DISPLAY, rows, NUMERIC, list(table["kind"])),
+                notes=notes, figures=figures, links=[("table.csv", "table.csv"), ("table.md", "table.md")] + [
+                    (f"{name}: evaluation report", pathlib.Path(os.path.relpath(page, output)).as_posix())
+                    for folder, name in zip(folders, table["name"])
+                    if (page := evaluation_report(folder)) is not None])
 
 
 def parse_overrides(assignments):

@@ -92,7 +92,7 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
     paths, labels, train_labels, note = common_validation_images(runs)
     output = pathlib.Path(output or pathlib.Path("runs") / f"ensemble-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     export_dir = pathlib.Path(export_dir or pathlib.Path("saved_models") / output.name)
-    output.mkdir(parents=True, exist_ok=True)
+    files.refuse_foreign_folder(output, ENSEMBLE_FILE)
 
     models = [run.load_model() for run in runs]
     probabilities = [predict_paths(model, member_paths, run.preprocessing, batch_size=batch_size)
@@ -114,10 +114,11 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
         "parameters": {"total": int(sum(run.summary["parameters"]["total"] for run in runs))},
         "export": str(version_dir),
     }
-    files.write_json(summary, output / ENSEMBLE_FILE)
     table = scores_table(summary, output.name)
-    table.to_csv(output / "scores.csv", index=False)
-    (output / "scores.md").write_text(markdown_scores(table))
+    with files.whole_folder(output, ENSEMBLE_FILE) as folder:  # an earlier ensemble's files and evaluation go
+        files.write_json(summary, folder / ENSEMBLE_FILE)
+        table.to_csv(folder / "scores.csv", index=False)
+        (folder / "scores.md").write_text(markdown_scores(table))
     return output
 
 

@@ -62,7 +62,7 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
         suffix += f"-tta{views}" if views > 1 else ""
         output = folder / f"evaluation{suffix}"
     output = pathlib.Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    files.refuse_foreign_folder(output, "evaluation.json")  # before the work, not after it
 
     models = [run.load_model() for run in runs]
     probabilities = metrics.weighted_mean(
@@ -71,10 +71,6 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
     counts = confusion_matrix(probabilities, labels, len(class_names))
     breeds = per_breed_accuracy(counts, class_names)
     pairs = most_confused_pairs(counts, class_names, top=top_pairs)
-    breeds.to_csv(output / "per_breed.csv", index=False)
-    pairs.to_csv(output / "confused_pairs.csv", index=False)
-    plots.plot_confused_pairs(counts, class_names, pairs, output / "confusions.png",
-                              title=f"{folder.name}: most-confused breeds")
     result = {
         "run": str(folder), "data": source, "num_images": len(labels), "tta": views,
         "scores": metrics.scores(probabilities, labels),
@@ -89,12 +85,17 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
         temperature = metrics.fit_temperature(log_probabilities, labels)
         result["calibrated"] = {**metrics.calibrated_scores(log_probabilities, labels, temperature),
                                 "fitted_on": source}
-    files.write_json(result, output / "evaluation.json")
-    if report:
-        write_report(
-            output / "report", title=folder.name, paths=member_paths[0], labels=labels, probabilities=probabilities,
-            class_names=class_names, counts=counts, breeds=breeds, pairs=pairs, models=models,
-            preprocessings=[run.preprocessing for run in runs], member_weights=member_weights, source=source,
-            scores=result["scores"], run_dir=folder,
-            links=[(name, f"../{name}") for name in ("evaluation.json", "per_breed.csv", "confused_pairs.csv")])
+    with files.whole_folder(output, "evaluation.json") as folder_written:  # the old evaluation stays until the new one is whole
+        files.write_json(result, folder_written / "evaluation.json")
+        breeds.to_csv(folder_written / "per_breed.csv", index=False)
+        pairs.to_csv(folder_written / "confused_pairs.csv", index=False)
+        plots.plot_confused_pairs(counts, class_names, pairs, folder_written / "confusions.png",
+                                  title=f"{folder.name}: most-confused breeds")
+        if report:
+            write_report(
+                folder_written / "report", title=folder.name, paths=member_paths[0], labels=labels,
+                probabilities=probabilities, class_names=class_names, counts=counts, breeds=breeds, pairs=pairs,
+                models=models, preprocessings=[run.preprocessing for run in runs], member_weights=member_weights,
+                source=source, scores=result["scores"], run_dir=folder,
+                links=[(name, f"../{name}") for name in ("evaluation.json", "per_breed.csv", "confused_pairs.csv")])
     return {**result, "output": str(output)}

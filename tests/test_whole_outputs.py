@@ -1,0 +1,84 @@
+"""Evaluations, reports and comparisons are written whole: an interruption leaves the earlier one as it was."""
+
+import json
+
+import matplotlib.figure
+import numpy as np
+import pytest
+
+from tfdogs import evaluate as evaluate_command, files
+from tfdogs.evaluation import plots, report
+from tfdogs.runs import comparison, evaluation as run_evaluation
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes, and the names beside it."""
+    return ({path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()},
+            sorted(path.name for path in folder.parent.iterdir()))
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def test_an_evaluation_cut_short_in_its_report_leaves_the_earlier_evaluation(lenet_run, tmp_path, monkeypatch):
+    output = tmp_path / "evaluation"
+    run_evaluation.evaluate(lenet_run, output=output)
+    (output / "calibrated-by-hand.txt").write_text("an earlier evaluation's file")  # must not survive a new one
+    before = snapshot(output)
+    assert "report/index.html" in before[0] and "confusions.png" in before[0]
+
+    monkeypatch.setattr(run_evaluation, "write_report",
+                        lambda folder, **kwargs: (report.write_report(folder, **kwargs), interrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation.evaluate(lenet_run, output=output, calibrate=True)
+    assert snapshot(output) == before  # neither the new evaluation.json nor a half report
+
+    monkeypatch.undo()
+    result = run_evaluation.evaluate(lenet_run, output=output, calibrate=True)
+    after = snapshot(output)
+    assert "calibrated-by-hand.txt" not in after[0] and "report/index.html" in after[0]
+    assert json.loads(after[0]["evaluation.json"]) == {key: value for key, value in result.items() if key != "output"}
+    assert after[1] == ["evaluation"]  # nothing left beside it
+
+
+def test_evaluate_leaves_a_folder_it_did_not_write_and_says_so(lenet_run, tmp_path, capsys):
+    output = tmp_path / "notes"
+    output.mkdir()
+    (output / "thesis.tex").write_text("mine")
+    assert evaluate_command.main([str(lenet_run), "--output", str(output), "--verbose", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {output} already holds files") and error.count("\n") == 1
+    assert [path.name for path in output.iterdir()] == ["thesis.tex"]
+
+
+def test_a_comparison_cut_short_leaves_the_earlier_report(lenet_run, tmp_path, monkeypatch):
+    output = tmp_path / "reports" / "study"
+    comparison.compare([lenet_run], output)
+    before = snapshot(output)
+    assert {"table.csv", "table.md", "index.html", "validation_curves.png"} <= set(before[0])
+
+    monkeypatch.setattr(comparison, "write_index", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        comparison.compare([lenet_run], output, title="another title")
+    assert snapshot(output) == before
+
+
+def test_a_figure_cut_short_leaves_the_earlier_figure(tmp_path, monkeypatch):
+    counts = [[3, 1], [2, 4]]
+    path = tmp_path / "confusions.png"
+    plots.plot_confusion_heat_map(np.array(counts), ["a", "b"], [0, 1], path)
+    before = path.read_bytes()
+    original = matplotlib.figure.Figure.savefig
+
+    def half_then_interrupt(self, target, **kwargs):
+        original(self, target, **kwargs)
+        with open(target, "r+b") as written:
+            written.truncate(100)
+        interrupt()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_confusion_heat_map(np.array(counts), ["a", "b"], [1, 0], path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["confusions.png"]
+    assert files.remove_leftovers(tmp_path) == []
