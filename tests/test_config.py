@@ -71,3 +71,33 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 def test_unknown_model_lists_the_allowed_ones():
     with pytest.raises(config_lib.ConfigError, match="lenet5, resnet18, resnet34"):
         parse(["--model", "alexnet"])
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model: resnet18\nepochs: 3\nlearning_rate: 0.01\nepochs: 30\n")
+    with pytest.raises(config_lib.ConfigError, match=r"twice.yaml.*key 'epochs' is given twice \(lines 2 and 4\)"):
+        config_lib.load_yaml(path)
+
+
+@pytest.mark.parametrize("text, value", [("1e-1", 0.1), ("5E-4", 5e-4), ("-2e+1", -20.0), ("1.5e3", 1500.0),
+                                         ("3", 3), ("0.25", 0.25), ("1e", "1e"), ("e5", "e5")])
+def test_numbers_in_exponent_form_are_numbers(tmp_path, text, value):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"mixup: {text}\n")
+    assert config_lib.load_yaml(path)["mixup"] == value and type(config_lib.load_yaml(path)["mixup"]) is type(value)
+
+
+def test_an_exponent_is_accepted_where_a_number_is_expected(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("mixup: 1e-1\nlearning_rate: 3e-4\n")
+    config = config_lib.validate({**config_lib.DEFAULTS, **config_lib.load_yaml(path)})
+    assert config["mixup"] == 0.1 and config["learning_rate"] == 3e-4
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(config_lib.ConfigError, match=r"empty.yaml is empty"):
+        config_lib.load_yaml(path)

@@ -9,6 +9,7 @@ repeated with `python -m tfdogs.train --config RUN/config.yaml`.
 import argparse
 import difflib
 import pathlib
+import re
 
 import yaml
 
@@ -32,6 +33,35 @@ def _unknown_key_message(key, source):
     return f"Unknown config key '{key}' in {source}.{hint} Known keys: {', '.join(DEFAULTS)}."
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a config file means it: a key given twice is an error, and `1e-1` is a number.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1e-1` is a string)
+    and a repeated key silently keeps the last value.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(  # YAML 1.2's floats without a dot: 1e-1, 5E3, -2e+4
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text):
+    """A YAML value the way config files are read (`_StrictLoader`): also for `--set KEY=VALUE`."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path):
     """Reads a config file into a mapping, rejecting unknown keys.
 
@@ -45,9 +75,14 @@ def load_yaml(path):
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Config file {path} cannot be read: {error}") from None
+    if values is None:
+        raise ConfigError(f"Config file {path} is empty; it would mean every default. Give at least one key "
+                          f"(e.g. model: resnet18), or leave out --config.")
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(values).__name__}.")
     for key in values:

@@ -9,7 +9,6 @@ import os
 import pathlib
 
 import pandas as pd
-import yaml
 
 from tfdogs import config as config_lib, files
 from tfdogs.evaluation import plots
@@ -284,7 +283,7 @@ def parse_overrides(assignments):
         if key in ("output", "export_dir"):
             raise config_lib.ConfigError(
                 f"--set {key}: every config gets its own folder under --runs-dir and --exports-dir; use those.")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = config_lib.parse_yaml(value)
     return overrides
 
 
