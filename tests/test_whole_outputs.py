@@ -1,12 +1,16 @@
 """Evaluations, reports and comparisons are written whole: an interruption leaves the earlier one as it was."""
 
 import json
+import os
+import signal
+import time
 
 import matplotlib.figure
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tfdogs import evaluate as evaluate_command, files
+from tfdogs import evaluate as evaluate_command, export as export_command, files
 from tfdogs.evaluation import plots, report
 from tfdogs.runs import comparison, evaluation as run_evaluation
 
@@ -82,3 +86,35 @@ def test_a_figure_cut_short_leaves_the_earlier_figure(tmp_path, monkeypatch):
         plots.plot_confusion_heat_map(np.array(counts), ["a", "b"], [1, 0], path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["confusions.png"]
     assert files.remove_leftovers(tmp_path) == []
+
+
+def sigterm_to_self(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises in this thread at once; never reached
+    raise AssertionError("SIGTERM did not interrupt")
+
+
+def test_sigterm_during_a_tflite_export_leaves_the_earlier_export_and_one_line(lenet_run, tmp_path, monkeypatch,
+                                                                                capsys):
+    output = tmp_path / "tflite"
+    assert export_command.main([str(lenet_run), "--format", "tflite", "--output", str(output)]) == 0
+    before = snapshot(output)
+    assert set(before[0]) == {"model.tflite", "labels.txt", "tfdogs.json"}
+    capsys.readouterr()
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", sigterm_to_self)
+    assert export_command.main([str(lenet_run), "--format", "tflite", "--output", str(output)]) == 143
+    error = capsys.readouterr().err
+    assert error == ("Stopped by SIGTERM: python -m tfdogs.export left its earlier outputs as they were and wrote "
+                     "no partial one.\n")
+    assert snapshot(output) == before  # no intermediate SavedModel beside it either
+
+
+def test_ctrl_c_during_evaluate_gives_one_line_and_status_130(lenet_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_evaluation, "write_report", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)
+                        or time.sleep(5))
+    output = tmp_path / "evaluation"
+    assert evaluate_command.main([str(lenet_run), "--output", str(output), "--verbose", "0"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "Stopped by Ctrl-C: python -m tfdogs.evaluate left its earlier outputs as they were and wrote no partial one."]
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

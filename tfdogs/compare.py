@@ -37,6 +37,7 @@ from tfdogs import config as config_lib, data, files, weights
 from tfdogs.evaluation.html import markdown_table
 from tfdogs.runs.comparison import DISPLAY, NUMERIC, compare, display_rows, parse_overrides, train_configs
 from tfdogs.runs.folder import RunFolderError
+from tfdogs.training.interruption import stops_in_one_line
 from tfdogs.training.phases import TrainingError
 
 
@@ -59,6 +60,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: trains configs if asked, compares, prints the table."""
     args = build_parser().parse_args(argv)

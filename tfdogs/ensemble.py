@@ -32,6 +32,7 @@ import sys
 from tfdogs import data, files
 from tfdogs.runs.ensemble import ensemble
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError
+from tfdogs.training.interruption import stops_in_one_line
 
 
 def build_parser():
@@ -48,6 +49,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: ensembles runs, prints members' and ensemble's scores."""
     args = build_parser().parse_args(argv)

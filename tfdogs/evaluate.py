@@ -36,6 +36,7 @@ import pandas as pd
 from tfdogs import data, files
 from tfdogs.runs.evaluation import evaluate
 from tfdogs.runs.folder import RunFolderError
+from tfdogs.training.interruption import stops_in_one_line
 
 
 def build_parser():
@@ -61,6 +62,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: evaluates one run or ensemble and prints the scores and worst breeds."""
     args = build_parser().parse_args(argv)

@@ -17,6 +17,7 @@ from tfdogs import data
 from tfdogs.runs.folder import RunFolderError, load_model_folder
 from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.serving.tflite import export_tflite
+from tfdogs.training.interruption import stops_in_one_line
 
 
 def build_parser():
@@ -38,6 +39,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: exports a run or ensemble folder as a SavedModel or a TFLite file."""
     args = build_parser().parse_args(argv)

@@ -1,7 +1,7 @@
 """A float32 TFLite file for phones: it takes pixels already resized and centre-cropped."""
 
 import pathlib
-import tempfile
+import shutil
 
 import keras
 import tensorflow as tf
@@ -86,14 +86,7 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
     endpoints = {"serving_default": (classify, [tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
                                                               name="images")])}
     output_dir = pathlib.Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir) as saved_model_dir:
-        write_saved_model(models, endpoints, saved_model_dir)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
-        flatbuffer = converter.convert()
-    path = output_dir / TFLITE_FILE
-    files.replace_into(path, lambda temporary: temporary.write_bytes(flatbuffer))
-    (output_dir / TFLITE_LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
+    files.refuse_foreign_folder(output_dir, TFLITE_FILE)  # before the conversion's minutes
     facts = {"class_names": list(class_names),
              "preprocessing": preprocessing[0].as_dict() if len(set(preprocessing)) == 1 else None,
              "member_preprocessing": [record.as_dict() for record in preprocessing],
@@ -103,5 +96,14 @@ def export_tflite(models, class_names, output_dir, *, preprocessing, model_weigh
              "output": "probabilities [batch, classes], in labels.txt order",
              "members": [model.name for model in models], "member_weights": member_weights,
              "batch_norms_folded": folding_counts(models), **(metadata or {})}
-    files.write_json(facts, output_dir / METADATA_FILE)
-    return path
+    # The file, its labels and its facts replace an earlier export together; the intermediate
+    # SavedModel lives inside the temporary folder, so an interruption leaves none of it behind.
+    with files.whole_folder(output_dir, TFLITE_FILE) as folder:
+        saved_model_dir = folder / "intermediate_saved_model"
+        write_saved_model(models, endpoints, str(saved_model_dir))
+        flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir)).convert()
+        shutil.rmtree(saved_model_dir)
+        (folder / TFLITE_FILE).write_bytes(flatbuffer)
+        (folder / TFLITE_LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
+        files.write_json(facts, folder / METADATA_FILE)
+    return output_dir / TFLITE_FILE

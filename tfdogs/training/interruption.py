@@ -9,6 +9,7 @@ for it, and `stopped` tidies up and prints the line instead of a traceback.
 """
 
 import contextlib
+import functools
 import os
 import pathlib
 import shlex
@@ -37,6 +38,28 @@ def signals_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stops_in_one_line(main):
+    """Makes a command's `main(argv)` end on Ctrl-C or SIGTERM with one line and 130 or 143, no traceback.
+
+    Every command writes its outputs whole (`tfdogs.files`), so an earlier
+    output stands as it was and the new one is either complete or absent.
+    """
+    command = f"python -m {main.__module__}"
+
+    @functools.wraps(main)
+    def main_stopping_in_one_line(argv=None):
+        try:
+            with signals_interrupt():
+                return main(argv)
+        except KeyboardInterrupt as interrupt:
+            name = "SIGTERM" if interrupt.args[:1] == ("SIGTERM",) else "SIGINT"
+            print(f"Stopped by {'Ctrl-C' if name == 'SIGINT' else name}: {command} left its earlier outputs as they "
+                  f"were and wrote no partial one.", file=sys.stderr, flush=True)
+            return EXIT_STATUS[name]
+
+    return main_stopping_in_one_line
 
 
 def stopped(interrupt, command, run_dir=None, export_dir=None, total_epochs=None, kept_epochs=0):
