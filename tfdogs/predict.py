@@ -17,7 +17,10 @@ image and their mirrors. A run or ensemble folder takes any N (default 1); a
 SavedModel answers with the views it was exported with (`tfdogs.export
 --tta`), and refuses another N.
 
-IMAGE is an image file or a folder (its images, sub-folders included). Every
+IMAGE is an image file or a folder (its images, sub-folders included). A
+photo that the data check converts before training (palette BMP, CMYK JPEG,
+TIFF, PNG or WebP stored sideways, over 4096 px a side) is answered from the
+check's RGB copy, made in memory, as training and evaluation read it. Every
 readable image is answered; every other one is named with the reason (not
 found, empty, not an image or truncated, a URL), in the table or as an
 `error` entry of the JSON. Exit status: 0 every image answered, 1 some could

@@ -5,7 +5,8 @@ download for the test ids and the breed column order, predicts
 `test/<id>.jpg` with MODEL (a run folder, an ensemble folder or a SavedModel,
 as for `tfdogs.predict`) and writes `id` plus one probability column per breed,
 in the sample's column order, each row summing to 1. Kaggle scores it by
-multi-class log loss. `--tta N` averages the softmax probabilities of N views
+multi-class log loss. Test photos the data check would convert are predicted
+from its RGB copy, as `tfdogs.predict` does. `--tta N` averages the softmax probabilities of N views
 of each photo, as for `tfdogs.predict`.
 
 Examples:

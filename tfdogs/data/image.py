@@ -101,14 +101,27 @@ def exif_orientation(image_bytes) -> tf.Tensor:
         opens_file = tf.logical_or(opens_file, tf.logical_and(opening, tf.equal(position, segment)))
         position = tf.where(opening, position + 2 + high * 256 + low, -1)
 
-    tiff = segment + 4 + len(_EXIF_SEGMENT)
+    valid, value = _ifd0_orientation(read, segment + 4 + len(_EXIF_SEGMENT), _WINDOW)
+    usable = tf.logical_and(tf.logical_and(candidate, tf.logical_and(opens_file, valid)),
+                            tf.logical_and(value >= 1, value <= 8))
+    return tf.where(usable, value, 1)
+
+
+def _ifd0_orientation(read, tiff, end):
+    """(whether a TIFF header starts at `tiff`, the Orientation SHORT among its IFD0 entries or 0), in the graph.
+
+    Args:
+        read: `read(position, count)`, int32 bytes from the data, zeros past its end.
+        tiff: where the TIFF header ("II" or "MM", 42, IFD0's offset) should start.
+        end: IFD0 offsets are clipped to this position.
+    """
     order_1, order_2, *numbers = tf.unstack(tf.cast(read(tiff, 8), tf.int64))
     little_endian = tf.logical_and(tf.equal(order_1, 0x49), tf.equal(order_2, 0x49))
     big_endian = tf.logical_and(tf.equal(order_1, 0x4D), tf.equal(order_2, 0x4D))
     as_little, as_big = tf.unstack(tf.reshape(tf.reduce_sum(tf.stack(numbers) * _HEADER_NUMBERS, axis=1), [2, 2]))
     magic, offset = tf.unstack(tf.where(little_endian, as_little, as_big))
     valid = tf.logical_and(tf.logical_or(little_endian, big_endian), tf.equal(magic, 42))
-    directory = tf.cast(tf.minimum(tf.cast(tiff, tf.int64) + offset, _WINDOW), tf.int32)
+    directory = tf.cast(tf.minimum(tf.cast(tiff, tf.int64) + offset, end), tf.int32)
     # IFD0 as 16-bit words: the entry count, then 6 per entry: tag, type, count (2 words), the value
     # (a SHORT's is its first word) and one more.
     first, second = tf.unstack(tf.reshape(read(directory, _LONGEST_READ), [-1, 2]), axis=1)
@@ -116,10 +129,7 @@ def exif_orientation(image_bytes) -> tf.Tensor:
     tag, kind, _, _, value, _ = tf.unstack(tf.reshape(entries, [_MAX_IFD_ENTRIES, 6]), axis=1)
     matches = tf.logical_and(tf.range(_MAX_IFD_ENTRIES) < count, tf.logical_and(
         tf.equal(tag, _ORIENTATION_TAG), tf.equal(kind, 3)))
-    value = tf.reduce_max(tf.where(matches, value, 0))
-    usable = tf.logical_and(tf.logical_and(candidate, tf.logical_and(opens_file, valid)),
-                            tf.logical_and(value >= 1, value <= 8))
-    return tf.where(usable, value, 1)
+    return valid, tf.reduce_max(tf.where(matches, value, 0))
 
 
 def orient(image, orientation) -> tf.Tensor:
@@ -139,6 +149,129 @@ def orient(image, orientation) -> tf.Tensor:
         return tf.cond(flip, lambda: tf.reverse(turned, [0]), lambda: turned)
 
     return tf.cond(tf.equal(orientation, 1), lambda: image, turn)
+
+
+# The longer side above which the data check shrinks a photo (a Pillow RGB copy) before training.
+MAX_SIDE = 4096
+_CONVERT_FIRST = "; convert it to an RGB JPEG or PNG first (as the data check does before training)"
+_BMP_HEAD = 2048  # file header, the largest DIB header (124 bytes) and a 256-colour palette
+_BYTE_READ = 1024  # the longest read of `_byte_reader` (a BMP palette)
+
+
+def decode_served_image(image_bytes, max_side=MAX_SIDE) -> tf.Tensor:
+    """`decode_image`, refusing the bytes that the data check would have converted before training.
+
+    The serving signature decodes in the graph, where Pillow cannot run, so a
+    file that training only saw as the check's Pillow RGB copy (see
+    `tfdogs.data.inspection`) would be served other pixels: a palette BMP
+    decodes as grey palette indices (mean 109 levels off, max 244, on a dog
+    photo), a PNG or WebP stored sideways stays sideways, a CMYK JPEG differs
+    by up to 10 levels (mean 1.1), a TIFF or 1-bit BMP does not decode. Those bytes raise InvalidArgumentError whose message
+    says what the file is (`served_image_refusal`), as do images larger than
+    `max_side` pixels a side, which training saw shrunk by Pillow.
+
+    Args:
+        image_bytes: scalar tf.string.
+        max_side: longer-side limit, the data check's.
+
+    Returns:
+        uint8 [h, w, 3], as `decode_image`.
+    """
+    reason = served_image_refusal(image_bytes)
+    with tf.control_dependencies([tf.debugging.Assert(tf.equal(reason, ""), [reason])]):
+        image = decode_image(image_bytes)
+    height, width = tf.unstack(tf.shape(image)[:2])
+    too_large = tf.strings.format(
+        "image of {}x{} px, larger than {} px a side, which the data check shrinks with Pillow" + _CONVERT_FIRST,
+        (width, height, max_side))
+    with tf.control_dependencies([tf.debugging.Assert(tf.maximum(height, width) <= max_side, [too_large])]):
+        return tf.identity(image)
+
+
+def served_image_refusal(image_bytes) -> tf.Tensor:
+    """Why the serving graph cannot decode these bytes as training saw them: a tf.string, empty when it can.
+
+    Read from the header bytes in the graph, no decoding: TIFF (TensorFlow
+    cannot decode it); a BMP of 8 bits per pixel or fewer unless its palette
+    is the grey ramp (TensorFlow reads the palette indices as grey); a JPEG
+    whose header declares 4 components (CMYK or YCCK); a PNG (eXIf chunk) or
+    WebP (EXIF chunk) with an EXIF orientation other than 1, which only
+    Pillow applies. Palette and 16-bit PNGs, GIFs and grey BMPs decode as the
+    training pipeline decodes them and pass.
+
+    Args:
+        image_bytes: scalar tf.string.
+
+    Returns:
+        scalar tf.string.
+    """
+    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    read_head, _ = _byte_reader(image_bytes, 0, _BMP_HEAD)
+    magic = read_head(0, 12)
+    starts = lambda signature, at=0: tf.reduce_all(tf.equal(magic[at:at + len(signature)], list(signature)))
+    # Each format's test runs only on its own bytes (tf.cond): the chunk searches read the whole file.
+    when = lambda format, test: tf.cond(format, test, lambda: tf.constant(False))
+    refusals = [
+        (tf.logical_or(starts(b"II*\0"), starts(b"MM\0*")), "TIFF image, which TensorFlow cannot decode"),
+        (when(starts(b"BM"), lambda: _palette_bmp(read_head)),
+         "palette BMP (8 bits per pixel or fewer, not grey), which TensorFlow decodes as grey palette indices"),
+        (when(starts(b"\xff\xd8\xff"), lambda: tf.equal(tf.io.extract_jpeg_shape(image_bytes)[2], 4)),
+         "CMYK JPEG (4 colour components), which TensorFlow converts to RGB otherwise than Pillow"),
+        (when(starts(b"\x89PNG"), lambda: _chunk_orientation(image_bytes, b"eXIf", 4) > 1),
+         "PNG with an EXIF orientation, which TensorFlow does not apply"),
+        (when(tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8)),
+              lambda: _chunk_orientation(image_bytes, b"EXIF", 8) > 1),
+         "WebP with an EXIF orientation, which TensorFlow does not apply"),
+    ]
+    reason = tf.constant("")
+    for refused, what in reversed(refusals):
+        reason = tf.where(refused, what + _CONVERT_FIRST, reason)
+    return reason
+
+
+def _byte_reader(image_bytes, start, size):
+    """`read(position, count)`: int32 bytes of image_bytes[start:start + size] (zeros past it), and its length."""
+    start = tf.minimum(start, tf.strings.length(image_bytes, unit="BYTE"))  # substr refuses a start past the end
+    head = tf.strings.substr(image_bytes, start, size)
+    length = tf.strings.length(head, unit="BYTE")
+    window = tf.cast(tf.pad(tf.io.decode_raw(head, tf.uint8), [[0, size + _BYTE_READ - length]]), tf.int32)
+
+    def read(position, count):
+        return tf.gather(window, tf.clip_by_value(position, 0, length) + np.arange(count, dtype=np.int32))
+
+    return read, length
+
+
+def _palette_bmp(read):
+    """Whether a BMP header (from `read`) declares 8 bits per pixel or fewer without the grey ramp palette.
+
+    Pillow reads an 8-bit BMP whose palette entry i is (i, i, i) for every
+    colour used as grey ("L"), which is what TensorFlow gives; any other
+    palette is colour. A 12-byte OS/2 header is refused too (its fields lie elsewhere).
+    """
+    little = lambda position, count: tf.reduce_sum(read(position, count) * 256 ** np.arange(count, dtype=np.int32))
+    header_size, bits, colours = little(14, 4), little(28, 2), little(46, 4)
+    colours = tf.where(tf.logical_or(colours <= 0, colours > 256), 256, colours)
+    palette = tf.reshape(read(14 + header_size, 1024), [256, 4])[:, :3]
+    ramp = np.arange(256, dtype=np.int32)[:, None]
+    grey = tf.reduce_all(tf.logical_or(tf.equal(palette, ramp), tf.range(256)[:, None] >= colours))
+    return tf.logical_or(tf.equal(header_size, 12),
+                         tf.logical_and(bits <= 8, tf.logical_not(tf.logical_and(tf.equal(bits, 8), grey))))
+
+
+def _chunk_orientation(image_bytes, chunk, header):
+    """The EXIF orientation in the first `chunk` (PNG eXIf, WebP EXIF) of the file; 0 when there is none.
+
+    The chunk's data (after its 4-letter name, then `header` - 4 more bytes)
+    is a TIFF header, possibly after "Exif\0\0" (WebP writers differ).
+    """
+    before = tf.raw_ops.StringSplitV2(input=tf.reshape(image_bytes, [1]), sep=chunk, maxsplit=1).values[0]
+    found = tf.strings.length(before, unit="BYTE") < tf.strings.length(image_bytes, unit="BYTE")
+    start = tf.strings.length(before, unit="BYTE") + header
+    read, _ = _byte_reader(image_bytes, start, _EXIF_SEARCH_BYTES)
+    prefixed = tf.reduce_all(tf.equal(read(0, len(_EXIF_SEGMENT)), list(_EXIF_SEGMENT)))
+    valid, value = _ifd0_orientation(read, tf.where(prefixed, len(_EXIF_SEGMENT), 0), _EXIF_SEARCH_BYTES)
+    return tf.where(tf.logical_and(found, valid), value, 0)
 
 
 def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpolation="bilinear",

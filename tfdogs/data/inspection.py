@@ -1,17 +1,23 @@
-"""What one photo file is: Pillow's reading of its header, TensorFlow's decoding, a converted copy."""
+"""What one photo file is: Pillow's reading of its header, TensorFlow's decoding, a converted copy.
+
+`inspect_files` decides, and `converted_bytes` makes, the RGB copy of each
+file TensorFlow cannot decode as Pillow does; the data check
+(`tfdogs.data.validation`) and prediction (`tfdogs.runs.predictor`) both call
+them, so a photo is predicted from the pixels a run trained and evaluated on.
+Files larger than `MAX_SIDE` pixels a side are shrunk to it on conversion.
+"""
 
 import hashlib
+import io
 import pathlib
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tfdogs import files
-from tfdogs.data.image import decode_image, exif_orientation, traced_as_written
+from tfdogs import files, progress
+from tfdogs.data.image import MAX_SIDE, decode_image, exif_orientation, traced_as_written
 
-# Larger images are shrunk on conversion to this many pixels on their longer side.
-MAX_SIDE = 4096
 # Images with a side below this are kept but noted: the resize enlarges them a lot.
 SMALL_SIDE = 32
 # Modes TensorFlow decodes correctly, per format (None: all). Palette and 1-bit
@@ -115,6 +121,40 @@ def _orientation(image):
     return orientation if orientation in _ORIENTATION_TURNS else 1
 
 
+def inspect_files(paths, max_side=MAX_SIDE, verbose=0):
+    """The verdict on each file: Pillow reads its header, then TensorFlow decodes each file kept so far.
+
+    A file TensorFlow fails on, or decodes to another size or orientation
+    than Pillow, is to be converted too.
+
+    Args:
+        paths: image files.
+        max_side: longer-side limit above which images are shrunk.
+        verbose: 0 hides the progress bar over the decoding pass (see `tfdogs.progress`).
+
+    Returns:
+        One inspection per path: `action` ("kept", "converted" or "skipped"), `notes` [(kind, reason)].
+    """
+    paths = [str(path) for path in paths]
+    inspections = [inspect_file(pathlib.Path(path), max_side) for path in paths]
+    candidates = [i for i, inspection in enumerate(inspections) if inspection.action == "kept"]
+    decoded = tensorflow_shapes([paths[i] for i in candidates], progress.photos(len(candidates), verbose))
+    for position, index in enumerate(candidates):
+        inspection = inspections[index]
+        if position not in decoded:
+            inspection.convert("tensorflow-fails", f"TensorFlow cannot decode it ({tensorflow_error(paths[index])})")
+            continue
+        shape, orientation = decoded[position]
+        if shape != inspection.shape:
+            inspection.convert("tensorflow-disagrees",
+                               f"TensorFlow decodes it as {shape} pixels, Pillow as {inspection.shape}")
+        elif orientation != inspection.orientation:
+            inspection.convert("tensorflow-disagrees",
+                               f"TensorFlow reads EXIF orientation {orientation}, Pillow {inspection.orientation}; "
+                               "converted upright as Pillow reads it")
+    return inspections
+
+
 def tensorflow_shapes(paths, bar):
     """{position in paths: ((height, width), EXIF orientation)} as TensorFlow decodes the files; failures are absent."""
     if not paths:
@@ -160,6 +200,26 @@ def convert(path, root, folder, max_side):
         for existing in (stem.with_suffix(".png"), stem.with_suffix(".jpg")):
             if existing.is_file():
                 return str(existing), None
+    copy, suffix, error = converted_bytes(path, max_side)
+    if error is not None or folder is None:
+        return None, error
+    folder.mkdir(parents=True, exist_ok=True)
+    target = stem.with_suffix(suffix)
+    files.replace_into(target, lambda temporary: temporary.write_bytes(copy))
+    return str(target), None
+
+
+def converted_bytes(path, max_side=MAX_SIDE):
+    """The encoded RGB copy the data check makes of a file: Pillow's decoding, upright, shrunk to max_side.
+
+    PNG, or JPEG quality 95 when shrunk; the copy has no EXIF block, so its
+    pixels are stored upright. Pillow encodes the same pixels to the same
+    bytes, so a caller that feeds these bytes to TensorFlow reads exactly
+    what a run read from its `converted/` copy.
+
+    Returns:
+        (bytes, ".png" or ".jpg", None) or (None, None, the decoding error).
+    """
     try:
         with Image.open(path) as image:
             shrunk = max(image.size) > max_side
@@ -167,18 +227,14 @@ def convert(path, root, folder, max_side):
                 # JPEGs decode at 1/2, 1/4 or 1/8 scale: a 10,000 px photo costs a fraction of its full size.
                 image.draft(None, _fitted(image.size, max_side))
             image.load()
-            # The copy has no EXIF block, so its pixels are stored upright.
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return None, str(error) or type(error).__name__
+        return None, None, str(error) or type(error).__name__
     if max(rgb.size) > max_side:
         rgb = rgb.resize(_fitted(rgb.size, max_side), Image.Resampling.LANCZOS)
-    if folder is None:
-        return None, None
-    folder.mkdir(parents=True, exist_ok=True)
-    target = stem.with_suffix(".jpg" if shrunk else ".png")
-    files.replace_into(target, lambda temporary: rgb.save(temporary, format="JPEG" if shrunk else "PNG", quality=95))
-    return str(target), None
+    encoded = io.BytesIO()
+    rgb.save(encoded, format="JPEG" if shrunk else "PNG", quality=95)
+    return encoded.getvalue(), ".jpg" if shrunk else ".png", None
 
 
 def _fitted(size, max_side):

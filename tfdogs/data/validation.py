@@ -45,8 +45,8 @@ from concurrent import futures
 
 import numpy as np
 
-from tfdogs import files, progress
-from tfdogs.data.inspection import MAX_SIDE, convert, converted_name, inspect_file, tensorflow_error, tensorflow_shapes
+from tfdogs import files
+from tfdogs.data.inspection import MAX_SIDE, convert, converted_name, inspect_files
 from tfdogs.data.layouts import DataError, Problem, Records, scan_records
 
 _PROBLEMS_COLUMNS = ["file", "line", "kind", "action", "reason"]
@@ -172,26 +172,8 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE, verbose=1) -> Re
     """
     records, problems = scan_records(data_dir)
     root = pathlib.Path(records.root)
-    inspections = [inspect_file(pathlib.Path(path), max_side) for path in records.paths]
-
     # TensorFlow must decode every file the pipeline will read as it is, with the size Pillow reports.
-    candidates = [i for i, inspection in enumerate(inspections) if inspection.action == "kept"]
-    bar = progress.photos(len(candidates), verbose)
-    decoded = tensorflow_shapes([records.paths[i] for i in candidates], bar)
-    for position, index in enumerate(candidates):
-        inspection = inspections[index]
-        if position not in decoded:
-            inspection.convert("tensorflow-fails",
-                               f"TensorFlow cannot decode it ({tensorflow_error(records.paths[index])})")
-            continue
-        shape, orientation = decoded[position]
-        if shape != inspection.shape:
-            inspection.convert("tensorflow-disagrees",
-                               f"TensorFlow decodes it as {shape} pixels, Pillow as {inspection.shape}")
-        elif orientation != inspection.orientation:
-            inspection.convert("tensorflow-disagrees",
-                               f"TensorFlow reads EXIF orientation {orientation}, Pillow {inspection.orientation}; "
-                               "converted upright as Pillow reads it")
+    inspections = inspect_files(records.paths, max_side, verbose)
 
     to_convert = [i for i, inspection in enumerate(inspections) if inspection.action == "converted"]
     with futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

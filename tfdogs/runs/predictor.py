@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdogs import data, progress
+from tfdogs.data.inspection import converted_bytes, inspect_files
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError, load_ensemble, load_run, tta_views
 from tfdogs.serving.saved_model import latest_version, read_metadata, serving_module
 
@@ -121,6 +122,12 @@ _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 def predict_files(predictor, paths, *, batch_size=32, verbose=1):
     """Runs a predictor over image files, in batches; a file that cannot be read fails alone.
 
+    Each file is first inspected as the data check does (`inspect_files`):
+    one the check would convert (palette BMP, CMYK JPEG, TIFF, PNG or WebP
+    stored sideways, over 4096 px a side, anything TensorFlow decodes
+    otherwise than Pillow) is answered from the check's RGB copy, the pixels
+    a run trained and evaluated on, which the SavedModel refuses to decode.
+
     Args:
         predictor: a `Predictor` (see `load_predictor`).
         paths: image files.
@@ -134,8 +141,8 @@ def predict_files(predictor, paths, *, batch_size=32, verbose=1):
     """
     paths = [str(path) for path in paths]
     blobs, errors = [], []
-    for path in paths:
-        blob, error = _read(path)
+    for path, inspection in zip(paths, inspect_files(paths)):
+        blob, error = _read(path, inspection.action == "converted")
         blobs.append(blob)
         errors.append(error)
     readable = [index for index, error in enumerate(errors) if error is None]
@@ -157,8 +164,17 @@ def predict_files(predictor, paths, *, batch_size=32, verbose=1):
     return outputs
 
 
-def _read(path):
-    """(bytes, None), or (None, why the file cannot be used)."""
+def _read(path, convert=False):
+    """(bytes, None), or (None, why the file cannot be used).
+
+    With `convert`, the bytes are the data check's RGB copy of the file
+    (`converted_bytes`), which a run trained and evaluated on; the file's own
+    bytes when Pillow cannot decode it either, so that the error is TensorFlow's.
+    """
+    if convert:
+        copy, _, error = converted_bytes(path)
+        if error is None:
+            return copy, None
     try:
         blob = pathlib.Path(path).read_bytes()
     except FileNotFoundError:

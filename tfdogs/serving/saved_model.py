@@ -5,8 +5,12 @@ An export is a numbered version folder under a base folder
 two signatures with the same outputs:
 
 - `serving_default`: `image_bytes`, a batch of encoded images (`tf.string`:
-  JPEG, PNG, GIF or BMP), decoded, resized and normalised exactly as the
-  validation pipeline does.
+  JPEG, PNG, GIF, BMP or WebP), decoded, resized and normalised exactly as the
+  validation pipeline does. Bytes that the data check converts with Pillow
+  before training (palette BMP, CMYK JPEG, TIFF, PNG or WebP with an EXIF
+  orientation, over 4096 px a side) are refused with an InvalidArgumentError
+  saying so (`tfdogs.data.image.decode_served_image`); `tfdogs.predict`
+  converts them first, as the check does.
 - `serving_images`: `images`, float32 RGB pixels in [0, 255], shape
   `[batch, height, width, 3]` of any size, preprocessed the same way
   (rounded to whole values first, as the 8-bit images Pillow resizes).
@@ -40,6 +44,7 @@ import keras
 import tensorflow as tf
 
 from tfdogs import data, files
+from tfdogs.data.image import decode_served_image
 from tfdogs.data.preprocessing import Preprocessing
 from tfdogs.serving.fold import fold_batch_norms, folding_counts
 from tfdogs.evaluation import metrics
@@ -124,7 +129,8 @@ class ServingModule:
             for record in self.pipelines))
 
     def from_bytes(self, image_bytes):
-        return self._outputs(self._map(lambda encoded: self._preprocess_all(data.decode_image(encoded)), image_bytes))
+        # Bytes the data check would have converted before training are refused, not served other pixels.
+        return self._outputs(self._map(lambda encoded: self._preprocess_all(decode_served_image(encoded)), image_bytes))
 
     def from_images(self, images):
         return self._outputs(self._map(self._preprocess_all, images))
