@@ -12,7 +12,8 @@ Writes the ensemble folder (`--output`, default `runs/ensemble-<timestamp>`):
     scores.csv      one row per member and one for the ensemble, same images
     scores.md       the same as a Markdown table
 
-and the SavedModel under `--export-dir` (default `saved_models/<output name>/<version>/`).
+and the SavedModel under `--export-dir` (default `saved_models/<output name>/<version>/`, with
+`-<8 hex digits of its path>` after the name for an ensemble folder outside `runs/`).
 
 Members must predict the same breeds in the same order. They are scored on
 the images that every member held out for validation; runs trained with the
@@ -32,6 +33,7 @@ import sys
 from tfdogs import data, files
 from tfdogs.runs.ensemble import ensemble
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError
+from tfdogs.serving.export_folder import ExportFolderError
 from tfdogs.training.interruption import stops_in_one_line
 
 
@@ -44,7 +46,8 @@ def build_parser():
     parser.add_argument("--output", help="ensemble folder (default runs/ensemble-<timestamp>)")
     parser.add_argument("--member-weights", type=float, nargs="+", metavar="WEIGHT",
                         help="one weight per member, in order (default: equal)")
-    parser.add_argument("--export-dir", help="SavedModel base folder (default saved_models/<output name>)")
+    parser.add_argument("--export-dir", help="SavedModel base folder (default saved_models/<output name>, "
+                                                       "plus a hash of its path outside runs/)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     return parser
 
@@ -56,7 +59,7 @@ def main(argv=None):
     try:
         output = ensemble(args.run_dirs, args.output, member_weights=args.member_weights,
                           export_dir=args.export_dir, batch_size=args.batch_size)
-    except (RunFolderError, data.DataError, files.ForeignFolderError) as error:
+    except (RunFolderError, data.DataError, files.ForeignFolderError, ExportFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = json.loads((output / ENSEMBLE_FILE).read_text())

@@ -13,7 +13,8 @@ import argparse
 import pathlib
 import sys
 
-from tfdogs import data
+from tfdogs import data, files
+from tfdogs.serving import export_folder
 from tfdogs.runs.folder import RunFolderError, load_model_folder
 from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.serving.tflite import export_tflite
@@ -30,7 +31,8 @@ def build_parser():
     parser.add_argument("--format", choices=("saved_model", "tflite"), default="saved_model",
                         help="saved_model: the next numeric version under --output; tflite: model.tflite, "
                              "labels.txt and tfdogs.json in --output")
-    parser.add_argument("--output", help="default: saved_models/<folder name> (saved_model), "
+    parser.add_argument("--output", help="default: saved_models/<folder name> for runs/<folder name>, else "
+                                         "saved_models/<folder name>-<hash of its path> (saved_model); "
                                          "MODEL/tflite (tflite)")
     parser.add_argument("--tta", type=int, default=1, choices=sorted(data.TTA_VIEWS), metavar="N",
                         help="test-time augmentation in the SavedModel: answer the mean softmax of N views of "
@@ -53,15 +55,16 @@ def main(argv=None):
         runs, member_weights = load_model_folder(folder)
         models = [run.load_model() for run in runs]
         preprocessing = [run.preprocessing for run in runs]
-        metadata = {"exported_from": str(folder.resolve())}
+        metadata = {"run": str(folder.resolve()), "exported_from": str(folder.resolve())}
         if args.format == "tflite":
             path = export_tflite(models, runs[0].class_names, args.output or folder / "tflite",
                                  preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
         else:
-            export_base = args.output or pathlib.Path("saved_models") / folder.name
+            export_base = pathlib.Path(args.output or export_folder.default_export_dir(folder))
+            export_folder.check_owner(export_base, folder, explicit=args.output is not None)
             path = export_saved_model(models, runs[0].class_names, export_base, preprocessing=preprocessing,
                                       model_weights=member_weights, metadata=metadata, views=args.tta)
-    except (RunFolderError, ValueError) as error:
+    except (RunFolderError, ValueError, files.ForeignFolderError) as error:  # ExportFolderError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Exported {folder} to {path}" + (f" ({args.tta} views of each image)" if args.tta > 1 else ""))

@@ -14,7 +14,8 @@ ResNet-18/34 or EfficientNet-Lite0/1/2 with a transfer strategy, and writes a ru
     model.keras    the best model (plain Keras layers: loads without tfdogs)
     best.weights.h5, tensorboard/, backup/ (resume state while training)
 
-and a SavedModel for TF Serving under `saved_models/<run name>/<version>/`.
+and a SavedModel for TF Serving under `saved_models/<run name>/<version>/` (a run
+folder outside `runs/` adds 8 hex digits of its path to the name: one export folder per run).
 
 Examples:
     python -m tfdogs.train --model efficientnet_lite0 --data-dir path/to/photos
@@ -64,7 +65,7 @@ def main(argv=None):
             run_dir, export_dir = output_folders(config)
             if not config["output"]:  # the timestamped default: resuming must name it
                 command += ["--output", str(run_dir)]
-            run_dir = train({**config, "output": str(run_dir), "export_dir": str(export_dir)})
+            run_dir = train({**config, "output": str(run_dir)})  # the export folder follows from it
     except PeerLost as error:  # every surviving worker starts again and waits for the lost one
         print(f"error: {error} Running the same command again to wait for it and resume from the last backed-up "
               f"epoch (up to {PEER_TIMEOUT_VARIABLE} seconds).", file=sys.stderr)

@@ -198,7 +198,8 @@ HELP = {
     "else none), none, mirrored (all local GPUs), multi-worker (TF_CONFIG); --batch-size is per "
     "replica and the learning rate scales with the replicas",
     "output": "run folder (default runs/<model>-<timestamp>)",
-    "export_dir": "SavedModel base folder (default saved_models/<run name>)",
+    "export_dir": "SavedModel base folder (default saved_models/<run name>; saved_models/<run name>-<hash of its path> "
+                  "for a run outside runs/). Another run's export folder is refused unless given here",
     "synthetic_classes": "--data synthetic: number of classes",
     "synthetic_images_per_class": "--data synthetic: images per class",
     "steps_per_epoch": "cap on training steps per epoch (default: the whole training set)",

@@ -12,6 +12,7 @@ import pandas as pd
 from tfdogs import files
 from tfdogs.evaluation import metrics
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError, load_run, predict_paths
+from tfdogs.serving.export_folder import check_owner, default_export_dir
 from tfdogs.serving.saved_model import export_saved_model
 
 
@@ -75,7 +76,7 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
         run_dirs: run folders of the members (two or more).
         output: ensemble folder; default `runs/ensemble-<timestamp>`.
         member_weights: optional weight per member (normalised to sum to 1).
-        export_dir: SavedModel base folder; default `saved_models/<output name>`.
+        export_dir: SavedModel base folder; default `tfdogs.serving.export_folder.default_export_dir(output)`.
         batch_size: images per forward pass.
 
     Returns:
@@ -91,8 +92,9 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
         raise RunFolderError(str(error)) from None
     paths, labels, train_labels, note = common_validation_images(runs)
     output = pathlib.Path(output or pathlib.Path("runs") / f"ensemble-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    export_dir = pathlib.Path(export_dir or pathlib.Path("saved_models") / output.name)
+    export_base = pathlib.Path(export_dir or default_export_dir(output))
     files.refuse_foreign_folder(output, ENSEMBLE_FILE)
+    check_owner(export_base, output, explicit=export_dir is not None)
 
     models = [run.load_model() for run in runs]
     probabilities = [predict_paths(model, member_paths, run.preprocessing, batch_size=batch_size)
@@ -104,9 +106,10 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
                 "val": metrics.scores(member, labels)}
                for run, weight, member in zip(runs, member_weights, probabilities)]
     version_dir = export_saved_model(
-        models, class_names, export_dir, preprocessing=[run.preprocessing for run in runs],
+        models, class_names, export_base, preprocessing=[run.preprocessing for run in runs],
         model_weights=member_weights,
-        metadata={"ensemble": str(output.resolve()), "member_runs": [member["run"] for member in members]})
+        metadata={"run": str(output.resolve()), "ensemble": str(output.resolve()),
+                  "member_runs": [member["run"] for member in members]})
     summary = {
         "members": members, "num_classes": len(class_names), "num_val": int(len(labels)),
         "split_note": note, "val": metrics.scores(combined, labels),

@@ -9,17 +9,20 @@ import numpy as np
 from tfdogs import config as config_lib, data, models
 from tfdogs.data import augment
 from tfdogs.data.validation import check_data
+from tfdogs.serving import export_folder
+from tfdogs.serving.export_folder import DEFAULT_RUNS, default_export_dir
 
 
 def output_folders(config):
     """The run folder and the SavedModel base folder of a config.
 
     Returns:
-        (`output`, default runs/<model>-<timestamp>; `export_dir`, default saved_models/<run folder name>).
+        (`output`, default runs/<model>-<timestamp>; `export_dir`, default
+        `tfdogs.serving.export_folder.default_export_dir` of the run folder).
     """
     name = f"{models.file_name(config['model'])}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = pathlib.Path(config["output"] or pathlib.Path("runs") / name)
-    return run_dir, pathlib.Path(config["export_dir"] or pathlib.Path("saved_models") / run_dir.name)
+    run_dir = pathlib.Path(config["output"] or DEFAULT_RUNS / name)
+    return run_dir, pathlib.Path(config["export_dir"] or default_export_dir(run_dir))
 
 
 def prepare_output(config):
@@ -29,6 +32,10 @@ def prepare_output(config):
         The run folder, the export folder, and those of them this call created.
     """
     run_dir, export_dir = output_folders(config)
+    try:
+        export_folder.check_owner(export_dir, run_dir, explicit=config["export_dir"] is not None)
+    except export_folder.ExportFolderError as error:
+        raise config_lib.ConfigError(f"Config key 'export_dir': {error}") from None
     created = []
     for key, folder in (("output", run_dir), ("export_dir", export_dir)):
         try:
