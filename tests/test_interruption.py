@@ -127,14 +127,24 @@ def loads(path):
         return False
 
 
+def keras_checkpoint(path):
+    return keras.callbacks.ModelCheckpoint(path, monitor="val_accuracy", mode="max", save_best_only=True,
+                                           save_weights_only=True)
+
+
+def tfdogs_checkpoint(path):
+    return training_callbacks.BestCheckpoint(path, path.with_name("phase.weights.h5"), "val_accuracy",
+                                             pd.DataFrame(), 0)
+
+
 @pytest.mark.parametrize("callback, survives", [
-    (keras.callbacks.ModelCheckpoint, False),  # Keras writes in place: the kill corrupts the best weights
-    (training_callbacks.AtomicModelCheckpoint, True),
+    (keras_checkpoint, False),  # Keras writes in place: the kill corrupts the best weights
+    (tfdogs_checkpoint, True),
 ])
 def test_kill_while_saving_the_best_checkpoint(tmp_path, monkeypatch, callback, survives):
     path = tmp_path / "best.weights.h5"
     model = tiny_model()
-    checkpoint = callback(path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True)
+    checkpoint = callback(path)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_accuracy": 0.5})
     good = model.get_weights()

@@ -21,8 +21,10 @@ class WeightAverage(keras.callbacks.SwapEMAWeights):
     same around a save. Training and the resume backup keep the raw weights,
     and the optimizer state saved with the backup holds the average, so a
     resumed run averages on exactly as before. At the end of each phase Keras
-    puts the average into the model for good (`finalize_variable_values`):
-    the phase weights, and the start of the next phase, are the average.
+    puts the average into the model for good (`finalize_variable_values`),
+    and with early stopping `BestCheckpoint` then loads the best epoch's
+    average: the phase weights, and the start of the next phase, are the
+    average.
     """
 
     def __init__(self):
@@ -103,26 +105,91 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
         self.epoch = epoch
 
 
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that writes a temporary file and renames it over the previous best.
+class BestCheckpoint(keras.callbacks.Callback):
+    """The run's best epoch in `path`; with `restore`, the phase ends with the phase's best epoch.
 
-    Keras writes the file in place, so a kill mid-save would leave a corrupt
-    best.weights.h5 where a good one was.
+    An epoch whose `monitor` value beats every earlier epoch of the run
+    (strictly, as Keras' ModelCheckpoint and EarlyStopping compare) is saved
+    to `path` (`RUN/best.weights.h5`), written whole or not at all. With
+    `restore` (early stopping on) the phase ends as Keras' EarlyStopping with
+    `restore_best_weights` ends it, with the weights of the phase's best
+    epoch, but from the saved file: with `--ema` that is the average (Keras
+    would put back the raw weights over the average it just finalized), and a
+    resumed phase whose best epoch came before the interruption gets that
+    epoch back (Keras would only know the epochs since). The phase's best is
+    in `path` unless an earlier phase's epoch beats it; such a phase's best
+    goes to `phase_path` (in the phase's backup folder), so each epoch is
+    written at most once.
+
+    Args:
+        path: the run's best checkpoint.
+        phase_path: the phase's best when it is not the run's.
+        monitor: the metric followed (`MONITOR_MODES`).
+        history: the run's history.csv so far (a resumed run), or empty.
+        phase_start: the phase's first epoch (0-based).
+        restore: end `fit` with the phase's best epoch.
+        weight_average: a WeightAverage: save the averaged weights.
+        saved_model: the model saved and restored when `fit` trains a part
+            of it (the head on cached features); None: the model fit trains.
+        strategy: a multi-worker strategy: after the restore, every worker
+            takes the chief's weights (only the chief keeps the run folder).
     """
 
-    weight_average = None  # a WeightAverage: save the averaged weights
-    saved_model = None  # the model to save when fit trains a part of it (the head on cached features)
+    def __init__(self, path, phase_path, monitor, history, phase_start, restore=False, weight_average=None,
+                 saved_model=None, strategy=None):
+        super().__init__()
+        self.path, self.phase_path = pathlib.Path(path), pathlib.Path(phase_path)
+        self.monitor, self.better = monitor, (np.greater if MONITOR_MODES[monitor] == "max" else np.less)
+        self.restore, self.weight_average = restore, weight_average
+        self.saved_model, self.strategy = saved_model, strategy
+        self.best, run_epoch = best_so_far(history, monitor)
+        this_phase = history[history["epoch"] >= phase_start] if not history.empty else history
+        self.phase_best, self.phase_epoch = best_so_far(this_phase, monitor)
+        self.phase_in_path = self.phase_epoch is not None and self.phase_epoch == run_epoch
 
-    def _save_model(self, epoch, batch, logs):  # Keras 3 ModelCheckpoint's single point of writing
-        filepath = self._get_file_path(epoch, batch, logs)
-        if self._should_save_model(epoch, batch, logs, filepath):
-            average = self.weight_average.swapped() if self.weight_average else contextlib.nullcontext()
-            with average:
-                target = self.saved_model or self.model
-                if self.save_weights_only:
-                    files.save_weights(target, filepath)
-                else:
-                    files.save_model(target, filepath)
+    @property
+    def target(self):
+        return self.saved_model or self.model
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        run_best = self.best is None or self.better(value, self.best)
+        if run_best:
+            self.best = value
+            self._save(self.path)
+        if self.phase_best is None or self.better(value, self.phase_best):
+            self.phase_best, self.phase_epoch, self.phase_in_path = value, epoch, run_best
+            if not run_best:
+                self._save(self.phase_path)
+
+    def _save(self, path):
+        average = self.weight_average.swapped() if self.weight_average else contextlib.nullcontext()
+        with average:
+            files.save_weights(self.target, path)
+
+    def on_train_end(self, logs=None):
+        if not self.restore or self.phase_epoch is None:
+            return
+        path = self.path if self.phase_in_path else self.phase_path
+        if path.is_file():
+            load_weights_only(self.target, path)
+        elif self.strategy is None:  # another worker than the chief has no run folder: the chief's come below
+            raise FileNotFoundError(f"{path} is missing: it holds the best epoch ({self.phase_epoch + 1}) that "
+                                    "the phase ends with.")
+        if self.strategy is not None:
+            broadcast_from_chief(self.strategy, self.target.weights)
+
+
+def load_weights_only(model, path):
+    """`model.load_weights(path)` for a file without optimizer state, leaving a compiled model's optimizer as it is."""
+    optimizer = getattr(model, "optimizer", None)
+    model.optimizer = None
+    try:
+        model.load_weights(path)
+    finally:
+        model.optimizer = optimizer
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -145,7 +212,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     Keras starts every `fit` with no best value and no waiting; replaying the
     phase's rows of history.csv gives the state an uninterrupted run has at
-    that epoch, so both stop at the same epoch.
+    that epoch, so both stop at the same epoch. It only stops: the phase's
+    best weights come back from `BestCheckpoint`, which has them on disk.
     """
 
     def __init__(self, earlier_values, **kwargs):
@@ -279,21 +347,32 @@ def fit_under_multi_worker(model):
     model.test_step = vector_logs(model.test_step)
 
 
-def make_callbacks(config, run_dir, phase, history, monitor):
-    """The callbacks of one phase's fit, their state carried over from `history` when it resumes."""
-    best_value, best_epoch = best_so_far(history, monitor)
-    checkpoint = AtomicModelCheckpoint(
-        run_dir / "best.weights.h5", monitor=monitor, mode=MONITOR_MODES[monitor],
-        save_best_only=True, save_weights_only=True)
-    if best_value is not None:
-        checkpoint.best = best_value  # a resumed run keeps the best of its earlier epochs
+def make_callbacks(config, run_dir, phase, history, monitor, saved_model=None, strategy=None):
+    """The callbacks of one phase's fit, their state carried over from `history` when it resumes.
+
+    Args:
+        config: the run's config.
+        run_dir: the run folder.
+        phase: the `Phase` this fit trains.
+        history: the run's history.csv so far.
+        monitor: what the best checkpoint and early stopping follow.
+        saved_model: the whole model when `fit` trains a part of it (the head on cached features).
+        strategy: a multi-worker strategy (the chief alone keeps the run folder), else None.
+
+    Returns:
+        (callbacks, the StopOnNonFinite among them).
+    """
+    early_stopping = bool(config["early_stopping_patience"])
+    checkpoint = BestCheckpoint(
+        run_dir / "best.weights.h5", run_dir / "backup" / phase.name / "best.weights.h5", monitor, history,
+        phase.start_epoch, restore=early_stopping, saved_model=saved_model, strategy=strategy)
     non_finite = StopOnNonFinite()
     averaging = []
     if config["ema"]:
         checkpoint.weight_average = WeightAverage()
         averaging.append(checkpoint.weight_average)
     callbacks = [
-        *averaging,  # first: validation sees the averaged weights
+        *averaging,  # first: validation sees the averaged weights, and Keras finalizes them before the restore
         EpochKeyedSeeds(config["seed"]),
         LearningRateLogger(),
         non_finite,
@@ -305,10 +384,10 @@ def make_callbacks(config, run_dir, phase, history, monitor):
         # Kept after the phase (train removes it once a later phase follows), so --epochs can grow.
         AtomicBackupAndRestore(run_dir / "backup" / phase.name, delete_checkpoint=False),
     ]
-    if config["early_stopping_patience"]:
+    if early_stopping:
         this_phase = history[history["epoch"] >= phase.start_epoch] if not history.empty else history
+        # Stops only: the best checkpoint restores the phase's best epoch, averaged with --ema.
         callbacks.append(ResumableEarlyStopping(
             this_phase[monitor] if monitor in this_phase else [],
-            monitor=monitor, mode=MONITOR_MODES[monitor], patience=config["early_stopping_patience"],
-            restore_best_weights=True))
+            monitor=monitor, mode=MONITOR_MODES[monitor], patience=config["early_stopping_patience"]))
     return callbacks, non_finite

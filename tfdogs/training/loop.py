@@ -32,7 +32,6 @@ from tfdogs.training.cluster import (
     per_worker_dataset,
     read_task,
 )
-from tfdogs.training.callbacks import AtomicModelCheckpoint
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
 from tfdogs.training.optimizer import WarmupCosine, compile_model
 from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
@@ -258,14 +257,14 @@ def train(config, extra_callbacks=()):
         with strategy.scope():  # metrics and optimizer variables are mirrored too
             compile_model(fitted, config, schedule, factors, runtime["jit_compile"])
         history = read_history(run_dir / "history.csv")
-        callbacks, non_finite = make_callbacks(config, run_dir, phase, history, monitor)
+        callbacks, non_finite = make_callbacks(
+            config, run_dir, phase, history, monitor,
+            saved_model=model if fitted is not model else None,  # best.weights.h5 holds the whole model
+            strategy=strategy if task is not None else None)
         if fitted is not model:
             train_dataset = cache.train_epochs(first_epoch, phase.end_epoch - first_epoch,
                                                runtime["global_batch_size"], steps)
             val_dataset = cache.val_dataset(runtime["global_batch_size"])
-            for callback in callbacks:
-                if isinstance(callback, AtomicModelCheckpoint):
-                    callback.saved_model = model  # best.weights.h5 holds the whole model
         elif task is None:
             train_dataset = shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
         else:  # each worker reads its own slice of every global batch
