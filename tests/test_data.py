@@ -1,6 +1,7 @@
 """Tests for tfdogs.data: layouts, synthetic data, splits, image ops and the tf.data pipeline."""
 
 import csv
+import hashlib
 import io
 import os
 import pathlib
@@ -234,10 +235,12 @@ def test_split_csv_round_trip(synthetic, tmp_path):
     records = data.find_records(synthetic)
     train, val = data.stratified_split(records.labels, 0.25, seed=1)
     split_path = tmp_path / "splits" / "split.csv"
-    data.write_split(split_path, records, train, val)
+    digests = [hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() for path in records.paths]
+    data.write_split(split_path, records, train, val, digests)
     with open(split_path) as file:
-        header = next(csv.reader(file))
-    assert header == ["path", "label", "breed", "subset"]
+        rows = list(csv.reader(file))
+    assert rows[0] == ["path", "label", "breed", "subset", "sha256"]
+    assert sorted(row[4] for row in rows[1:]) == sorted(digests)
     assert "train/" in split_path.read_text() and str(synthetic) not in split_path.read_text()
     read_records, read_train, read_val = data.read_split(split_path, synthetic)
     assert read_records.paths == records.paths

@@ -84,11 +84,13 @@ def _majority(labels):
     return values[np.argmax(counts)]
 
 
-_SPLIT_COLUMNS = ["path", "label", "breed", "subset"]
+# sha256: the photo's bytes, so that a resumed run and an evaluation know the photos by content.
+_SPLIT_COLUMNS = ["path", "label", "breed", "subset", "sha256"]
+_SPLIT_COLUMNS_BEFORE_DIGESTS = _SPLIT_COLUMNS[:4]  # split.csv of runs before the column: still read
 
 
-def write_split(path, records, train_indices, val_indices) -> None:
-    """Writes a split as CSV: path (relative to records.root), label, breed, subset.
+def write_split(path, records, train_indices, val_indices, digests) -> None:
+    """Writes a split as CSV: path (relative to records.root), label, breed, subset, sha256.
 
     Rows follow `records` order; only images in one of the two subsets are
     written, so `read_split` gives back the same records when the subsets cover
@@ -99,6 +101,7 @@ def write_split(path, records, train_indices, val_indices) -> None:
         records: The records the indices point into.
         train_indices: Indices of training images.
         val_indices: Indices of validation images.
+        digests: Per record, the SHA-256 of its file in hex (`Report.digests`).
     """
     subset_of = {int(i): "train" for i in train_indices}
     overlap = sorted(subset_of.keys() & {int(i) for i in val_indices})
@@ -112,7 +115,7 @@ def write_split(path, records, train_indices, val_indices) -> None:
     for index in sorted(subset_of):
         relative = pathlib.Path(os.path.relpath(records.paths[index], records.root)).as_posix()
         label = int(records.labels[index])
-        rows.append([relative, label, records.class_names[label], subset_of[index]])
+        rows.append([relative, label, records.class_names[label], subset_of[index], digests[index]])
     files.write_csv(path, _SPLIT_COLUMNS, rows)
 
 
@@ -137,7 +140,7 @@ def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
         raise DataError(f"split file {path} does not exist")
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
-        if reader.fieldnames != _SPLIT_COLUMNS:
+        if reader.fieldnames not in (_SPLIT_COLUMNS, _SPLIT_COLUMNS_BEFORE_DIGESTS):
             raise DataError(f"{path}: header is {reader.fieldnames}; expected {','.join(_SPLIT_COLUMNS)}")
         rows = list(reader)
     if not rows:
@@ -147,7 +150,8 @@ def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
         where = f"{path}, line {line_number}"
         if None in row or None in row.values() or not row["path"]:
             raise DataError(
-                f"{where}: found {list(row.values())}; expected 4 fields {','.join(_SPLIT_COLUMNS)}")
+                f"{where}: found {list(row.values())}; expected {len(reader.fieldnames)} fields "
+                f"{','.join(reader.fieldnames)}")
         if not row["label"].isdigit():
             raise DataError(f"{where}: label {row['label']!r} is not a non-negative integer")
         if row["subset"] not in ("train", "val"):
@@ -173,3 +177,9 @@ def read_split(path, root) -> tuple[Records, np.ndarray, np.ndarray]:
     records = Records(paths, [int(row["label"]) for row in rows], class_names, layout, str(root))
     subsets = np.array([row["subset"] for row in rows])
     return records, np.flatnonzero(subsets == "train"), np.flatnonzero(subsets == "val")
+
+
+def split_digests(path):
+    """The photos of a `split.csv` by content: {relative path: (subset, SHA-256 hex, or None before the column)}."""
+    with open(path, newline="", encoding="utf-8") as file:
+        return {row["path"]: (row["subset"], row.get("sha256") or None) for row in csv.DictReader(file)}

@@ -65,12 +65,16 @@ class Report:
             index of the group's first record (a file without a copy is alone
             in its group). `stratified_split(..., groups=report.groups)`
             keeps each group on one side of the split.
+        digests: Per record, the SHA-256 of its bytes (hex): what `split.csv`
+            records, so that a resumed run or an evaluation knows the photos by
+            content.
     """
 
     records: Records
     sources: list[str]
     problems: list[Problem]
     groups: np.ndarray
+    digests: list[str]
 
     @property
     def skipped(self) -> list[Problem]:
@@ -195,9 +199,9 @@ def check_data(data_dir, converted_dir=None, max_side=MAX_SIDE, verbose=1) -> Re
             usable.append(index)
     records, sources, class_problems = _keep(records, sources, usable)
     problems += class_problems
-    groups, duplicate_problems = _duplicates(records)
+    digests, groups, duplicate_problems = _duplicates(records)
     problems += duplicate_problems + _similar_breed_problems(records)
-    report = Report(records, sources, sorted(problems, key=_order), groups)
+    report = Report(records, sources, sorted(problems, key=_order), groups, digests)
     if not records.paths:
         raise DataError(
             f"no usable image in {root}: {len(report.skipped)} problems, {_listing(report.skipped)}")
@@ -273,10 +277,10 @@ def _duplicates(records):
     validated on after being trained on.
 
     Returns:
-        (group id per record: the index of the group's first record, problems).
+        (SHA-256 per record in hex, group id per record: the index of the group's first record, problems).
     """
     with futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_digest, records.paths))
+        digests = list(pool.map(file_digest, records.paths))
     members_of = {}
     for index, digest in enumerate(digests):
         members_of.setdefault(digest, []).append(index)
@@ -298,12 +302,13 @@ def _duplicates(records):
                     f"{', '.join(f'{files[i]} ({breeds[i]!r})' for i in others)}: a labelling conflict; "
                     f"all {len(members)} copies are kept as labelled and go to the same side of the split")
             problems.append(Problem(files[index], None, kind, "kept", reason))
-    return groups, problems
+    return digests, groups, problems
 
 
-def _digest(path):
+def file_digest(path):
+    """The SHA-256 of a file's bytes, in hex."""
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").digest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def with_converted_copies(records, converted_dir) -> Records:

@@ -80,21 +80,44 @@ def load_data(config, run_dir):
     report.require_trainable(config["val_fraction"])
     split_path = run_dir / "split.csv"
     if split_path.is_file():
+        check_same_photos(split_path, report)
         records, train_indices, val_indices = data.read_split(split_path, report.records.root)
     else:
         records = report.records
         # Byte-identical copies (groups) go to one side: a photo is never validated on after training on it.
         train_indices, val_indices = data.stratified_split(records.labels, config["val_fraction"], config["seed"],
                                                            groups=report.groups)
-        data.write_split(split_path, records, train_indices, val_indices)
+        data.write_split(split_path, records, train_indices, val_indices, report.digests)
     # The pipeline reads converted copies where TensorFlow cannot decode the original correctly.
     source_of = dict(zip(report.records.paths, report.sources))
-    rejected = [path for path in records.paths if path not in source_of]
-    if rejected:
-        raise data.DataError(
-            f"{split_path} lists {len(rejected)} files that the data check now rejects "
-            f"({', '.join(rejected[:3])}); see {run_dir / 'problems.csv'}, or start a new run (--output).")
     return dataclasses.replace(records, paths=[source_of[path] for path in records.paths]), train_indices, val_indices
+
+
+def check_same_photos(split_path, report):
+    """Refuses to resume on other photos than the run's `split.csv` lists: added, removed or changed.
+
+    A resumed run goes on with the split it started with; photos added since
+    would be announced by the data check and then silently left out.
+
+    Raises:
+        DataError: with the count and the first names of each change.
+    """
+    recorded = data.split_digests(split_path)
+    root = pathlib.Path(report.records.root)
+    current = {pathlib.Path(path).relative_to(root).as_posix(): digest
+               for path, digest in zip(report.records.paths, report.digests)}
+    changes = [(what, names) for what, names in (
+        ("added", sorted(current.keys() - recorded.keys())),
+        ("removed or now unusable", sorted(recorded.keys() - current.keys())),
+        ("changed", sorted(name for name, (_, digest) in recorded.items()
+                           if digest and name in current and current[name] != digest))) if names]
+    if changes:
+        listing = "; ".join(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                            for what, names in changes)
+        raise data.DataError(
+            f"The photos in {root} differ from the ones this run started with ({split_path}): {listing}; "
+            f"unusable ones are listed in {split_path.parent / 'problems.csv'}. A run goes on with its own "
+            f"photos; to train on these, start a new run (another --output).")
 
 
 def evaluation_dataset(config, records, indices, preprocessing):

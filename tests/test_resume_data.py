@@ -1,0 +1,61 @@
+"""Resume tells the truth about data: photos added, removed or changed since the run began are refused by name."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tfdogs import train as train_command
+
+
+def photo(path, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=95)
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    for breed_index, breed in enumerate(("beagle", "boxer", "pug")):
+        for index in range(8):
+            photo(photos / breed / f"{breed}{index}.jpg", seed=10 * breed_index + index)
+    flags = ["--model", "lenet5", "--weights", "none", "--strategy", "scratch", "--data-dir", str(photos),
+             "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--verbose", "0",
+             "--output", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export")]
+    assert train_command.main(flags) == 0
+    capsys.readouterr()
+    return photos, flags
+
+
+def resume_error(flags, capsys):
+    """Resumes the run for a second epoch; returns the error line."""
+    assert train_command.main([*flags[:-6], "--epochs", "2", *flags[-4:]]) == 2
+    return capsys.readouterr().err
+
+
+def test_photos_added_after_the_run_began_are_refused_by_name(finished_run, capsys, tmp_path):
+    photos, flags = finished_run
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    assert len(split) == 24 and split["sha256"].str.fullmatch("[0-9a-f]{64}").all()
+    photo(photos / "pug" / "pug_new.jpg", seed=99)
+    error = resume_error(flags, capsys)
+    assert "differ from the ones this run started with" in error and "1 added (pug/pug_new.jpg)" in error
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1  # no epoch trained on the old split
+
+
+def test_photos_removed_or_changed_are_refused_by_name(finished_run, capsys, tmp_path):
+    photos, flags = finished_run
+    (photos / "beagle" / "beagle3.jpg").unlink()
+    photo(photos / "boxer" / "boxer5.jpg", seed=1234)  # same name, other bytes
+    error = resume_error(flags, capsys)
+    assert "1 removed or now unusable (beagle/beagle3.jpg)" in error and "1 changed (boxer/boxer5.jpg)" in error
+
+
+def test_the_same_photos_resume(finished_run, capsys, tmp_path):
+    photos, flags = finished_run
+    shutil.copystat(photos / "pug" / "pug0.jpg", photos / "pug" / "pug1.jpg")  # times change nothing: content counts
+    assert train_command.main([*flags[:-6], "--epochs", "2", *flags[-4:]]) == 0
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
