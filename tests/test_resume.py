@@ -7,12 +7,14 @@ equal those of a run that was never interrupted. CPU, float32: equal to 1e-5
 (in practice bit for bit).
 """
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
 import h5py
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -123,7 +125,7 @@ def test_fine_tune_killed_in_either_phase_resumes_to_the_uninterrupted_result(tm
     models.build("resnet18", 1000, input_shape=(32, 32, 3)).save_weights(checkpoint)
     flags = ["--model", "resnet18", "--weights", str(checkpoint), "--strategy", "fine-tune", "--epochs", "4",
              "--head-epochs", "2", "--image-size", "32", "--batch-size", "16", "--data", "synthetic",
-             "--synthetic-classes", "4", "--synthetic-images-per-class", "16", "--early-stopping-patience", "0",
+             "--synthetic-classes", "4", "--synthetic-images-per-class", "16",  # early stopping at its default
              "--precision", "float32", "--verbose", "0"]
     reference = uninterrupted(tmp_path / "reference", flags)
     for kill_after, phase in ((0, "head"), (2, "all")):
@@ -131,6 +133,76 @@ def test_fine_tune_killed_in_either_phase_resumes_to_the_uninterrupted_result(tm
         printed = killed_then_resumed(run_dir, flags, kill_after)
         assert f"at epoch {kill_after + 2} of 4 (phase '{phase}'" in printed
         assert_same_run(run_dir, reference)
+        for finished in ("phase-head.weights.h5", "phase-all.weights.h5"):  # each phase's final weights
+            assert_same_file_arrays(run_dir / finished, reference / finished)
+
+
+class Killed(Exception):
+    """Stands for kill -9 at the end of an epoch: its history row and backup are on disk, nothing more runs."""
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):  # the last callback: after the history row and the backup
+        if epoch == self.epoch:
+            raise Killed(epoch)
+
+
+def h5_arrays(path):
+    with h5py.File(path) as file:
+        arrays = {}
+        file.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset)
+                        else None)
+    return arrays
+
+
+def assert_same_file_arrays(path, reference_path):
+    arrays, reference = h5_arrays(path), h5_arrays(reference_path)
+    assert arrays.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(arrays[name], reference[name], err_msg=f"{path.name}: {name}")
+
+
+def comparable_summary(run_dir):
+    """metrics.json less what differs between any two runs (seconds, where the export went) and how the
+    scores were computed: a run resumed after its best epoch scores the best weights again (model.keras)
+    where the uninterrupted run kept that epoch's validation pass; the scores themselves must be equal."""
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("seconds", "train_seconds", "export", "val_scored_by"):
+        summary.pop(key)
+    return summary
+
+
+@pytest.mark.slow  # three runs: about 30 s on two cores
+def test_killed_after_its_best_epoch_resumes_to_the_uninterrupted_run_at_the_default_patience(tmp_path):
+    """The default early stopping (patience 5) ends the phase with its best epoch, which the kill preceded.
+
+    val_accuracy reaches 1.0 at epoch 2 of 4 and only ties after: the best is epoch 2, the kill
+    comes after epoch 3, and the end of the phase restores epoch 2 in both runs.
+    """
+    settings = dict(epochs=4, monitor="val_accuracy", precision="float32",
+                    early_stopping_patience=config_lib.DEFAULTS["early_stopping_patience"])
+    assert settings["early_stopping_patience"] > 0
+
+    def config(name):
+        return small_config(output=str(tmp_path / name), export_dir=str(tmp_path / f"{name}-export"), **settings)
+
+    reference = training_loop.train(config("reference"))
+    history = pd.read_csv(reference / "history.csv")
+    best_epoch = int(history["epoch"][history["val_accuracy"].idxmax()])
+    assert best_epoch == 1 and len(history) == 4, history  # the test's premise: best before the kill, then ties
+    with pytest.raises(Killed):
+        training_loop.train(config("resumed"), extra_callbacks=[KillAfterEpoch(2)])
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = training_loop.train(config("resumed"))
+
+    pd.testing.assert_frame_equal(pd.read_csv(resumed / "history.csv"), history, check_exact=True)
+    assert_same_file_arrays(resumed / "best.weights.h5", reference / "best.weights.h5")
+    assert_same_file_arrays(resumed / "phase-all.weights.h5", reference / "phase-all.weights.h5")  # the final weights
+    assert comparable_summary(resumed) == comparable_summary(reference)
 
 
 # ----------------------------------------------------------------------------- what a resume accepts
