@@ -1,8 +1,9 @@
 """`python -m tfdogs.evaluate`: a finished run's (or ensemble's) scores, breed by breed.
 
 Scores the run's best model (`model.keras`) on its own validation split (from
-`split.csv`), or on another labelled data set with `--data-dir`, and writes to
-`RUN/evaluation/` (or `--output`). An ensemble folder (`tfdogs.ensemble`) is
+`split.csv`), or on another labelled data set with `--data-dir` (leaving out,
+with a warning and a count, any photo with the same bytes as one the run
+trained on), and writes to `RUN/evaluation/` (or `--output`). An ensemble folder (`tfdogs.ensemble`) is
 scored the same way on the photos every member held out, its members'
 probabilities averaged with its weights and its heat maps likewise:
 
@@ -74,6 +75,10 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     scores, output = result["scores"], pathlib.Path(result["output"])
+    if result["excluded_training_photos"]:
+        print(f"warning: left out {result['excluded_training_photos']} photos of {args.data_dir} that the run "
+              f"trained on (same bytes as photos in its split.csv); scored the other {result['num_images']}.",
+              file=sys.stderr)
     views = f" with {result['tta']}-view TTA" if result["tta"] > 1 else ""
     print(f"{result['data']}{views}:\n"
           f"  accuracy {scores['accuracy']:.4f}, top-5 {scores['top5_accuracy']:.4f}, "

@@ -1,6 +1,7 @@
 """The stratified, seeded train/validation split and its `split.csv`."""
 
 import csv
+import json
 import os
 import pathlib
 
@@ -183,3 +184,22 @@ def split_digests(path):
     """The photos of a `split.csv` by content: {relative path: (subset, SHA-256 hex, or None before the column)}."""
     with open(path, newline="", encoding="utf-8") as file:
         return {row["path"]: (row["subset"], row.get("sha256") or None) for row in csv.DictReader(file)}
+
+
+DATA_SOURCE_FILE = "data_source.json"
+
+
+def write_data_source(run_dir, data_dir):
+    """Records where a run's photos are: absolute, and relative to the run folder (`data_source.json`)."""
+    run_dir, data_dir = pathlib.Path(run_dir).resolve(), pathlib.Path(data_dir).resolve()
+    files.write_json({"absolute": str(data_dir), "relative_to_run": os.path.relpath(data_dir, run_dir)},
+                     run_dir / DATA_SOURCE_FILE)
+
+
+def read_data_source(run_dir):
+    """`write_data_source`'s record of a run folder, or {} for a run without one."""
+    path = pathlib.Path(run_dir) / DATA_SOURCE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from None

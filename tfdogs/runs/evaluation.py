@@ -3,16 +3,18 @@
 The command line and what it writes: `tfdogs.evaluate`.
 """
 
+import dataclasses
 import pathlib
 
 import numpy as np
 
 from tfdogs import data, files
+from tfdogs.data.validation import file_digest
 from tfdogs.evaluation import metrics, plots
 from tfdogs.evaluation.confusion import confusion_matrix, most_confused_pairs, per_breed_accuracy
 from tfdogs.evaluation.report import write_report
 from tfdogs.runs.ensemble import common_validation_images
-from tfdogs.runs.folder import load_model_folder, predict_paths, relabel, tta_views
+from tfdogs.runs.folder import RunFolderError, load_model_folder, predict_paths, relabel, tta_views
 
 
 def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_pairs=10, report=True,
@@ -24,8 +26,10 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
             probabilities are averaged with its weights, each member seeing the
             photos through its own preprocessing, as its SavedModel does.
         data_dir: another labelled data set (Kaggle or class-folder layout) to
-            score on every image of; default: the run's own validation split (an
-            ensemble's: the photos every member held out).
+            score on every image of, but those that a member trained on (by
+            content: split.csv's SHA-256), which are left out and counted in
+            `excluded_training_photos`; default: the run's own validation split
+            (an ensemble's: the photos every member held out).
         tta: test-time augmentation views per image, 1 (none), 2 or 10; see `predict_paths`.
         output: folder for the results; default `FOLDER/evaluation` (with
             `-<data folder name>` and/or `-tta<views>` appended).
@@ -45,10 +49,12 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
     folder = pathlib.Path(run_dir)
     runs, member_weights = load_model_folder(folder)
     class_names = runs[0].class_names
+    excluded = 0
     if data_dir is not None:
-        records = data.find_records(data_dir)
+        records, excluded = without_trained_photos(data.find_records(data_dir), runs)
         member_paths, labels = [records.paths] * len(runs), relabel(records, class_names)
-        source = f"all {len(labels)} labelled images in {records.root}"
+        source = f"all {len(labels)} labelled images in {records.root}" + (
+            f" that {'no member' if len(runs) > 1 else 'the run'} trained on ({excluded} left out)" if excluded else "")
     elif len(runs) == 1:
         records, _, val_indices = runs[0].split()
         member_paths, labels = [[records.paths[i] for i in val_indices]], records.labels[val_indices]
@@ -72,7 +78,8 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
     breeds = per_breed_accuracy(counts, class_names)
     pairs = most_confused_pairs(counts, class_names, top=top_pairs)
     result = {
-        "run": str(folder), "data": source, "num_images": len(labels), "tta": views,
+        "run": str(folder), "data": source, "num_images": len(labels), "excluded_training_photos": excluded,
+        "tta": views,
         "scores": metrics.scores(probabilities, labels),
         "ece": metrics.reliability(probabilities, labels)[1],
         "random_guess": {"accuracy": 1 / len(class_names), "log_loss": float(np.log(len(class_names)))},
@@ -99,3 +106,22 @@ def evaluate(run_dir, *, data_dir=None, tta=1, output=None, batch_size=32, top_p
                 source=source, scores=result["scores"], run_dir=folder,
                 links=[(name, f"../{name}") for name in ("evaluation.json", "per_breed.csv", "confused_pairs.csv")])
     return {**result, "output": str(output)}
+
+
+def without_trained_photos(records, runs):
+    """`records` without the photos any of `runs` trained on, matched by content (SHA-256 of the bytes).
+
+    Returns:
+        (the records left, how many were left out).
+
+    Raises:
+        RunFolderError: every photo was a training photo.
+    """
+    trained = set().union(*(run.trained_digests() for run in runs))
+    keep = [index for index, path in enumerate(records.paths) if file_digest(path) not in trained]
+    if not keep:
+        raise RunFolderError(f"Every photo in {records.root} is one the run trained on; scores on them would "
+                             f"say nothing about new photos. Evaluate without --data-dir for its validation split.")
+    kept = dataclasses.replace(records, paths=[records.paths[index] for index in keep],
+                               labels=np.asarray(records.labels)[keep])
+    return kept, len(records.paths) - len(keep)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tfdogs import config as config_lib, data, progress, weights
 from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing, PreprocessingError
-from tfdogs.data.validation import with_converted_copies
+from tfdogs.data.validation import file_digest, with_converted_copies
 from tfdogs.evaluation.predictions import predict_probabilities
 
 
@@ -50,19 +50,34 @@ class Run:
         return keras.saving.load_model(path)
 
     def data_dir(self):
-        """The labelled photos the run was trained on.
+        """The labelled photos the run was trained on, found from any working directory.
 
-        Runs on generated data keep it inside the run folder; a moved run folder
-        still finds it there.
+        Tried in order: config.yaml's `data_dir` (as given to train, perhaps
+        relative to where it ran), then `data_source.json`'s absolute path and
+        its path relative to the run folder (a project moved as a whole), then
+        the generated photos inside the run folder (`--data synthetic`).
         """
         recorded = self.config.get("data_dir")
-        if recorded and pathlib.Path(recorded).is_dir():
-            return pathlib.Path(recorded)
-        if self.config.get("data") == "synthetic" and (self.run_dir / "synthetic_data").is_dir():
-            return self.run_dir / "synthetic_data"
+        facts = data.read_data_source(self.run_dir)
+        candidates = [recorded, facts.get("absolute"),
+                      facts.get("relative_to_run") and self.run_dir / facts["relative_to_run"]]
+        if self.config.get("data") == "synthetic":
+            candidates.append(self.run_dir / "synthetic_data")
+        for candidate in candidates:
+            if candidate and pathlib.Path(candidate).is_dir():
+                return pathlib.Path(candidate)
+        tried = ", ".join(str(candidate) for candidate in candidates if candidate)
         raise RunFolderError(
-            f"{self.run_dir / 'config.yaml'}: its data_dir {recorded!r} does not exist; "
-            "pass --data-dir to point at the photos.")
+            f"{self.run_dir}: the photos it trained on are not found (tried {tried}). Move them back; "
+            f"evaluate --data-dir scores another set of photos, leaving out any the run trained on.")
+
+    def trained_digests(self):
+        """The SHA-256 (hex) of every photo the run trained on: split.csv's, or hashed now for older runs."""
+        rows = data.split_digests(self.run_dir / "split.csv")
+        if all(digest for _, digest in rows.values()):
+            return {digest for subset, digest in rows.values() if subset == "train"}
+        records, train_indices, _ = data.read_split(self.run_dir / "split.csv", self.data_dir())
+        return {file_digest(records.paths[index]) for index in train_indices}
 
     def split(self, data_dir=None):
         """The run's photos and split: (records, train_indices, val_indices), see `data.read_split`.

@@ -72,6 +72,7 @@ def load_data(config, run_dir):
     else:
         data_dir = data.load_stanford_dogs()
     report = check_data(data_dir, converted_dir=run_dir / "converted", verbose=config["verbose"] != 0)
+    data.write_data_source(run_dir, data_dir)
     report.write_csv(run_dir / "problems.csv")
     if report.problems:
         print(f"Data check: {report.summary()}. Every problem is listed in {run_dir / 'problems.csv'}.")
