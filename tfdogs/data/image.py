@@ -427,6 +427,38 @@ def _resize_shorter_side_with_pillow(image, size, interpolation="bilinear"):
 _PILLOW_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
+def pillow_resize(image, size, interpolation="bilinear", box=None) -> tf.Tensor:
+    """Pillow's `Image.resize` of a uint8 [h, w, 3] image (or of its `box` region) in a `tf.numpy_function`.
+
+    The resampler of the evaluation resize (`preprocess_eval` with
+    `with_pillow`), antialiased as the weights' eval transforms: the training
+    crops and the training cache use it, so training, evaluation and serving
+    resize alike. Pillow lets go of Python's lock while it resamples, so a
+    parallel tf.data map runs it on every core.
+
+    Args:
+        image: uint8 [h, w, 3].
+        size: (height, width), ints or an int32 tensor.
+        interpolation: "bilinear" or "bicubic".
+        box: None (the whole image), or (left, top, right, bottom) in pixels, fractions allowed:
+            the region resampled, Pillow's `box` (its filter reads the pixels around the region too).
+
+    Returns:
+        uint8 [height, width, 3].
+    """
+    _check_interpolation(interpolation)
+    resample = _PILLOW_FILTERS[interpolation]
+
+    def resize(pixels, new_size, region):
+        region = None if region.size == 0 else tuple(float(edge) for edge in region)
+        new_size = (int(new_size[1]), int(new_size[0]))  # Pillow's (width, height)
+        return np.asarray(Image.fromarray(pixels).resize(new_size, resample, box=region), np.uint8)
+
+    region = tf.zeros([0], tf.float64) if box is None else tf.cast(box, tf.float64)
+    resized = tf.numpy_function(resize, [image, tf.cast(size, tf.int32), region], tf.uint8, stateful=False)
+    return tf.ensure_shape(resized, [None, None, 3])
+
+
 def _check_interpolation(interpolation):
     if interpolation not in _PILLOW_FILTER_SUPPORT:
         raise DataError(f"interpolation must be one of {sorted(_PILLOW_FILTER_SUPPORT)}; got {interpolation!r}")

@@ -15,6 +15,7 @@ from tfdogs.data.image import (
     eval_views,
     exif_orientation,
     normalize,
+    pillow_resize,
     preprocess_eval,
     rgb_constant,
     traced_as_written,
@@ -24,9 +25,9 @@ from tfdogs.data.layouts import DataError
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Inception / torchvision RandomResizedCrop aspect-ratio range (width / height).
 _CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
-# The training cache keeps images 15% larger than the eval resize, so crops of a large share
-# of the image are still shrunk, not enlarged, to image_size.
-_TRAIN_CACHE_MARGIN = 1.15
+# The training cache keeps images 50% larger than the eval resize (384 px at 224): a 500x375 photo is
+# cached whole, and a larger one loses a mean of 0.9 levels per crop (docs/training.md).
+_TRAIN_CACHE_MARGIN = 1.5
 
 
 def _is_jpeg(image_bytes):
@@ -69,23 +70,55 @@ def random_crop_bytes(image_bytes, seed, scale):
     return tf.ensure_shape(crop, [None, None, 3])
 
 
-def _resize_square(image, size, interpolation="bilinear"):
-    # Clipped and rounded as the 8-bit PIL images torchvision and timm train on: bicubic overshoots [0, 255].
-    resized = tf.image.resize(image, [size, size], method=interpolation, antialias=True)
-    return tf.round(tf.clip_by_value(resized, 0.0, 255.0))
+def _resize_square(image, size, interpolation="bilinear", box=None):
+    """A training crop (or the `box` region of an image) resized to size x size: float32 whole values.
+
+    Pillow's resampling, the evaluation resize's (`pillow_resize`): TensorFlow's
+    antialiased `tf.image.resize` differs from it by up to 1 level with
+    bilinear and 12 with bicubic (its overshoot is not clipped as Pillow's 8-bit
+    passes are; measured on crops of the dogs10 photos).
+    """
+    return tf.ensure_shape(tf.cast(pillow_resize(image, [size, size], interpolation, box), tf.float32),
+                           [size, size, 3])
 
 
-def _shrink_for_cache(image, shorter_side):
-    """uint8 image shrunk (never enlarged) to shorter side <= S and longer side <= 2 S."""
+def _cached_shape(shape, shorter_side):
+    """The shape [h, w] an image of `shape` is cached at: shrunk (never enlarged) to shorter side <= S, longer <= 2 S.
+
+    A very elongated photo is shrunk further rather than cut, so every crop
+    window of the photo stays inside its cached image; 2 S bounds the memory.
+    """
+    shape = tf.cast(shape, tf.float64)
+    scale = tf.reduce_min(tf.stack([1.0, shorter_side / tf.reduce_min(shape), 2 * shorter_side / tf.reduce_max(shape)]))
+    return tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
+
+
+def _shrink_for_cache(image, shorter_side, interpolation="bilinear"):
+    """(uint8 image shrunk for the training cache with the weights' resampling, its original shape [h, w])."""
     shape = tf.shape(image)[:2]
-    scale = tf.minimum(1.0, shorter_side / tf.cast(tf.reduce_min(shape), tf.float32))
-    new_shape = tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32)
-    image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
-    # Very elongated images lose the ends of their longer side, which bounds cache memory.
-    keep = tf.minimum(new_shape, 2 * shorter_side)
-    offset = (new_shape - keep) // 2
-    image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([keep, [3]], 0))
-    return tf.saturate_cast(tf.round(image), tf.uint8)
+    return pillow_resize(image, _cached_shape(shape, shorter_side), interpolation), shape
+
+
+def _cached_crop(image, original_shape, seed, scale, size, interpolation):
+    """The training crop of a cached image: the window drawn on the original photo, resampled from the cache.
+
+    The window is the one `random_crop_bytes` draws at the same seed on the
+    original photo (the draw depends on the shape). Mapped into the shrunk
+    image its edges fall between pixels: the whole pixels around it are cut
+    out and Pillow resamples the window's part of them (`box`) to size x
+    size. A photo the cache did not shrink gives `random_crop_bytes`'s crop
+    exactly; a shrunk one differs where the crop is enlarged from the cache
+    but shrunk from the photo (measured in docs/training.md).
+    """
+    begin, window = _crop_window(tf.concat([original_shape, [3]], 0), seed, scale)
+    ratio = tf.cast(tf.shape(image)[:2], tf.float64) / tf.cast(original_shape, tf.float64)
+    start = tf.cast(begin[:2], tf.float64) * ratio
+    end = tf.cast(begin[:2] + window[:2], tf.float64) * ratio
+    first = tf.cast(tf.floor(start), tf.int32)
+    last = tf.maximum(tf.cast(tf.math.ceil(end), tf.int32), first + 1)
+    pixels = tf.slice(image, tf.concat([first, [0]], 0), tf.concat([last - first, [3]], 0))
+    start, end = start - tf.cast(first, tf.float64), end - tf.cast(first, tf.float64)
+    return _resize_square(pixels, size, interpolation, box=tf.stack([start[1], start[0], end[1], end[0]]))
 
 
 def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, seed=0,
@@ -101,7 +134,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     them). Per epoch: shuffle the file list, read in parallel,
     random-resized-crop (area `scale`, aspect 3/4..4/3; JPEGs, found by their
     magic bytes, are decoded only inside the crop window), resize to
-    image_size, batch dropping the remainder, apply `augmentation` to each
+    image_size with Pillow (`interpolation`, the evaluation resize's
+    resampler), batch dropping the remainder, apply `augmentation` to each
     batch of float images in [0, 255] (so RandomContrast's value_range is
     (0, 255)), then normalise.
 
@@ -118,14 +152,18 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
     in-graph resize, 3x faster), the last batch keeps the remainder; with
     `views` > 1, `eval_views` per image (test-time augmentation).
 
-    Cache memory per image: training caches uint8 images shrunk to shorter
-    side S = round(image_size / crop_fraction * 1.15) and longer side <= 2 S,
-    at most 6 S^2 bytes (image_size 224: S = 294, <= 519 kB, ~346 kB for a 4:3
-    photo; 64: S = 84, <= 42 kB); random crops are then taken from the cached
-    image, and a `shuffle_buffer` of such images follows the cache. Evaluation
-    caches the final float32 image, 12 * image_size^2 bytes (224: 602 kB; 64:
-    49 kB). `cache_size` sets S directly: less memory and faster crops, at the
-    price of enlarging crops smaller than image_size.
+    Cache memory per image: training caches uint8 images shrunk (by Pillow,
+    with `interpolation`) to shorter side S = round(image_size / crop_fraction
+    * 1.5) and longer side <= 2 S, at most 6 S^2 bytes (image_size 224: S =
+    384, <= 885 kB, ~590 kB for a 4:3 photo, so a 500x375 photo is kept whole;
+    64: S = 110, <= 73 kB), with the photo's shape. Each crop window is drawn
+    on the photo's shape, as without a cache, and resampled from the cached
+    image (`_cached_crop`): crops of photos kept whole are the uncached crops;
+    a shrunk photo's differ a little (docs/training.md). A `shuffle_buffer`
+    of such images follows the cache. Evaluation caches the final float32
+    image, 12 * image_size^2 bytes (224: 602 kB; 64: 49 kB). `cache_size`
+    sets S directly: less memory and faster crops, at the price of enlarging
+    crops from the cache that the photo would have shrunk.
 
     Speed: without `augmentation` every per-image step (crop, resize, `flip`,
     normalise) runs in one parallel map; a Keras flip on batches runs
@@ -196,6 +234,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                           resize_rounding=resize_rounding)
     if cache_size:
         cache_settings["cache_size"] = cache_size
+    if training:  # the cached elements: Pillow-shrunk image and the photo's shape (older caches held neither)
+        cache_settings["training_cache"] = "pillow, original shape"
     if views != 1:
         if training or views not in TTA_VIEWS:
             raise DataError(f"make_dataset: views are test-time augmentation, {', '.join(map(str, TTA_VIEWS))} "
@@ -244,8 +284,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
         order = tf.random.experimental.stateless_shuffle(tf.range(len(paths), dtype=tf.int64), base_seed)
         shorter_side = cache_size or round(image_size / crop_fraction * _TRAIN_CACHE_MARGIN)
         decoded = tf.data.Dataset.from_tensor_slices(order).map(traced_as_written(
-            lambda index: (index, _shrink_for_cache(decode_image(tf.io.read_file(tf.gather(path_of, index))),
-                                                    shorter_side))),
+            lambda index: (index, *_shrink_for_cache(decode_image(tf.io.read_file(tf.gather(path_of, index))),
+                                                     shorter_side, interpolation))),
             num_parallel_calls)
         cached = _maybe_cache(decoded, cache, cache_settings)
 
@@ -254,13 +294,13 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             # order also depends on that global seed, which training sets from `seed` too.
             shuffle_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
             return cached.shuffle(shuffle_buffer, seed=shuffle_seed).map(traced_as_written(
-                lambda index, image: (tf.constant(epoch, tf.int64), index, image)))
+                lambda index, image, shape: (tf.constant(epoch, tf.int64), index, image, shape)))
 
-        def load_train(epoch, index, image):
+        def load_train(epoch, index, image, original_shape):
             label = tf.gather(label_of, index)
             crop_seed = tf.random.experimental.stateless_fold_in(epoch_seed(epoch, 1), index)
-            crop = random_crop_image(image, crop_seed, scale)
-            return _resize_square(crop, image_size, interpolation), label, crop_seed
+            crop = _cached_crop(image, original_shape, crop_seed, scale, image_size, interpolation)
+            return crop, label, crop_seed
 
     # (x / 255 - mean) / std as one multiply-add with image-shaped constants: broadcasting 3 channel
     # values costs Eigen more than the arithmetic (0.5 ms per 224 px image on these CPUs).
