@@ -53,6 +53,10 @@ def test_resolved_config_round_trips(tmp_path):
     ("flip: 3\n", "flip"),
     ("model: resnet18\nweights: none\nstrategy: fine-tune\n", "strategy"),
     ("model: resnet18\nweights: none\nstrategy: scratch\nfeature_views: 1\n", "feature_views"),
+    ("model: resnet18\nstrategy: feature-extract\nfeature_views: 1\nmixup: 0.2\n", "feature_views"),
+    ("model: resnet18\nstrategy: feature-extract\nfeature_views: 1\nrandaugment: 2,9\n", "feature_views"),
+    ("model: resnet18\nimage_size: 224\nfinetune_image_size: 192\nfinetune_epochs: 1\n", "finetune_image_size"),
+    ("model: resnet18\nimage_size: 224\nfinetune_image_size: 224\nfinetune_epochs: 1\n", "finetune_image_size"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
@@ -101,3 +105,12 @@ def test_an_empty_config_file_is_refused(tmp_path, text):
     path.write_text(text)
     with pytest.raises(config_lib.ConfigError, match=r"empty.yaml is empty"):
         config_lib.load_yaml(path)
+
+
+def test_augmentation_that_cached_features_keep_is_accepted(tmp_path):
+    for text in ("model: resnet18\nstrategy: feature-extract\nfeature_views: 2\nmixup: 0.2\n",
+                 "model: resnet18\nstrategy: fine-tune\nfeature_views: 1\nmixup: 0.2\n",  # the second phase mixes
+                 "model: resnet18\nimage_size: 160\nfinetune_image_size: 224\nfinetune_epochs: 1\n"):
+        path = tmp_path / "good.yaml"
+        path.write_text(text)
+        parse(["--config", str(path)])

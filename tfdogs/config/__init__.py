@@ -218,6 +218,11 @@ def validate(config):
         if checked["model"] == "lenet5":
             raise ConfigError("Config key 'finetune_image_size' needs a ResNet: lenet5's classifier is sized for "
                               "one input size.")
+        if checked["finetune_image_size"] <= checked["image_size"]:
+            raise ConfigError(
+                f"Config key 'finetune_image_size' is {checked['finetune_image_size']}, not larger than image_size "
+                f"{checked['image_size']}: the last epochs train at a larger size (FixRes), which the export then "
+                f"serves. Give a larger size, or leave it out.")
         first_epochs = checked["epochs"] - checked["finetune_epochs"]
         earlier = checked["head_epochs"] if checked["strategy"] == "fine-tune" else 0
         if first_epochs <= earlier:
@@ -236,6 +241,12 @@ def validate(config):
         raise ConfigError(
             f"Config key 'feature_views' is {checked['feature_views']}, but strategy {checked['strategy']} never "
             "freezes the backbone, so there are no features to cache; use feature-extract or fine-tune, or 0.")
+    ignored = [key for key in ("mixup", "cutmix", "random_erasing", "randaugment", "augmix") if checked[key]]
+    if checked["feature_views"] == 1 and checked["strategy"] == "feature-extract" and ignored:
+        raise ConfigError(
+            f"Config key 'feature_views' is 1: every epoch trains on the cached evaluation crop of each photo, with "
+            f"no augmentation, so {', '.join(ignored)} would do nothing. Use feature_views >= 2 (that many "
+            f"augmented views) or 0, or leave out {', '.join(ignored)}.")
     return checked
 
 
