@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import time
 
@@ -118,3 +119,18 @@ def test_ctrl_c_during_evaluate_gives_one_line_and_status_130(lenet_run, tmp_pat
     assert capsys.readouterr().err.splitlines() == [
         "Stopped by Ctrl-C: python -m tfdogs.evaluate left its earlier outputs as they were and wrote no partial one."]
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_a_folder_it_may_not_write_in_gives_one_line(lenet_run, tmp_path, monkeypatch, capsys):
+    """The OS's refusal, raised where the evaluation makes its folder (as root, chmod does not stop writes)."""
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if path.parent == lenet_run:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only_mkdir)
+    assert evaluate_command.main([str(lenet_run), "--verbose", "0"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write in {lenet_run} (Permission denied); give an output "
+                                       f"folder you can write to.\n")

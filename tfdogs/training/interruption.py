@@ -44,7 +44,9 @@ def stops_in_one_line(main):
     """Makes a command's `main(argv)` end on Ctrl-C or SIGTERM with one line and 130 or 143, no traceback.
 
     Every command writes its outputs whole (`tfdogs.files`), so an earlier
-    output stands as it was and the new one is either complete or absent.
+    output stands as it was and the new one is either complete or absent. A
+    folder it may not write in (read-only, another user's) also ends it with
+    one line naming the folder, and 2.
     """
     command = f"python -m {main.__module__}"
 
@@ -53,6 +55,13 @@ def stops_in_one_line(main):
         try:
             with signals_interrupt():
                 return main(argv)
+        except PermissionError as error:
+            if error.filename is None:
+                raise
+            folder = pathlib.Path(error.filename).parent
+            print(f"error: cannot write in {folder} ({error.strerror}); give an output folder you can write to.",
+                  file=sys.stderr, flush=True)
+            return 2
         except KeyboardInterrupt as interrupt:
             name = "SIGTERM" if interrupt.args[:1] == ("SIGTERM",) else "SIGINT"
             print(f"Stopped by {'Ctrl-C' if name == 'SIGINT' else name}: {command} left its earlier outputs as they "
