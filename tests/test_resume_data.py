@@ -59,3 +59,28 @@ def test_the_same_photos_resume(finished_run, capsys, tmp_path):
     shutil.copystat(photos / "pug" / "pug0.jpg", photos / "pug" / "pug1.jpg")  # times change nothing: content counts
     assert train_command.main([*flags[:-6], "--epochs", "2", *flags[-4:]]) == 0
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
+
+
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    run_dir = tmp_path / "results"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"mine": true}')
+    (run_dir / "notes.txt").write_text("mine")
+    flags = ["--model", "lenet5", "--weights", "none", "--strategy", "scratch", "--data", "synthetic",
+             "--image-size", "32", "--epochs", "1", "--verbose", "0", "--output", str(run_dir),
+             "--export-dir", str(tmp_path / "export")]
+    assert train_command.main(flags) == 2
+    assert f"{run_dir} holds files that no tfdogs run wrote (metrics.json, notes.txt)" in capsys.readouterr().err
+    assert sorted(path.name for path in run_dir.iterdir()) == ["metrics.json", "notes.txt"]
+    assert (run_dir / "metrics.json").read_text() == '{"mine": true}' and not (tmp_path / "export").exists()
+
+
+def test_a_run_stopped_while_starting_is_taken_up(finished_run, tmp_path):
+    """What a run writes before config.yaml is its own: the same command goes on."""
+    photos, flags = finished_run
+    run_dir = tmp_path / "run"
+    for name in sorted(path.name for path in run_dir.iterdir()):
+        if name not in ("problems.csv", "split.csv", "data_source.json"):
+            shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    assert train_command.main(flags) == 0
+    assert len(pd.read_csv(run_dir / "history.csv")) == 1

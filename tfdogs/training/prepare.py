@@ -25,6 +25,32 @@ def output_folders(config):
     return run_dir, pathlib.Path(config["export_dir"] or default_export_dir(run_dir))
 
 
+# What a run writes before its config.yaml: a folder holding only these is a run killed while starting.
+RUN_START_FILES = ("problems.csv", "split.csv", "data_source.json", "converted", "synthetic_data")
+
+
+def check_run_folder(run_dir):
+    """Refuses an existing run folder that holds files no tfdogs run wrote (it would write over them).
+
+    A folder with config.yaml is a run to resume (`check_resumable`); one
+    with only what a run writes before it (`RUN_START_FILES`) is a run
+    stopped while starting.
+
+    Raises:
+        ConfigError: naming the folder and some of the files.
+    """
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / "config.yaml").is_file():
+        return
+    foreign = sorted(path.name for path in run_dir.iterdir()
+                     if path.name not in RUN_START_FILES and not path.name.startswith("."))
+    if foreign:
+        raise config_lib.ConfigError(
+            f"Config key 'output': {run_dir} holds files that no tfdogs run wrote ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}) and no config.yaml; a run folder is new, empty or a run to "
+            f"resume. Give another --output.")
+
+
 def prepare_output(config):
     """Creates the run and export folders (checking they are writable) before any work.
 
@@ -32,6 +58,7 @@ def prepare_output(config):
         The run folder, the export folder, and those of them this call created.
     """
     run_dir, export_dir = output_folders(config)
+    check_run_folder(run_dir)
     try:
         export_folder.check_owner(export_dir, run_dir, explicit=config["export_dir"] is not None)
     except export_folder.ExportFolderError as error:
