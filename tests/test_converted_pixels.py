@@ -18,6 +18,7 @@ from tfdogs import data
 from tfdogs.data import validation
 from tfdogs.runs.folder import load_run
 from tfdogs.runs.predictor import load_predictor, predict_files
+from tfdogs.runs.submission import write_submission
 
 REFUSED_MESSAGE = "convert it to an RGB JPEG or PNG first"
 
@@ -156,3 +157,19 @@ def test_predict_on_a_palette_bmp_answers_as_evaluate_on_the_checks_copy(photo, 
     evaluated = tf.nn.softmax(run.load_model()(images, training=False)).numpy()[0]
     predicted = predict_files(load_predictor(lenet_run), [folder / "palette.bmp"], verbose=0)["probabilities"][0]
     np.testing.assert_allclose(predicted, evaluated, atol=1e-5)
+
+
+def test_submit_answers_a_converted_test_photo_from_pillows_pixels(photo, export, lenet_run, tmp_path):
+    class_names = load_run(lenet_run).class_names
+    (tmp_path / "test").mkdir()
+    (tmp_path / "sample_submission.csv").write_text(
+        "id," + ",".join(class_names) + "\n" + "".join(f"{name},{'0,' * (len(class_names) - 1)}0\n"
+                                                       for name in ("cmyk", "sideways")))
+    kinds = converted_kinds(photo)
+    (tmp_path / "test" / "cmyk.jpg").write_bytes(kinds["CMYK JPEG"][0])
+    (tmp_path / "test" / "sideways.jpg").write_bytes(kinds["PNG stored sideways"][0])  # a PNG named .jpg
+    table = write_submission(lenet_run, tmp_path, tmp_path / "submission.csv", verbose=0)
+    for row, kind in enumerate(("CMYK JPEG", "PNG stored sideways")):
+        expected = served_pixels(export, pillow_rgb(kinds[kind][0]))
+        np.testing.assert_allclose(table[class_names].to_numpy()[row], expected / expected.sum(), atol=1e-6,
+                                   err_msg=kind)
