@@ -177,3 +177,13 @@ def reference_run_scores(run_dir, decoder="tensorflow"):
     scale = float(model.get_layer("temperature").scale)
     return {"val": reference_scores(outputs / scale, val["label"]),
             "val_calibrated": reference_scores(outputs, val["label"])}
+
+
+def assert_scores_match(reported, reference, log_loss_atol, what="scores"):
+    """`reported` (e.g. metrics.json's "val") against `reference_scores`: the accuracies exactly (to float
+    rounding), the log loss to `log_loss_atol`; the message shows both."""
+    for key in ("accuracy", "top5_accuracy", "log_loss"):
+        tolerance = log_loss_atol if key == "log_loss" else 1e-9
+        assert abs(reported[key] - reference[key]) <= tolerance, (
+            f"{what}: {key} {reported[key]!r} reported, {reference[key]!r} by the Pillow/NumPy reference "
+            f"(difference {reported[key] - reference[key]:.3g}, tolerance {tolerance:g})")

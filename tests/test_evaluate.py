@@ -6,10 +6,11 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_scores_match, reference_logits, reference_run_scores, reference_scores
 
 from tfdogs import config as config_lib, data, evaluate
 from tfdogs.data import validation
-from tfdogs.evaluation import confusion, metrics, predictions as predictions_lib
+from tfdogs.evaluation import confusion
 from tfdogs.runs import evaluation as run_evaluation, folder as run_folder
 
 
@@ -18,6 +19,29 @@ def assert_png(path, min_bytes=10_000, min_width=600):
     assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     width, height = struct.unpack(">II", header[16:24])
     assert width >= min_width and height >= 300 and path.stat().st_size > min_bytes, (path, width, height)
+
+
+# The record every run of these tests writes to preprocessing.json (checked in test_train).
+RECORD_32 = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_fraction": 0.875,
+             "interpolation": "bilinear", "resize_rounding": "round"}
+
+
+@pytest.fixture(scope="module")
+def raw_run(lenet_run, tmp_path_factory):
+    """lenet_run with model.keras's temperature layer taken off: the raw logits, whose log loss (about 0.13 on
+    the validation photos) moves with any change of preprocessing, where the fitted temperature (0.05) leaves
+    the calibrated log loss near 1e-12 on these easy breeds."""
+    run_dir = tmp_path_factory.mktemp("raw_run")
+    for name in ("config.yaml", "split.csv", "preprocessing.json", "metrics.json"):
+        shutil.copy(lenet_run / name, run_dir / name)
+    calibrated = keras.saving.load_model(lenet_run / "model.keras")
+    keras.Model(calibrated.input, calibrated.get_layer("temperature").input).save(run_dir / "model.keras")
+    return run_dir
+
+
+def reference_softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
 
 
 def val_set(run_dir):
@@ -49,6 +73,7 @@ def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path)
     # model.keras carries the run's temperature: it scores what metrics.json reports as calibrated
     calibrated = summary["val_calibrated"]
     assert result["scores"] == pytest.approx({key: calibrated[key] for key in result["scores"]}, abs=1e-6)
+    assert_scores_match(result["scores"], reference_run_scores(lenet_run)["val_calibrated"], 1e-6, "evaluate")
     assert json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())["scores"] == result["scores"]
     assert result["num_images"] == summary["num_val"] and result["tta"] == 1
 
@@ -65,31 +90,31 @@ def test_evaluate_on_the_runs_split_reproduces_metrics_json(lenet_run, tmp_path)
     assert_png(tmp_path / "evaluation" / "confusions.png")
 
 
-def test_flip_tta_averages_each_image_with_its_mirror(lenet_run, tmp_path):
-    result = run_evaluation.evaluate(lenet_run, tta=2, output=tmp_path / "tta")
+def test_flip_tta_averages_each_image_with_its_mirror(raw_run, tmp_path):
+    result = run_evaluation.evaluate(raw_run, tta=2, output=tmp_path / "tta")
     assert result["tta"] == 2
-    _, paths, labels = val_set(lenet_run)
-    dataset = data.make_dataset(paths, labels, image_size=32, batch_size=8, training=False,
-                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    images = np.concatenate([batch.numpy() for batch, _ in dataset])
-    model = keras.saving.load_model(lenet_run / "model.keras")
-    plain_logits, mirrored_logits = model.predict(images, verbose=0), model.predict(images[:, :, ::-1, :], verbose=0)
+    _, paths, labels = val_set(raw_run)
+    model = keras.saving.load_model(raw_run / "model.keras")
+    plain_logits, mirrored_logits = (reference_logits(model, paths, RECORD_32, "tensorflow", mirror=mirror)
+                                     for mirror in (False, True))
     assert not np.allclose(plain_logits, mirrored_logits, atol=1e-3)  # the mirror really is another input
-    plain, mirrored = keras.ops.softmax(plain_logits).numpy(), keras.ops.softmax(mirrored_logits).numpy()
-    assert result["scores"] == pytest.approx(metrics.scores((plain + mirrored) / 2, labels), abs=1e-6)
+    average = (reference_softmax(plain_logits) + reference_softmax(mirrored_logits)) / 2
+    # the averaged probabilities' log probabilities stand in for logits: softmax gives them back
+    assert_scores_match(result["scores"], reference_scores(np.log(average), labels), 1e-6, "tta=2")
 
 
-def test_evaluate_on_another_labelled_set_maps_breeds_by_name(lenet_run, tmp_path):
+def test_evaluate_on_another_labelled_set_maps_breeds_by_name(raw_run, tmp_path):
     other = data.make_synthetic(tmp_path / "other", num_classes=4, images_per_class=3, image_size=64, seed=7)
-    result = run_evaluation.evaluate(lenet_run, data_dir=other)
-    assert result["output"] == str(lenet_run / "evaluation-other")
+    result = run_evaluation.evaluate(raw_run, data_dir=other)
+    assert result["output"] == str(raw_run / "evaluation-other")
     assert result["num_images"] == 12 and "all 12 labelled images" in result["data"]
-    records = data.find_records(other)
-    model = keras.saving.load_model(lenet_run / "model.keras")
-    dataset = data.make_dataset(records.paths, records.labels, image_size=32, batch_size=8, training=False,
-                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    expected = metrics.scores(predictions_lib.predict_probabilities(model, dataset), records.labels)
-    assert result["scores"] == pytest.approx(expected, abs=1e-6)
+    labels_csv = pd.read_csv(other / "labels.csv")
+    breeds = sorted(pd.read_csv(raw_run / "split.csv")["breed"].unique())  # the run's class order
+    model = keras.saving.load_model(raw_run / "model.keras")
+    expected = reference_scores(
+        reference_logits(model, [other / "train" / f"{name}.jpg" for name in labels_csv["id"]], RECORD_32,
+                         "tensorflow"), [breeds.index(breed) for breed in labels_csv["breed"]])
+    assert_scores_match(result["scores"], expected, 1e-6, "another labelled set")
 
 
 def test_a_set_with_breeds_the_model_does_not_know_is_refused_by_name(lenet_run, tmp_path):
@@ -111,7 +136,7 @@ def test_cli_prints_scores_and_names_missing_files(lenet_run, tmp_path, capsys):
     assert "config.yaml is missing" in capsys.readouterr().err
 
 
-def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
+def test_evaluation_reads_the_copies_training_converted(lenet_run, raw_run, tmp_path):
     from PIL import Image
 
 
@@ -119,7 +144,7 @@ def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for name in ("split.csv", "model.keras"):
-        shutil.copy(lenet_run / name, run_dir / name)
+        shutil.copy(raw_run / name, run_dir / name)
     config_lib.write({**config_lib.load_yaml(lenet_run / "config.yaml"), "data_dir": str(data_dir)},
                      run_dir / "config.yaml")
     records, _, val_indices = data.read_split(run_dir / "split.csv", data_dir)
@@ -134,10 +159,8 @@ def test_evaluation_reads_the_copies_training_converted(lenet_run, tmp_path):
     result = run_evaluation.evaluate(run_dir, output=tmp_path / "evaluation")
     model = keras.saving.load_model(run_dir / "model.keras")
     paths = [converted.paths[i] for i in val_indices]
-    dataset = data.make_dataset(paths, records.labels[val_indices], image_size=32, batch_size=8, training=False,
-                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    expected = metrics.scores(predictions_lib.predict_probabilities(model, dataset), records.labels[val_indices])
-    assert result["scores"] == pytest.approx(expected, abs=1e-6)
+    expected = reference_scores(reference_logits(model, paths, RECORD_32, "tensorflow"), records.labels[val_indices])
+    assert_scores_match(result["scores"], expected, 1e-6, "with the converted copy")
 
 
 def test_evaluate_refits_the_temperature_on_the_images_it_scores(lenet_run, tmp_path):
