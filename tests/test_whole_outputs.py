@@ -4,6 +4,8 @@ import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import matplotlib.figure
@@ -134,3 +136,19 @@ def test_a_folder_it_may_not_write_in_gives_one_line(lenet_run, tmp_path, monkey
     assert evaluate_command.main([str(lenet_run), "--verbose", "0"]) == 2
     assert capsys.readouterr().err == (f"error: cannot write in {lenet_run} (Permission denied); give an output "
                                        f"folder you can write to.\n")
+
+
+def test_an_output_another_process_is_writing_is_refused_naming_it(lenet_run, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from tfdogs import lock\n"
+        "with lock.hold(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(60)\n"),
+        str(tmp_path / ".evaluation.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert evaluate_command.main([str(lenet_run), "--output", str(tmp_path / "evaluation"), "--no-report",
+                                      "--verbose", "0"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'evaluation'} is in use by pid {holder.pid} ")
+        assert sorted(path.name for path in tmp_path.iterdir()) == [".evaluation.lock"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -33,7 +33,7 @@ import argparse
 import pathlib
 import sys
 
-from tfdogs import config as config_lib, data, files, weights
+from tfdogs import config as config_lib, data, files, lock, weights
 from tfdogs.evaluation.html import markdown_table
 from tfdogs.runs.comparison import DISPLAY, NUMERIC, compare, display_rows, parse_overrides, train_configs
 from tfdogs.runs.folder import RunFolderError
@@ -75,7 +75,8 @@ def main(argv=None):
             except (weights.WeightsError, TrainingError) as error:
                 raise RunFolderError(str(error)) from None
         table = compare(folders, output, zeroshot_files=args.zeroshot, title=args.name)
-    except (RunFolderError, config_lib.ConfigError, data.DataError, files.ForeignFolderError) as error:
+    except (RunFolderError, config_lib.ConfigError, data.DataError, files.ForeignFolderError,
+            lock.LockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(DISPLAY, display_rows(table), NUMERIC))

@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 
-from tfdogs import data, files
+from tfdogs import data, files, lock
 from tfdogs.runs.ensemble import ensemble
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError
 from tfdogs.serving.export_folder import ExportFolderError
@@ -59,7 +59,7 @@ def main(argv=None):
     try:
         output = ensemble(args.run_dirs, args.output, member_weights=args.member_weights,
                           export_dir=args.export_dir, batch_size=args.batch_size)
-    except (RunFolderError, data.DataError, files.ForeignFolderError, ExportFolderError) as error:
+    except (RunFolderError, data.DataError, files.ForeignFolderError, lock.LockedError, ExportFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = json.loads((output / ENSEMBLE_FILE).read_text())

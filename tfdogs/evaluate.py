@@ -34,7 +34,7 @@ import sys
 
 import pandas as pd
 
-from tfdogs import data, files
+from tfdogs import data, files, lock
 from tfdogs.runs.evaluation import evaluate
 from tfdogs.runs.folder import RunFolderError
 from tfdogs.training.interruption import stops_in_one_line
@@ -71,7 +71,7 @@ def main(argv=None):
         result = evaluate(args.run_dir, data_dir=args.data_dir, tta=args.tta, output=args.output,
                           batch_size=args.batch_size, top_pairs=args.top_pairs, report=not args.no_report,
                           calibrate=args.calibrate, verbose=args.verbose)
-    except (RunFolderError, data.DataError, files.ForeignFolderError) as error:
+    except (RunFolderError, data.DataError, files.ForeignFolderError, lock.LockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     scores, output = result["scores"], pathlib.Path(result["output"])

@@ -13,7 +13,7 @@ import argparse
 import pathlib
 import sys
 
-from tfdogs import data, files
+from tfdogs import data, files, lock
 from tfdogs.serving import export_folder
 from tfdogs.runs.folder import RunFolderError, load_model_folder
 from tfdogs.serving.saved_model import export_saved_model
@@ -64,7 +64,8 @@ def main(argv=None):
             export_folder.check_owner(export_base, folder, explicit=args.output is not None)
             path = export_saved_model(models, runs[0].class_names, export_base, preprocessing=preprocessing,
                                       model_weights=member_weights, metadata=metadata, views=args.tta)
-    except (RunFolderError, ValueError, files.ForeignFolderError) as error:  # ExportFolderError is a ValueError
+    # ExportFolderError is a ValueError
+    except (RunFolderError, ValueError, files.ForeignFolderError, lock.LockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Exported {folder} to {path}" + (f" ({args.tta} views of each image)" if args.tta > 1 else ""))

@@ -19,6 +19,8 @@ import pathlib
 import re
 import shutil
 
+from tfdogs import lock
+
 _PARTIAL = re.compile(r"\.partial-(\d+)-")
 
 
@@ -91,13 +93,15 @@ def whole_folder(path, written_by):
         ForeignFolderError: `path` holds files but no `written_by`.
     """
     refuse_foreign_folder(path, written_by)
-    path, temporary = _beside(path)
-    temporary.mkdir()
-    try:
-        yield temporary
-        _put_in_place(temporary, path)
-    finally:
-        _remove(temporary)
+    path = pathlib.Path(path)
+    with lock.hold(path.with_name(f".{path.name}.lock"), str(path)):  # a second writer is refused, not mixed in
+        path, temporary = _beside(path)
+        temporary.mkdir()
+        try:
+            yield temporary
+            _put_in_place(temporary, path)
+        finally:
+            _remove(temporary)
 
 
 def remove_leftovers(folder, own=False):

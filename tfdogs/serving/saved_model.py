@@ -43,7 +43,7 @@ import pathlib
 import keras
 import tensorflow as tf
 
-from tfdogs import data, files
+from tfdogs import data, files, lock
 from tfdogs.data.image import decode_served_image
 from tfdogs.data.preprocessing import Preprocessing
 from tfdogs.serving.fold import fold_batch_norms, folding_counts
@@ -257,7 +257,8 @@ def _write_version(module, export_base, facts):
         write_saved_model(module.models, endpoints, temporary)
         (temporary / METADATA_FILE).write_text(json.dumps(facts, indent=2))
 
-    return files.replace_into(export_base / str(next_version(export_base)), write)
+    with lock.hold(export_base / lock.RUN_LOCK, f"export folder {export_base}"):  # one version number each
+        return files.replace_into(export_base / str(next_version(export_base)), write)
 
 
 def read_metadata(version_dir):
