@@ -7,33 +7,102 @@ with PyTorch absent.
 
 import csv
 import json
+import statistics
+import time
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tfdogs import bench
-from tfdogs.bench import steps
+from tfdogs.bench import measure, steps
 from tfdogs.data import preprocessing
 
 TINY = ["--models", "lenet5", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1",
         "--window-steps", "2", "--windows", "2", "--in-process"]
-TORCH_RATE = 50.0
+# The fake PyTorch's rate per setting: all different, so a ratio taken against the wrong row shows.
+TORCH_RATES = {"fp32": 50.0, "tuned": 80.0, "dataloader": 30.0}
 
 
 @pytest.fixture
 def fake_torch(monkeypatch):
-    """PyTorch 'present', answering every measurement with TORCH_RATE img/s."""
+    """PyTorch 'present', answering each measurement with its setting's TORCH_RATES img/s."""
     calls = []
 
     def run_torch(torch_python, job):
         calls.append(job)
-        return {"images_per_second": TORCH_RATE, "spread_percent": 1.0, "windows": [TORCH_RATE] * 2,
-                "peak_rss_mb": 300.0}
+        rate = TORCH_RATES[job["setting"] if isinstance(job["setting"], str) else job["setting"]["name"]]
+        return {"images_per_second": rate, "spread_percent": 1.0, "windows": [rate] * 2, "peak_rss_mb": 300.0}
 
     monkeypatch.setattr(bench, "probe_torch", lambda torch_python: ("torch 9.9, torchvision 9.9", None))
     monkeypatch.setattr(bench, "run_torch", run_torch)
     return calls
+
+
+@pytest.fixture
+def clocked(monkeypatch):
+    """Every `measure.throughput` call, with the steps it ran and the clock readings it took.
+
+    The readings come from a stand-in for the `time` module that `measure` reads, so the test knows the
+    seconds each window measured and can compute the rates itself.
+    """
+    calls, readings = [], []
+
+    def perf_counter():
+        readings.append(time.perf_counter())
+        return readings[-1]
+
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    real = measure.throughput
+
+    def recorded(run_steps, items_per_step, timing, synchronize=None):
+        steps_run, first = [], len(readings)
+
+        def counted(steps):
+            steps_run.append(steps)
+            run_steps(steps)
+
+        result = real(counted, items_per_step, timing, synchronize)
+        calls.append(dict(items=items_per_step, timing=timing, steps=steps_run, readings=readings[first:],
+                          result=result))
+        return result
+
+    monkeypatch.setattr(measure, "throughput", recorded)
+    return calls
+
+
+def check_rates(call):
+    """The call's windows are its images over its measured seconds; its rate the median, its spread theirs."""
+    timing, readings = call["timing"], call["readings"]
+    assert call["steps"] == [timing.warmup_steps] * bool(timing.warmup_steps) + [timing.window_steps] * timing.windows
+    assert len(readings) == 2 * timing.windows
+    windows = [timing.window_steps * call["items"] / (end - start) for start, end in zip(readings[::2], readings[1::2])]
+    result = call["result"]
+    assert result["windows"] == pytest.approx(windows, rel=1e-12)
+    assert result["images_per_second"] == pytest.approx(statistics.median(windows), rel=1e-12)
+    assert result["spread_percent"] == pytest.approx(100 * (max(windows) - min(windows)) / statistics.median(windows),
+                                                     rel=1e-9, abs=1e-9)
+
+
+def memory_mb(field):
+    """A field of /proc/self/status (VmRSS, VmPeak, ...) in MiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def check_tfdogs_rows(rows, calls, rss_before_mb):
+    """tfdogs' rows (one run each) are their measurements' rates, at the batch size measured; their peak memory
+    lies between the memory this process already held and its virtual peak, and above the weights' bytes."""
+    ours = [row for row in rows if row["framework"] == "tfdogs"]
+    assert len(ours) == len(calls)
+    for row, call in zip(ours, calls):
+        check_rates(call)
+        assert float(row["images_per_second"]) == pytest.approx(call["result"]["images_per_second"], rel=1e-9), row
+        assert int(row["batch_size"]) == call["items"], row
+        peak = float(row["peak_rss_mb"])
+        weights_mb = 4 * int(row["parameters"] or 0) / 2 ** 20  # float32 weights
+        assert max(0.9 * rss_before_mb, weights_mb) <= peak <= memory_mb("VmPeak"), (row, rss_before_mb)
 
 
 def read_table(output):
@@ -42,8 +111,9 @@ def read_table(output):
     return rows, json.loads(output.with_suffix(".json").read_text())
 
 
-def test_full_table_with_pytorch_has_every_part_and_ratio(tmp_path, dogs10_dir, fake_torch, capsys):
+def test_full_table_with_pytorch_has_every_part_and_ratio(tmp_path, dogs10_dir, fake_torch, clocked, capsys):
     output = tmp_path / "bench"
+    rss_before_mb = memory_mb("VmRSS")
     bench.main(TINY + ["--data-dir", str(dogs10_dir), "--output", str(output)])
     rows, report = read_table(output)
     assert list(rows[0]) == list(steps.COLUMNS)
@@ -53,13 +123,16 @@ def test_full_table_with_pytorch_has_every_part_and_ratio(tmp_path, dogs10_dir, 
         expected |= {(part, "lenet5", "torch", "fp32"), (part, "lenet5", "torch", "tuned"),
                      (part, "lenet5", "tfdogs", "float32")}
     assert expected <= {(row["part"], row["model"], row["framework"], row["setting"]) for row in rows}
+    check_tfdogs_rows(rows, clocked, rss_before_mb)
     for row in rows:
-        assert float(row["images_per_second"]) > 0 and float(row["peak_rss_mb"]) > 0, row
-        if row["framework"] == "tfdogs":
-            ratio = float(row["images_per_second"]) / TORCH_RATE
-            assert float(row["ratio_vs_torch"]) == pytest.approx(ratio)
+        if row["framework"] == "torch":
+            assert float(row["images_per_second"]) == TORCH_RATES[row["setting"]] and row["ratio_vs_torch"] == ""
+        else:  # against the PyTorch row of the same part and model: the DataLoader, fp32, tuned
+            baseline = TORCH_RATES["dataloader" if row["part"] == "pipeline" else "fp32"]
+            assert float(row["ratio_vs_torch"]) == pytest.approx(float(row["images_per_second"]) / baseline), row
             if row["part"] != "pipeline":
-                assert float(row["ratio_vs_torch_tuned"]) == pytest.approx(ratio)
+                assert float(row["ratio_vs_torch_tuned"]) == pytest.approx(
+                    float(row["images_per_second"]) / TORCH_RATES["tuned"]), row
     pipeline = [row for row in rows if row["part"] == "pipeline" and row["framework"] == "tfdogs"]
     assert all(row["target"] == ">= 3x torch dataloader" and row["target_met"] in ("True", "False")
                for row in pipeline)
@@ -72,13 +145,15 @@ def test_full_table_with_pytorch_has_every_part_and_ratio(tmp_path, dogs10_dir, 
     assert "PyTorch: torch 9.9" in printed and "x tuned" in printed
 
 
-def test_without_pytorch_measures_tfdogs_alone_and_says_so(tmp_path, monkeypatch, capsys):
+def test_without_pytorch_measures_tfdogs_alone_and_says_so(tmp_path, monkeypatch, clocked, capsys):
     monkeypatch.setattr(bench, "probe_torch", lambda torch_python: (None, "No module named 'torchvision'"))
     output = tmp_path / "alone"
+    rss_before_mb = memory_mb("VmRSS")
     bench.main(TINY + ["--parts", "train", "--output", str(output)])
     rows, report = read_table(output)
     assert {row["framework"] for row in rows} == {"tfdogs"}
-    assert all(row["ratio_vs_torch"] == "" and float(row["images_per_second"]) > 0 for row in rows)
+    assert all(row["ratio_vs_torch"] == "" for row in rows)
+    check_tfdogs_rows(rows, clocked, rss_before_mb)
     assert report["torch"].startswith("PyTorch absent")
     assert "PyTorch absent (No module named 'torchvision')" in capsys.readouterr().out
 

@@ -9,6 +9,7 @@ import json
 
 import keras
 import pytest
+from test_bench import check_tfdogs_rows, clocked, memory_mb  # noqa: F401 (clocked: a fixture)
 
 from tfdogs import bench, models
 from tfdogs.bench import steps
@@ -33,12 +34,14 @@ def preset(tmp_path_factory):
     return folder
 
 
-def test_a_keras_hub_preset_is_measured_for_training_and_inference(preset, tmp_path):
+def test_a_keras_hub_preset_is_measured_for_training_and_inference(preset, tmp_path, clocked):
     name = f"keras_hub:{preset}"
+    rss_before_mb = memory_mb("VmRSS")
     rows = bench.main(["--models", name, *TINY, "--output", str(tmp_path / "benchmark")])
     assert {(row["part"], row["setting"]) for row in rows} >= {("train", "float32"), ("inference", "float32")}
     assert all(row["model"] == name and row["framework"] == "tfdogs" for row in rows)
-    assert all(row["images_per_second"] > 0 for row in rows)
+    # each rate is its batch over the seconds measured; peak memory above the weights and what was held before
+    check_tfdogs_rows(rows, clocked, rss_before_mb)
     # PyTorch has no counterpart: no ratios, no targets
     assert all(row["ratio_vs_torch"] is None and row["target"] is None for row in rows)
     # the parameters measured: the training rows' model is the one tfdogs.train builds
