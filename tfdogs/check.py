@@ -13,6 +13,7 @@ import sys
 
 from tfdogs import data
 from tfdogs.data.validation import check_data
+from tfdogs.training.interruption import stops_in_one_line
 
 
 def build_parser():
@@ -28,6 +29,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: prints every problem, exits 2 when the data cannot be used."""
     args = build_parser().parse_args(argv)

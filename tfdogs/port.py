@@ -15,10 +15,13 @@ import argparse
 import pathlib
 import sys
 
+from tfdogs import files
 from tfdogs.models import MODEL_NAMES, build
+from tfdogs.training.interruption import stops_in_one_line
 from tfdogs.weights.port import checkpoint_num_classes, convert_state_dict, read_checkpoint
 
 
+@stops_in_one_line
 def main(argv=None):
     """``python -m tfdogs.port``: converts a checkpoint into a ``.weights.h5`` file.
 
@@ -38,8 +41,7 @@ def main(argv=None):
     include_head = checkpoint_num_classes(state_dict) == args.num_classes
     convert_state_dict(model, state_dict, include_head=include_head)
     output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    model.save_weights(str(output))
+    files.save_weights(model, output)
     head = "with its classifier" if include_head else f"with a fresh {args.num_classes}-class classifier"
     print(f"Wrote {output} ({args.arch}, {head}).", file=sys.stderr)
     return output

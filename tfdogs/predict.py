@@ -46,6 +46,7 @@ from tfdogs.runs.predictor import (
     predict_files,
     top5,
 )
+from tfdogs.training.interruption import stops_in_one_line
 
 # Exit status: every image answered, some could not be read, the model could not be loaded.
 ALL_ANSWERED, SOME_FAILED, NOTHING_RUN = 0, 1, 2
@@ -65,6 +66,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: prints the top-5 breeds of each image.
 

@@ -20,6 +20,7 @@ import sys
 
 from tfdogs.runs.predictor import PredictError, add_model_arguments
 from tfdogs.runs.submission import SubmissionError, write_submission
+from tfdogs.training.interruption import stops_in_one_line
 
 
 def build_parser():
@@ -33,6 +34,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     """Command-line entry point: writes the submission and says where."""
     args = build_parser().parse_args(argv)

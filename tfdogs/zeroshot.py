@@ -27,6 +27,7 @@ import numpy as np
 from tfdogs import data, files, models, weights
 from tfdogs.evaluation.zeroshot import evaluate_zero_shot
 from tfdogs.runs.folder import load_run
+from tfdogs.training.interruption import stops_in_one_line
 
 
 def build_parser():
@@ -57,6 +58,7 @@ def build_parser():
     return parser
 
 
+@stops_in_one_line
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

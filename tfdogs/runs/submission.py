@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
+from tfdogs import files
 from tfdogs.runs.predictor import load_predictor, predict_files
 
 SAMPLE_FILE = "sample_submission.csv"
@@ -106,7 +107,5 @@ def write_submission(model, data_dir, output, *, batch_size=32, verbose=1, tta=N
                               f"row for each: {'; '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
     table = submission_table(ids, breed_columns, outputs["probabilities"], predictor.class_names,
                              predictor.description)
-    output = pathlib.Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output, index=False, float_format="%.9g")
+    files.replace_into(output, lambda temporary: table.to_csv(temporary, index=False, float_format="%.9g"))
     return table
