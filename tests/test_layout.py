@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import only from lower layers, or from its
 own sub-package without a cycle):
 
-    files, progress            helpers every layer may use
+    files, lock, progress      helpers every layer may use
     data                       layouts, splits, image ops, the tf.data pipeline
     models                     networks, never their weights
     weights                    checkpoints loaded into built models
@@ -21,7 +21,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfdogs"
-LAYERS = (("tfdogs", "tfdogs.files", "tfdogs.progress"), ("tfdogs.data",), ("tfdogs.models",), ("tfdogs.weights",),
+LAYERS = (("tfdogs", "tfdogs.files", "tfdogs.lock", "tfdogs.progress"), ("tfdogs.data",), ("tfdogs.models",), ("tfdogs.weights",),
           ("tfdogs.config",), ("tfdogs.evaluation",), ("tfdogs.serving",), ("tfdogs.training",), ("tfdogs.runs",))
 MAX_LINES = 400
 

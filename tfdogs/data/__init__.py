@@ -19,7 +19,8 @@ Typical use:
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 """
 
-from tfdogs.data.image import TTA_VIEWS, decode_image, eval_views, exif_orientation, preprocess_eval, traced_as_written
+from tfdogs.data.decode import decode_image, exif_orientation, traced_as_written
+from tfdogs.data.image import TTA_VIEWS, eval_views, preprocess_eval
 from tfdogs.data.layouts import (
                                  IMAGE_EXTENSIONS,
                                  LAYOUTS_HELP,

@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tfdogs import files, progress
-from tfdogs.data.image import MAX_SIDE, decode_image, exif_orientation, traced_as_written
+from tfdogs.data.decode import MAX_SIDE, decode_image, exif_orientation, traced_as_written
 
 # Images with a side below this are kept but noted: the resize enlarges them a lot.
 SMALL_SIDE = 32

@@ -9,17 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfdogs.data import augment
-from tfdogs.data.image import (
-    TTA_VIEWS,
-    decode_image,
-    eval_views,
-    exif_orientation,
-    normalize,
-    pillow_resize,
-    preprocess_eval,
-    rgb_constant,
-    traced_as_written,
-)
+from tfdogs.data.decode import decode_image, exif_orientation, traced_as_written
+from tfdogs.data.image import TTA_VIEWS, eval_views, normalize, pillow_resize, preprocess_eval, rgb_constant
 from tfdogs.data.layouts import DataError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"

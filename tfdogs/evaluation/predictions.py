@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfdogs.data.image import traced_as_written
+from tfdogs.data.decode import traced_as_written
 
 
 def predict_logits(model, dataset, callbacks=()):

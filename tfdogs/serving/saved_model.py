@@ -9,7 +9,7 @@ two signatures with the same outputs:
   validation pipeline does. Bytes that the data check converts with Pillow
   before training (palette BMP, CMYK JPEG, TIFF, PNG or WebP with an EXIF
   orientation, over 4096 px a side) are refused with an InvalidArgumentError
-  saying so (`tfdogs.data.image.decode_served_image`); `tfdogs.predict`
+  saying so (`tfdogs.data.decode.decode_served_image`); `tfdogs.predict`
   converts them first, as the check does.
 - `serving_images`: `images`, float32 RGB pixels in [0, 255], shape
   `[batch, height, width, 3]` of any size, preprocessed the same way
@@ -44,7 +44,7 @@ import keras
 import tensorflow as tf
 
 from tfdogs import data, files, lock
-from tfdogs.data.image import decode_served_image
+from tfdogs.data.decode import decode_served_image
 from tfdogs.data.preprocessing import Preprocessing
 from tfdogs.serving.fold import fold_batch_norms, folding_counts
 from tfdogs.evaluation import metrics

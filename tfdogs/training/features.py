@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdogs import files
-from tfdogs.data.image import traced_as_written
+from tfdogs.data.decode import traced_as_written
 from tfdogs.data.pipeline import without_autotuner
 
 FEATURE_LAYER = "avgpool"
