@@ -78,11 +78,11 @@ def test_a_mirrored_step_on_two_cpu_devices_equals_one_device_with_the_global_ba
     assert (one["replicas"], two["replicas"]) == (1, 2)
     assert one["batch"] == two["batch"] == 16 and two["rate"] == pytest.approx(one["rate"])
     # Each replica's half-batch gradient, all-reduced, is the whole batch's: the same trajectory up to
-    # float32 summation order.
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    # float32 summation order. Measured: the logged losses equal, the weights after 12 steps at most 6.4e-7 apart.
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert one["loss"][-1] < one["loss"][0]
     for mirrored, single in zip(two["weights"], one["weights"]):
-        assert mirrored == pytest.approx(single, rel=1e-3, abs=1e-5)
+        assert mirrored == pytest.approx(single, rel=0, abs=2e-6)
 
 
 def test_training_with_mirrored_converges_like_one_device(two_replica_runs):
@@ -91,12 +91,13 @@ def test_training_with_mirrored_converges_like_one_device(two_replica_runs):
     assert (two["distribute"], two["replicas"]) == ("mirrored", 2)
     assert two["global_batch_size"] == one["global_batch_size"] == 16
     assert two["learning_rate"] == pytest.approx(one["learning_rate"]) == pytest.approx(4e-3)
-    # Not step for step: Keras draws one batch to build a distributed model before training, so
-    # the mirrored run starts from the pipeline's second shuffle. The curves agree all the same.
+    # Step for step: the pipeline's batches are keyed by (seed, epoch), so both runs see the same global batches,
+    # and each epoch's loss agrees to float32 summation order (measured at most 2.2e-7 relative, over 3 epochs).
     for run in (one, two):
         assert run["loss"][-1] < 0.5 * run["loss"][0]
         assert run["val_accuracy"] >= 0.6
-    assert two["loss"][-1] == pytest.approx(one["loss"][-1], rel=0.5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["val_accuracy"] == one["val_accuracy"]
 
 
 @pytest.mark.parametrize("optimizer, replicas, expected", [
