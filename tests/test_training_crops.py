@@ -97,3 +97,18 @@ def test_the_cache_keeps_the_dogs10_crops_within_the_stated_tolerance(dogs10_dir
     assert whole.mean() <= 0.01 and whole.max() <= 20, (whole.mean(), whole.max())
     shrunk = differences(paths, 64, interpolation)
     assert shrunk.mean() <= 1.0 and np.percentile(shrunk, 99) <= 12, (shrunk.mean(), np.percentile(shrunk, 99))
+
+
+def test_every_cached_crop_stays_inside_its_cached_image(dogs10_dir):
+    """Windows that reach the photo's edge round to the cached image's edge, not one pixel past it.
+
+    At 32 px every dogs10 photo is shrunk for the cache (shorter side 55): the window's far edge,
+    scaled by cached/original in floating point, used to round up to 56 ("Expected size[0] in
+    [0, 55], but got 56").
+    """
+    paths = sorted(str(path) for path in pathlib.Path(dogs10_dir).rglob("*.jpg"))[:48]
+    dataset = data.make_dataset(paths, np.zeros(len(paths), np.int64), image_size=32, batch_size=16, training=True,
+                                mean=(0, 0, 0), std=(1, 1, 1), cache="memory", num_epochs=3, seed=5)
+    batches = [images.numpy() for images, _ in dataset]
+    assert sum(len(images) for images in batches) == 3 * len(paths)
+    assert all(images.shape[1:] == (32, 32, 3) and np.isfinite(images).all() for images in batches)

@@ -105,7 +105,9 @@ def _cached_crop(image, original_shape, seed, scale, size, interpolation):
     ratio = tf.cast(tf.shape(image)[:2], tf.float64) / tf.cast(original_shape, tf.float64)
     start = tf.cast(begin[:2], tf.float64) * ratio
     end = tf.cast(begin[:2] + window[:2], tf.float64) * ratio
-    first = tf.cast(tf.floor(start), tf.int32)
+    cached_shape = tf.shape(image)[:2]
+    end = tf.minimum(end, tf.cast(cached_shape, tf.float64))  # a window to the photo's edge may round past it
+    first = tf.minimum(tf.cast(tf.floor(start), tf.int32), cached_shape - 1)
     last = tf.maximum(tf.cast(tf.math.ceil(end), tf.int32), first + 1)
     pixels = tf.slice(image, tf.concat([first, [0]], 0), tf.concat([last - first, [3]], 0))
     start, end = start - tf.cast(first, tf.float64), end - tf.cast(first, tf.float64)
