@@ -161,29 +161,35 @@ def test_kill_while_saving_the_best_checkpoint(tmp_path, monkeypatch, callback, 
         assert sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5"]  # no half file left over
 
 
-def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, monkeypatch):
+def compiled_tiny_model():
     model = tiny_model()
-    model.compile(optimizer="sgd", loss="mse")
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.optimizer.build(model.trainable_variables)
-    backup = training_callbacks.AtomicBackupAndRestore(tmp_path / "backup")
+    return model
+
+
+def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = compiled_tiny_model()
+    model.train_on_batch(np.ones((2, 32, 32, 3), np.float32), np.eye(4, dtype=np.float32)[:2])
+    backup = training_callbacks.ResumeBackup(tmp_path / "backup")
     backup.set_model(model)
     backup.on_epoch_end(0)
-    good = model.get_weights()
+    good, good_optimizer = model.get_weights(), [v.numpy() for v in model.optimizer.variables]
 
     model.set_weights([np.zeros_like(w) for w in good])
     monkeypatch.setattr(model, "save_weights", half_writer)
     with pytest.raises(KilledMidWrite):
         backup.on_epoch_end(1)
-    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text()) == {"epoch": 1, "batch": 0}
+    assert training_resume.backed_up_epoch(tmp_path / "backup") == 1
     monkeypatch.undo()
-    # a new run restores the epoch-0 state and would resume at epoch 1
-    restored = tiny_model()
-    restored.compile(optimizer="sgd", loss="mse")
-    resume = training_callbacks.AtomicBackupAndRestore(tmp_path / "backup")
+    # a new run restores the epoch-0 state (weights and optimizer: Adam's moments, its step) and resumes at epoch 1
+    restored = compiled_tiny_model()
+    resume = training_callbacks.ResumeBackup(tmp_path / "backup")
     resume.set_model(restored)
     resume.on_train_begin()
-    assert restored._initial_epoch == 1
     assert same_weights(restored.get_weights(), good)
+    assert same_weights([v.numpy() for v in restored.optimizer.variables], good_optimizer)
+    assert int(restored.optimizer.iterations.numpy()) == 1
 
 
 def test_kill_while_saving_model_keras_keeps_the_previous_model(tmp_path, monkeypatch):

@@ -1,8 +1,6 @@
 """Keras callbacks of a run: checkpoints written atomically, resumable early stopping, epoch-keyed seeds."""
 
 import contextlib
-import json
-import os
 import pathlib
 
 import keras
@@ -11,7 +9,7 @@ import tensorflow as tf
 
 from tfdogs import files
 from tfdogs.training.cluster import broadcast_from_chief
-from tfdogs.training.resume import MONITOR_MODES, best_so_far
+from tfdogs.training.resume import BACKUP_METADATA, BACKUP_WEIGHTS, MONITOR_MODES, best_so_far
 
 
 class WeightAverage(keras.callbacks.SwapEMAWeights):
@@ -32,7 +30,8 @@ class WeightAverage(keras.callbacks.SwapEMAWeights):
 
     @contextlib.contextmanager
     def swapped(self):
-        self._swap_variables()  # Keras' own swap, the one it runs around validation
+        # Private (docs/keras-internals.md): Keras' swap around validation; no public one leaves the backup raw.
+        self._swap_variables()
         try:
             yield
         finally:
@@ -65,8 +64,8 @@ class EpochKeyedSeeds(keras.callbacks.Callback):
         self.seed = seed
 
     def on_epoch_begin(self, epoch, logs=None):
-        generators = [generator for layer in self.model._flatten_layers()  # Keras' own walk over sub-layers
-                      for generator in layer._seed_generators]
+        # Private (docs/keras-internals.md): Keras lists a model's seed generators only through these.
+        generators = [generator for layer in self.model._flatten_layers() for generator in layer._seed_generators]
         epoch_key = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), epoch)
         for index, generator in enumerate(generators):
             key = tf.random.experimental.stateless_fold_in(epoch_key, index)
@@ -192,19 +191,32 @@ def load_weights_only(model, path):
         model.optimizer = optimizer
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore whose weights and epoch counter are each replaced by a rename.
+class ResumeBackup(keras.callbacks.Callback):
+    """The state a killed phase resumes from, in its backup folder, and restored as the next `fit` begins.
 
-    Keras writes both in place: a kill mid-save leaves a backup that cannot be
-    loaded, and the run cannot resume. Weights go first, so a kill between the
-    two renames redoes one epoch from later weights rather than losing it.
+    After every epoch: the weights with the optimizer's state (moments, step
+    counter, weight average) in `latest.weights.h5`, then the number of
+    epochs done in `training_metadata.json`, each written whole and renamed
+    into place. Weights go first, so a kill between the two renames redoes one
+    epoch from later weights rather than losing it. As `fit` begins, the
+    weights and optimizer state come back; `fit` starts at the backed-up epoch
+    (`resume.backed_up_epoch`, given as its `initial_epoch`). Keras'
+    BackupAndRestore writes both files in place, where a kill mid-save leaves
+    a backup that cannot be loaded.
     """
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        files.save_weights(self.model, self._weights_path, optimizer_state=True)
-        state = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
-        files.replace_into(self._training_metadata_path, lambda temporary: pathlib.Path(temporary).write_text(state))
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = pathlib.Path(folder)
+
+    def on_train_begin(self, logs=None):
+        path = self.folder / BACKUP_WEIGHTS
+        if path.is_file():  # other workers than the chief have none: `SyncFromChief` gives them the chief's
+            self.model.load_weights(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        files.save_weights(self.model, self.folder / BACKUP_WEIGHTS, optimizer_state=True)
+        files.write_json({"epoch": epoch + 1}, self.folder / BACKUP_METADATA)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -233,7 +245,7 @@ class SyncFromChief(keras.callbacks.Callback):
     """Multi-worker: every worker takes the chief's weights and optimizer state as a fit begins.
 
     Only the chief keeps the run folder, so only it restores a backup or a
-    finished phase's weights; placed after BackupAndRestore, this hands the
+    finished phase's weights; placed after ResumeBackup, this hands the
     restored state to the others (the same values on every worker otherwise).
     """
 
@@ -333,7 +345,7 @@ def fit_under_multi_worker(model):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(local, next(batches))
                 break
-        with strategy.scope():
+        with strategy.scope():  # private, as the hook it replaces (docs/keras-internals.md)
             model._symbolic_build(data_batch=data_batch)
 
     def vector_logs(step):
@@ -382,7 +394,7 @@ def make_callbacks(config, run_dir, phase, history, monitor, saved_model=None, s
         # `read_history` keeps its last row, where the other order would lose the row.
         keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
         # Kept after the phase (train removes it once a later phase follows), so --epochs can grow.
-        AtomicBackupAndRestore(run_dir / "backup" / phase.name, delete_checkpoint=False),
+        ResumeBackup(run_dir / "backup" / phase.name),
     ]
     if early_stopping:
         this_phase = history[history["epoch"] >= phase.start_epoch] if not history.empty else history

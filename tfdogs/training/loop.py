@@ -275,12 +275,9 @@ def train(config, extra_callbacks=()):
         if task is None and runtime["replicas"] == 1 and not runtime["jit_compile"] and size == final_size:
             recorder = BestValidationLogits(fitted, monitor, best_so_far(history, monitor)[0])
             callbacks.append(recorder)
-        # BackupAndRestore sets the epoch to resume at on the model, and Keras prefers it to `initial_epoch`
-        # in every later fit: a phase resumed from its backup would make the next phase start there too.
-        fitted._initial_epoch = None
-        try:
+        try:  # from the backed-up epoch, whose weights and optimizer state ResumeBackup restores
             fit = fitted.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
-                            initial_epoch=phase.start_epoch, steps_per_epoch=steps, shuffle=False,
+                            initial_epoch=first_epoch, steps_per_epoch=steps, shuffle=False,
                             callbacks=callbacks + list(extra_callbacks),
                             verbose=1 if config["verbose"] == "auto" else config["verbose"])
         except PEER_ERRORS as error:

@@ -60,10 +60,17 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
     class PerVariableRate(base):
         def build(self, variables):
             super().build(variables)
-            self._rate_factors = [variable_factors.get(variable.path, 1.0) for variable in variables]
+            self.rate_factors = {}  # id of each form `update_step` may get a variable in -> its rate factor
+            for variable in variables:
+                for form in variable_forms(variable):
+                    self.rate_factors[id(form)] = variable_factors.get(variable.path, 1.0)
 
         def update_step(self, gradient, variable, learning_rate):
-            rate = learning_rate * self._rate_factors[self._get_variable_index(variable)]
+            factor = self.rate_factors.get(id(variable))
+            if factor is None:
+                raise KeyError(f"The optimizer has no learning-rate factor for variable {variable.name!r}: "
+                               "it was not among the variables it was built for.")
+            rate = learning_rate * factor
             if weight_decay and len(variable.shape) > 1:
                 variable.assign_sub(variable * tf.cast(rate * weight_decay, variable.dtype))
             return super().update_step(gradient, variable, rate)
@@ -72,6 +79,13 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
     if ema:
         kwargs.update(use_ema=True, ema_momentum=ema)
     return PerVariableRate(learning_rate=learning_rate, **kwargs)
+
+
+def variable_forms(variable):
+    """A Keras variable as `update_step` may receive it: itself, the backend's variable it holds
+    (TensorFlow's optimizer passes that), and under a distribution strategy each replica's copy."""
+    backend_variable = variable.value if isinstance(variable.value, tf.Variable) else variable
+    return [variable, backend_variable, *getattr(backend_variable, "values", ())]
 
 
 def compile_model(model, config, learning_rate, factors, jit_compile):

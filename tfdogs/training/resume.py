@@ -11,6 +11,8 @@ import pandas as pd
 from tfdogs import config as config_lib
 
 PHASES_FILE = "phases.json"
+# A phase's resume backup (`RUN/backup/<phase>/`): weights with the optimizer's state, and the epochs done.
+BACKUP_WEIGHTS, BACKUP_METADATA = "latest.weights.h5", "training_metadata.json"
 
 # What each monitored score wants: the best checkpoint and early stopping follow it.
 MONITOR_MODES = {"val_accuracy": "max", "val_log_loss": "min"}
@@ -34,8 +36,8 @@ def phase_is_finished(record, phase):
 
 
 def backed_up_epoch(backup_dir):
-    """The epoch a phase's backup resumes at (0 without a backup): what BackupAndRestore will restore."""
-    path = pathlib.Path(backup_dir) / "training_metadata.json"
+    """The epoch a phase's backup resumes at (0 without a backup): where its `fit` starts."""
+    path = pathlib.Path(backup_dir) / BACKUP_METADATA
     return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
 
 
@@ -94,7 +96,7 @@ def publish_run_state(cluster, run_dir):
     """Chief: gives the other workers its split and resume state (history, finished phases, backed-up epochs)."""
     run_dir = pathlib.Path(run_dir)
     paths = [run_dir / "split.csv", run_dir / "history.csv", run_dir / PHASES_FILE,
-             *run_dir.glob("backup/*/training_metadata.json")]
+             *run_dir.glob(f"backup/*/{BACKUP_METADATA}")]
     cluster.publish("run_state", {
         "files": {path.relative_to(run_dir).as_posix(): path.read_text() for path in paths if path.is_file()},
         "weights": sorted(path.name for path in run_dir.glob("phase-*.weights.h5"))})
