@@ -274,11 +274,14 @@ class BestValidationLogits(keras.callbacks.Callback):
         model: the model `fit` trains and validates.
         monitor: the metric the best checkpoint follows.
         best: the best value of earlier epochs (a resumed run), or None.
+        path: where each new best pass is also written (`read_best_pass`), so
+            that a run resumed after its best epoch scores it as an
+            uninterrupted run does; None: kept in memory only.
     """
 
-    def __init__(self, model, monitor, best=None):
+    def __init__(self, model, monitor, best=None, path=None):
         super().__init__()
-        self.monitor, self.mode = monitor, MONITOR_MODES[monitor]
+        self.monitor, self.mode, self.path = monitor, MONITOR_MODES[monitor], path
         self.best, self.epoch, self.logits = best, None, None
         self._batches, self._in_test_step = [], False
         self._hooked = model
@@ -309,6 +312,8 @@ class BestValidationLogits(keras.callbacks.Callback):
         better = np.greater if self.mode == "max" else np.less
         if self.best is None or better(value, self.best):
             self.best, self.epoch, self.logits = value, epoch, np.concatenate(self._batches)
+            if self.path is not None:
+                files.replace_into(self.path, lambda temporary: np.savez(temporary, epoch=epoch, logits=self.logits))
 
     def on_train_end(self, logs=None):
         for name, own in self._replaced.items():
@@ -317,6 +322,15 @@ class BestValidationLogits(keras.callbacks.Callback):
             else:
                 setattr(self._hooked, name, own)
         self._hooked.test_function = None  # the traced validation step that records; rebuilt when next needed
+
+
+def read_best_pass(path):
+    """{epoch: logits} of the best validation pass `BestValidationLogits` wrote to `path`; {} without one."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return {}
+    with np.load(path) as saved:
+        return {int(saved["epoch"]): saved["logits"]}
 
 
 def fit_under_multi_worker(model):

@@ -21,6 +21,7 @@ from tfdogs.training.callbacks import (
     SyncFromChief,
     fit_under_multi_worker,
     make_callbacks,
+    read_best_pass,
     resolve_monitor,
 )
 from tfdogs.training.cluster import (
@@ -49,6 +50,10 @@ from tfdogs.training.resume import (
     receive_run_state,
     worker_scratch,
 )
+
+
+# The best epoch's validation logits, kept through an interruption (`BestValidationLogits`).
+BEST_PASS_FILE = "backup/best_validation_pass.npz"
 
 
 class Timer:
@@ -273,7 +278,8 @@ def train(config, extra_callbacks=()):
             callbacks.append(SyncFromChief(strategy))  # after the backup's restore, which only the chief has
         recorder = None  # keeps the best epoch's validation logits, which then score the final model
         if task is None and runtime["replicas"] == 1 and not runtime["jit_compile"] and size == final_size:
-            recorder = BestValidationLogits(fitted, monitor, best_so_far(history, monitor)[0])
+            recorder = BestValidationLogits(fitted, monitor, best_so_far(history, monitor)[0],
+                                            path=run_dir / BEST_PASS_FILE)
             callbacks.append(recorder)
         try:  # from the backed-up epoch, whose weights and optimizer state ResumeBackup restores
             fit = fitted.fit(train_dataset, validation_data=val_dataset, epochs=phase.end_epoch,
@@ -317,9 +323,11 @@ def train(config, extra_callbacks=()):
         final_model.set_weights(model.get_weights())
     val_labels = records.labels[val_indices]
     _, best_epoch = best_so_far(history, monitor)
+    if best_epoch not in best_passes:  # a resumed run whose best epoch came before the interruption
+        best_passes.update(read_best_pass(run_dir / BEST_PASS_FILE))
     if best_epoch in best_passes:  # the best checkpoint's own validation pass: nothing runs again
         logits, scored_by = best_passes[best_epoch], f"the best epoch's validation pass ({runtime['precision']})"
-    else:  # e.g. a resumed run whose best epoch came before the interruption
+    else:  # e.g. the best epoch at another image size, or trained on several replicas
         logits = predict_logits(final_model, shard_by_data(pipelines_at(final_size)[1]))
         scored_by = "model.keras (float32) on the validation photos"
 
