@@ -84,3 +84,30 @@ def test_a_run_stopped_while_starting_is_taken_up(finished_run, tmp_path):
             shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     assert train_command.main(flags) == 0
     assert len(pd.read_csv(run_dir / "history.csv")) == 1
+
+
+def test_a_finished_run_run_again_says_so_and_exports_nothing_new(finished_run, tmp_path, capsys):
+    photos, flags = finished_run
+    assert train_command.main(flags) == 0
+    assert f"{tmp_path / 'run'} holds this run, finished (1 epochs): nothing trained or exported again" in \
+        capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "export").iterdir()) == ["1"]
+    assert train_command.main([*flags[:-6], "--epochs", "2", *flags[-4:]]) == 0  # more epochs: trains on
+    assert sorted(path.name for path in (tmp_path / "export").iterdir()) == ["1", "2"]
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
+
+
+def test_epochs_without_their_backup_are_refused(tmp_path, capsys):
+    """Killed after three epochs (no phases.json, no metrics.json yet), then backup/ deleted."""
+    run_dir = tmp_path / "run"
+    flags = ["--model", "lenet5", "--weights", "none", "--strategy", "scratch", "--data", "synthetic",
+             "--image-size", "32", "--epochs", "3", "--verbose", "0", "--output", str(run_dir),
+             "--export-dir", str(tmp_path / "export")]
+    assert train_command.main(flags) == 0
+    for name in ("metrics.json", "phases.json", "backup"):
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    capsys.readouterr()
+    assert train_command.main(flags) == 2
+    assert (f"{run_dir / 'history.csv'} records 3 finished epochs, but {run_dir / 'backup'} can resume only 0"
+            in capsys.readouterr().err)
+    assert len(pd.read_csv(run_dir / "history.csv")) == 3  # nothing trained beside the old history

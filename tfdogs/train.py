@@ -34,7 +34,7 @@ import json
 import os
 import sys
 
-from tfdogs import config as config_lib, data, models, weights
+from tfdogs import config as config_lib, data, lock, models, weights
 from tfdogs.training.cluster import PEER_TIMEOUT_VARIABLE, ClusterError, PeerLost, rejoin
 from tfdogs.training.interruption import signals_interrupt, stopped
 from tfdogs.training.loop import train
@@ -72,7 +72,7 @@ def main(argv=None):
         atexit._run_exitfuncs()  # exec skips them: this worker's temporary folders go now
         rejoin()
     except (config_lib.ConfigError, data.DataError, weights.WeightsError, models.PresetError, TrainingError,
-            ClusterError) as error:
+            ClusterError, lock.LockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, not a traceback

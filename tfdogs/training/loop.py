@@ -1,6 +1,7 @@
 """One experiment end to end: phases trained, the best model calibrated, saved, scored and exported."""
 
 import atexit
+import contextlib
 import functools
 import os
 import pathlib
@@ -10,7 +11,7 @@ import time
 import keras
 import numpy as np
 
-from tfdogs import config as config_lib, files, models, weights
+from tfdogs import config as config_lib, files, lock, models, weights
 from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
 from tfdogs.evaluation import metrics, plots
 from tfdogs.evaluation.predictions import predict_logits, with_temperature
@@ -40,8 +41,10 @@ from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, split
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
+    already_finished,
     backed_up_epoch,
     best_so_far,
+    check_backups_kept,
     check_resumable,
     phase_is_finished,
     publish_run_state,
@@ -120,15 +123,26 @@ def train(config, extra_callbacks=()):
     calls this with the same config: the chief writes the run, the others
     train from temporary folders and return None.
 
+    The chief (or the single process) holds the run folder's lock
+    (`tfdogs.lock`) until the run ends: a second `train` into the same folder
+    is refused at once, naming this one.
+
     Returns:
         The run folder (None on a worker other than the chief).
     """
+    with contextlib.ExitStack() as ownership:
+        return _train(config, extra_callbacks, ownership)
+
+
+def _train(config, extra_callbacks, ownership):
+    """`train`, with `ownership` (an ExitStack) holding the run folder's lock until it returns."""
     timer = Timer()
     config = requested = config_lib.validate(config)
     weights.require_installed(config["weights"], config["model"])  # a missing package stops before any folder
     task = read_task() if resolve_name(config["distribute"]) == "multi-worker" else None
     if task is None or task.is_chief:
         run_dir, export_dir, created = prepare_output(config)
+        ownership.enter_context(lock.hold(run_dir / lock.RUN_LOCK, f"run folder {run_dir}"))  # before any file
     else:  # only the chief writes the run: this worker keeps what the strategy needs until it ends
         scratch = worker_scratch(task, config)
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
@@ -145,6 +159,11 @@ def train(config, extra_callbacks=()):
             # Only the chief's output and export folders are used; verbose changes nothing trained.
             cluster.check_same_settings(requested, ignore=("verbose", "output", "export_dir"))
         check_resumable(config, run_dir)
+        if task is None and already_finished(config, run_dir):
+            print(f"{run_dir} holds this run, finished ({config['epochs']} epochs): nothing trained or exported "
+                  f"again. A larger --epochs trains on from its last epoch.")
+            return run_dir
+        check_backups_kept(run_dir)
         runtime.update(replica_facts(strategy, config["batch_size"], config["learning_rate"],
                                                 config["optimizer"]))
         chief_weights = receive_run_state(cluster, run_dir) if task and not task.is_chief else set()

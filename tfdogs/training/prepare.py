@@ -66,9 +66,11 @@ def prepare_output(config):
     created = []
     for key, folder in (("output", run_dir), ("export_dir", export_dir)):
         try:
-            if not folder.exists():
+            try:
                 folder.mkdir(parents=True)
                 created.append(folder)
+            except FileExistsError:  # an earlier run's, or made this instant by a second train: the lock decides
+                pass
             probe = folder / ".write-test"
             probe.write_text("")
             probe.unlink()

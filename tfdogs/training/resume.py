@@ -81,6 +81,39 @@ def check_resumable(config, run_dir):
             f"--epochs may grow; to train with these settings, give a new --output.")
 
 
+def already_finished(config, run_dir):
+    """Whether a run folder holds this exact run, finished: same settings (`check_resumable`), same epochs.
+
+    `metrics.json` is the last file a run writes, after its export; with
+    `--epochs` grown the run goes on instead.
+    """
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    return config_lib.load_yaml(run_dir / "config.yaml").get("epochs") == config["epochs"]
+
+
+def check_backups_kept(run_dir):
+    """Refuses to go on with a run whose finished epochs have no backup to resume them from.
+
+    history.csv may hold one epoch more than the backups (a kill between the
+    history row and the backup redoes that epoch); more means backup/ was
+    removed, and going on would train again from the first epoch under the
+    old history.
+
+    Raises:
+        ConfigError: naming the folder and the epochs.
+    """
+    run_dir = pathlib.Path(run_dir)
+    recorded = len(read_history(run_dir / "history.csv"))
+    kept = resume_epoch(run_dir)
+    if recorded > kept + 1:
+        raise config_lib.ConfigError(
+            f"{run_dir / 'history.csv'} records {recorded} finished epochs, but {run_dir / 'backup'} can resume "
+            f"only {kept}: its backups were removed. Going on would train again from epoch {kept + 1} beside the "
+            f"old history; put backup/ back, or start a new run (another --output).")
+
+
 def worker_scratch(task, config):
     """A worker's temporary run folder, named by its task and run: a restarted worker (after kill -9,
     which skips all clean-up) replaces the one its predecessor left."""
