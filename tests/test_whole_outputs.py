@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdogs import evaluate as evaluate_command, export as export_command, files
+from tfdogs import ensemble as ensemble_command, evaluate as evaluate_command, export as export_command, files
 from tfdogs.evaluation import plots, report
 from tfdogs.runs import comparison, evaluation as run_evaluation
 
@@ -152,3 +153,20 @@ def test_an_output_another_process_is_writing_is_refused_naming_it(lenet_run, tm
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_ensemble_over_an_earlier_one_replaces_it_whole_and_says_so(lenet_run, tmp_path, capsys):
+    twin = tmp_path / "twin"
+    shutil.copytree(lenet_run, twin)
+    output = tmp_path / "ensemble"
+    flags = [str(lenet_run), str(twin), "--output", str(output), "--export-dir", str(tmp_path / "export")]
+    assert ensemble_command.main(flags) == 0
+    assert "replaced whole" not in capsys.readouterr().out
+    (output / "evaluation").mkdir()
+    (output / "evaluation" / "evaluation.json").write_text("{}")  # the earlier ensemble's evaluation
+    assert ensemble_command.main([*flags[:2], "--member-weights", "3", "1", *flags[2:]]) == 0
+    assert f"Ensemble folder: {output} (the earlier ensemble there, and its evaluation, replaced whole)" in \
+        capsys.readouterr().out
+    assert sorted(path.name for path in output.iterdir()) == ["ensemble.json", "scores.csv", "scores.md"]
+    assert [member["weight"] for member in json.loads((output / "ensemble.json").read_text())["members"]] == \
+        pytest.approx([0.75, 0.25])

@@ -28,6 +28,7 @@ Examples:
 
 import argparse
 import json
+import pathlib
 import sys
 
 from tfdogs import data, files, lock
@@ -56,6 +57,7 @@ def build_parser():
 def main(argv=None):
     """Command-line entry point: ensembles runs, prints members' and ensemble's scores."""
     args = build_parser().parse_args(argv)
+    replaced = args.output is not None and (pathlib.Path(args.output) / ENSEMBLE_FILE).is_file()
     try:
         output = ensemble(args.run_dirs, args.output, member_weights=args.member_weights,
                           export_dir=args.export_dir, batch_size=args.batch_size)
@@ -66,7 +68,8 @@ def main(argv=None):
     if summary["split_note"]:
         print(f"note: {summary['split_note']}")
     print(f"Validation, {summary['num_val']} images:\n\n{(output / 'scores.md').read_text()}")
-    print(f"Ensemble folder: {output}\nSavedModel: {summary['export']}")
+    print(f"Ensemble folder: {output}" + (" (the earlier ensemble there, and its evaluation, replaced whole)"
+                                          if replaced else "") + f"\nSavedModel: {summary['export']}")
     return 0
 
 
