@@ -26,7 +26,8 @@ A run is one flat mapping of the keys below. They come from three places, each
 overriding the one before:
 
 1. the defaults in this page;
-2. a YAML file given with `--config` (a flat mapping of keys, e.g. `configs/resnet18.yaml`);
+2. a YAML file given with `--config` (a flat mapping of keys, e.g. `configs/resnet18.yaml`;
+   a key given twice and an empty file are refused, and `1e-1` is a number);
 3. command-line flags: every key is also a flag, `learning_rate` is `--learning-rate`;
    a true/false key has a `--no-` form (`--no-flip`).
 
