@@ -18,6 +18,7 @@ Examples:
 import argparse
 import sys
 
+from tfdogs import lock
 from tfdogs.runs.predictor import PredictError, add_model_arguments
 from tfdogs.runs.submission import SubmissionError, write_submission
 from tfdogs.training.interruption import stops_in_one_line
@@ -41,7 +42,7 @@ def main(argv=None):
     try:
         table = write_submission(args.model, args.data_dir, args.output, batch_size=args.batch_size,
                                  verbose=args.verbose, tta=args.tta)
-    except (SubmissionError, PredictError) as error:
+    except (SubmissionError, PredictError, lock.LockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote {args.output}: {len(table)} test images x {table.shape[1] - 1} breeds.")

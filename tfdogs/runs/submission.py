@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from tfdogs import files
+from tfdogs import files, lock
 from tfdogs.runs.predictor import load_predictor, predict_files
 
 SAMPLE_FILE = "sample_submission.csv"
@@ -97,7 +97,14 @@ def write_submission(model, data_dir, output, *, batch_size=32, verbose=1, tta=N
     Raises:
         SubmissionError: the download does not fit, or test images cannot be
             read (every one is named, after all the others were predicted).
+        tfdogs.lock.LockedError: another process is writing `output`.
     """
+    output = pathlib.Path(output)
+    with lock.hold(output.with_name(f".{output.name}.lock"), str(output)):  # one writer: a second is refused
+        return _predict_and_write(model, data_dir, output, batch_size, verbose, tta)
+
+
+def _predict_and_write(model, data_dir, output, batch_size, verbose, tta):
     ids, breed_columns, paths = read_sample_submission(data_dir)
     predictor = load_predictor(model, tta=tta)
     outputs = predict_files(predictor, paths, batch_size=batch_size, verbose=verbose)
