@@ -13,6 +13,8 @@ the chief's settings, split and resume state through TensorFlow's
 coordination service (`Cluster`), and take the chief's weights when a run
 resumes (`broadcast_from_chief`). A worker that cannot reach its peers within
 TFDOGS_PEER_TIMEOUT seconds (default 300) stops and names them.
+`fit_under_multi_worker` works around two Keras bugs that stop `fit` under
+the multi-worker strategy.
 """
 
 import dataclasses
@@ -322,3 +324,43 @@ def rejoin():
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def fit_under_multi_worker(model):
+    """Works around two Keras 3.15 bugs that stop `fit` under MultiWorkerMirroredStrategy.
+
+    1. Before training Keras draws one batch and averages the (images,
+       labels) tuple with `strategy.reduce`, which the strategy refuses for
+       a tuple ("Attempt to convert a value (PerReplica ...) to a Tensor", the
+       crash first reported): only the batch's shapes matter there, and this
+       worker's first replica has them.
+    2. It averages each step's scalar logs with `strategy.reduce(axis=0)`,
+       which fails on a scalar ("Invalid reduction dimension 0"): the steps
+       here give them as [1] tensors, which that reduction averages to the
+       same scalar.
+
+    Both are Keras' own hooks, replaced on this model only.
+    """
+    strategy = model.distribute_strategy
+
+    def local(value):
+        return strategy.experimental_local_results(value)[0] if isinstance(
+            value, tf.distribute.DistributedValues) else value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(local, next(batches))
+                break
+        with strategy.scope():  # private, as the hook it replaces (docs/keras-internals.md)
+            model._symbolic_build(data_batch=data_batch)
+
+    def vector_logs(step):
+        def step_with_vector_logs(data):
+            return tf.nest.map_structure(lambda value: tf.reshape(value, [1]) if value.shape.rank == 0 else value,
+                                         step(data))
+        return step_with_vector_logs
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    model.train_step = vector_logs(model.train_step)
+    model.test_step = vector_logs(model.test_step)

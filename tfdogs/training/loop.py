@@ -3,7 +3,6 @@
 import atexit
 import contextlib
 import functools
-import os
 import pathlib
 import shutil
 import time
@@ -20,7 +19,6 @@ from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.training.callbacks import (
     BestValidationLogits,
     SyncFromChief,
-    fit_under_multi_worker,
     make_callbacks,
     read_best_pass,
     resolve_monitor,
@@ -28,6 +26,7 @@ from tfdogs.training.callbacks import (
 from tfdogs.training.cluster import (
     PEER_ERRORS,
     Cluster,
+    fit_under_multi_worker,
     PeerLost,
     first_line,
     peer_timeout,
@@ -53,43 +52,11 @@ from tfdogs.training.resume import (
     receive_run_state,
     worker_scratch,
 )
+from tfdogs.training.timer import Timer
 
 
 # The best epoch's validation logits, kept through an interruption (`BestValidationLogits`).
 BEST_PASS_FILE = "backup/best_validation_pass.npz"
-
-
-class Timer:
-    """Seconds spent in each part of a run: metrics.json's `seconds`, and the run's last line."""
-
-    def __init__(self):
-        self.seconds = {"start_up": process_age()}
-        self._mark = time.perf_counter()
-
-    def lap(self, part, phase=None):
-        """Adds the seconds since the last lap to `part` (to `phases[phase]` when a phase is named)."""
-        now = time.perf_counter()
-        elapsed, self._mark = now - self._mark, now
-        if phase is None:
-            self.seconds[part] = self.seconds.get(part, 0.0) + elapsed
-        else:
-            self.seconds.setdefault(part, {})[phase] = self.seconds.get(part, {}).get(phase, 0.0) + elapsed
-
-    def summary(self):
-        rounded = {part: ({name: round(value, 2) for name, value in seconds.items()} if isinstance(seconds, dict)
-                          else round(seconds, 2)) for part, seconds in self.seconds.items()}
-        total = sum(sum(value.values()) if isinstance(value, dict) else value for value in self.seconds.values())
-        return {**rounded, "total": round(total, 2)}
-
-
-def process_age():
-    """Seconds since this process started (Python's and TensorFlow's imports included); 0.0 where unknown."""
-    try:
-        ticks = int(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def trained_parameters(model, phases):
