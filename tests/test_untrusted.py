@@ -12,6 +12,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tfdogs import config as config_lib, data, models
@@ -57,6 +58,9 @@ def test_no_module_turns_safe_loading_off():
             if isinstance(node, ast.Attribute) and node.attr in (
                     "enable_unsafe_deserialization", "unsafe_load", "full_load"):
                 offences.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "yaml.load" and {
+                    kw.arg: ast.unparse(kw.value) for kw in node.keywords}.get("Loader") in SAFE_YAML_LOADERS:
+                continue  # a SafeLoader subclass (checked below)
             if isinstance(node, ast.Call) and ast.unparse(node.func) in (
                     "pickle.load", "pickle.loads", "yaml.load", "torch.load", "np.load", "numpy.load"):
                 allow = {kw.arg: kw.value for kw in node.keywords}.get("allow_pickle")
@@ -64,6 +68,11 @@ def test_no_module_turns_safe_loading_off():
                         and (allow is None or (isinstance(allow, ast.Constant) and allow.value is False))):
                     offences.append(f"{path.name}:{node.lineno} {ast.unparse(node.func)}")
     assert offences == []
+    assert all(issubclass(getattr(config_lib, name), yaml.SafeLoader) for name in SAFE_YAML_LOADERS)
+
+
+# yaml.load with these loaders is safe: tfdogs' own config reader, a SafeLoader that refuses repeated keys.
+SAFE_YAML_LOADERS = {"_StrictLoader"}
 
 
 def test_config_yaml_with_python_tags_is_refused_and_runs_nothing(tmp_path):
