@@ -53,6 +53,7 @@ def test_feature_extract_trains_only_the_head(tmp_path, pretrained_file):
     assert "ImageNet images" in json.loads((run_dir / "metrics.json").read_text())["imagenet_overlap"]
 
 
+@pytest.mark.slow
 def test_fine_tune_trains_the_head_first_then_everything(tmp_path, pretrained_file):
     before = initial(pretrained_file)
     run_dir, after = run(tmp_path, pretrained_file, strategy="fine-tune", epochs=3, head_epochs=1,
@@ -127,6 +128,7 @@ def test_weight_decay_leaves_a_frozen_backbone_untouched(tmp_path, pretrained_fi
     assert changed(before, after, "fc")
 
 
+@pytest.mark.slow
 def test_discriminative_run_moves_the_stem_less_than_the_head(tmp_path, pretrained_file):
     before = initial(pretrained_file)
     _, after = run(tmp_path, pretrained_file, strategy="discriminative", epochs=2, backbone_lr_factor=1e-3,

@@ -23,7 +23,8 @@ def png_size(path):
 @pytest.mark.parametrize("model_name, overrides, min_accuracy", [
     ("lenet5", dict(epochs=6, image_size=32), 0.6),
     # ResNets: enough steps per epoch for the BatchNorm running statistics to settle
-    ("resnet18", dict(epochs=4, image_size=64, learning_rate=1e-3, synthetic_images_per_class=30), 0.75),
+    pytest.param("resnet18", dict(epochs=4, image_size=64, learning_rate=1e-3, synthetic_images_per_class=30), 0.75,
+                 marks=pytest.mark.slow),
     pytest.param("resnet34", dict(epochs=5, image_size=64, learning_rate=1e-3, synthetic_images_per_class=30), 0.75,
                  marks=pytest.mark.slow),
 ])
