@@ -116,7 +116,7 @@ def _read(descriptor):
 def _write(descriptor, facts):
     os.ftruncate(descriptor, 0)
     os.lseek(descriptor, 0, os.SEEK_SET)
-    os.write(descriptor, json.dumps(facts).encode() if facts else b"")
+    os.write(descriptor, json.dumps(facts).encode())
 
 
 def _describe(facts):

@@ -26,9 +26,9 @@ from tfdogs.training.callbacks import (
 from tfdogs.training.cluster import (
     PEER_ERRORS,
     Cluster,
-    fit_under_multi_worker,
     PeerLost,
     first_line,
+    fit_under_multi_worker,
     peer_timeout,
     per_worker_dataset,
     read_task,
