@@ -24,6 +24,7 @@ import pathlib
 import shlex
 import socket
 import sys
+import time
 
 RUN_LOCK = ".lock"  # inside a run folder
 
@@ -73,7 +74,7 @@ def _lock(path, what):
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            facts = _read(descriptor)
+            facts = _owner_facts(descriptor)
             os.close(descriptor)
             raise LockedError(f"{what} is in use by {_describe(facts)}; wait for it to end, or stop it "
                               f"(a run resumes where it stopped).") from None
@@ -83,6 +84,14 @@ def _lock(path, what):
         except FileNotFoundError:
             pass
         os.close(descriptor)
+
+
+def _owner_facts(descriptor, patience_s=2.0):
+    """What the owner of a held lock wrote, waiting up to `patience_s` for an owner that has just taken it."""
+    deadline = time.monotonic() + patience_s
+    while not (facts := _read(descriptor)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # between its flock and its write: microseconds, unless the machine is loaded
+    return facts
 
 
 def owner(path):

@@ -3,6 +3,7 @@
 import dataclasses
 import datetime
 import pathlib
+import tempfile
 
 import numpy as np
 
@@ -71,9 +72,9 @@ def prepare_output(config):
                 created.append(folder)
             except FileExistsError:  # an earlier run's, or made this instant by a second train: the lock decides
                 pass
-            probe = folder / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            # A name of its own: two trains started together each write and remove their probe.
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
         except OSError as error:
             raise config_lib.ConfigError(f"Config key '{key}': cannot write to {folder} ({error.strerror}).") from None
     return run_dir, export_dir, created
