@@ -158,3 +158,39 @@ def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp
     served = metrics.scores(probabilities, records.labels[val_indices])
     assert summary["val_calibrated"]["log_loss"] == pytest.approx(served["log_loss"], abs=tolerance)
     assert_scores_match(served, reference["val_calibrated"], tolerance, "model.keras on the photos")
+
+
+@pytest.mark.parametrize("strategy", ["feature-extract", "fine-tune"])
+def test_the_frozen_backbone_run_as_inference_trains_the_head_the_whole_model_trains(tmp_path, strategy):
+    """float32, the default augmentation: the head of each frozen epoch (and all that follows) to 1e-5.
+
+    `--no-frozen-inference` is the whole model in every training step, with its backbone frozen; the
+    default runs the backbone (BatchNorm folded) apart on each batch's crops and trains the head on its
+    pooled features. The same crops, order and dropout masks: the same training.
+    """
+    checkpoint = tmp_path / "resnet18-random.weights.h5"
+    keras.utils.set_random_seed(11)
+    models.build("resnet18", 1000, input_shape=(32, 32, 3)).save_weights(checkpoint)
+    runs = {}
+    for inference in (True, False):
+        name = "inference" if inference else "whole"
+        config = small_config(model="resnet18", weights=str(checkpoint), strategy=strategy, epochs=3,
+                              head_epochs=2, image_size=32, dropout=0.3, rotation=0.1, zoom=0.1,
+                              precision="float32", frozen_inference=inference, output=str(tmp_path / name),
+                              export_dir=str(tmp_path / f"export-{name}"))
+        runs[name] = training_loop.train(config)
+    histories = {name: pd.read_csv(run_dir / "history.csv") for name, run_dir in runs.items()}
+    assert histories["whole"]["loss"].iloc[1] < histories["whole"]["loss"].iloc[0]  # the head did train
+    for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(histories["inference"][column], histories["whole"][column], atol=1e-5,
+                                   err_msg=column)
+    head = {name: keras.saving.load_model(run_dir / "model.keras").get_layer("fc").get_weights()
+            for name, run_dir in runs.items()}
+    for have, want in zip(head["inference"], head["whole"]):
+        np.testing.assert_allclose(have, want, atol=1e-5)
+    # the zero-shot baseline came from the frozen pass's validation features, and equals a network run of its own
+    summaries = {name: json.loads((run_dir / "metrics.json").read_text()) for name, run_dir in runs.items()}
+    zero_shot = [summary["baselines"]["imagenet_zero_shot"] for summary in summaries.values()]
+    assert zero_shot[0]["num_images"] == zero_shot[1]["num_images"] > 0
+    for key in ("accuracy", "top5_accuracy", "log_loss"):
+        assert zero_shot[0][key] == pytest.approx(zero_shot[1][key], abs=1e-5), key

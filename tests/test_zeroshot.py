@@ -124,7 +124,10 @@ def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_f
     (run_dir / "zeroshot.json").unlink()
     assert zeroshot.main(["--run", str(run_dir)]) == 0
     again = json.loads((run_dir / "zeroshot.json").read_text())
-    assert again == recorded
+    # the run scored its frozen pass's features with the ImageNet classifier; the command runs the network
+    assert {key: value for key, value in again.items() if key != "log_loss"} == {
+        key: value for key, value in recorded.items() if key != "log_loss"}
+    assert again["log_loss"] == pytest.approx(recorded["log_loss"], abs=1e-5)
 
     at_224 = tmp_path / "zeroshot-224.json"
     assert zeroshot.main(["--run", str(run_dir), "--image-size", "224", "--output", str(at_224)]) == 0

@@ -266,7 +266,7 @@ GROUPS = (
         "flip", "rotation", "zoom", "translation", "contrast", "crop_scale_min", "randaugment", "augmix",
         "random_erasing", "mixup", "cutmix")),
     ("speed and devices", "the same training, computed differently", (
-        "cache", "feature_views", "jit_compile", "precision", "distribute")),
+        "cache", "feature_views", "frozen_inference", "jit_compile", "precision", "distribute")),
     ("output", "where the run goes and what it prints", ("output", "export_dir", "verbose")),
 )
 

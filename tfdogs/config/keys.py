@@ -51,6 +51,7 @@ DEFAULTS = {
     "calibrate": True,
     "cache": None,
     "feature_views": 0,
+    "frozen_inference": True,
     "early_stopping_patience": 5,
     "jit_compile": "auto",
     "precision": "auto",
@@ -190,6 +191,9 @@ HELP = {
     "feature_views": "while the backbone is frozen (feature-extract, fine-tune's head phase), run it once on N "
     "views of each photo and train the head on the cached pooled features: 1 the evaluation crop (no "
     "augmentation), N >= 2 that many augmented epochs, cycled; 0 off (every epoch through the backbone)",
+    "frozen_inference": "while the backbone is frozen, run it as inference in a compiled function of its own "
+    "(BatchNorm folded, no gradient tape) on each batch's augmented crops, and train the head on its pooled "
+    "features: the same training, less work (--no-frozen-inference: the whole model runs in each training step)",
     "early_stopping_patience": "epochs without validation-accuracy gain before stopping (0: never)",
     "jit_compile": "XLA compilation: auto (on with a GPU, off on CPU), on, off",
     "precision": "auto (mixed_float16 on GPU; on CPU mixed_bfloat16 for ResNets where the CPU has native "

@@ -47,7 +47,8 @@ def breed_probabilities(imagenet_logits, class_names):
     return np.add.reduceat(probabilities, starts, axis=1)
 
 
-def evaluate_zero_shot(model_name, records, indices, *, weights_source, preprocessing, batch_size=32, verbose=1):
+def evaluate_zero_shot(model_name, records, indices, *, weights_source, preprocessing, batch_size=32, verbose=1,
+                       features=None, imagenet_classifier=None):
     """Scores the ImageNet classifier restricted to the data set's breeds.
 
     Args:
@@ -60,6 +61,10 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
             or `weights.resolve_preprocessing`); its `image_size` is the input size.
         batch_size: images per inference batch.
         verbose: 0 hides the progress bar (shown on a terminal for a few hundred photos or more).
+        features: the pooled features of the photos at `indices`, in that order, from the weights'
+            backbone with `preprocessing` (a training run's frozen pass computes them): then no
+            network runs here, and `imagenet_classifier` maps them to the ImageNet logits.
+        imagenet_classifier: (kernel [features, 1000], bias [1000]), with `features`.
 
     Returns:
         Dict with accuracy, top5_accuracy, log_loss and what was measured; where some breeds have no
@@ -75,12 +80,26 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     left_out = [name for index, name in enumerate(records.class_names) if index not in covered]
     remap = np.full(len(records.class_names), -1)
     remap[list(covered)] = np.arange(len(covered))
-    indices = np.asarray(indices)[remap[records.labels[indices]] >= 0]
+    kept = remap[records.labels[np.asarray(indices)]] >= 0
+    indices = np.asarray(indices)[kept]
     labels = remap[records.labels[indices]]
     class_names = [records.class_names[index] for index in covered]
     if not weights.imagenet_head(weights_source, model_name):
         raise ValueError(f"The weights {weights_source!r} of {model_name} have no 1000-class ImageNet head, "
                          "which the zero-shot baseline needs; pass --weights imagenet, timm or such a checkpoint.")
+    if features is not None:
+        kernel, bias = imagenet_classifier
+        logits = np.asarray(features, np.float64)[kept] @ np.asarray(kernel, np.float64) + bias
+    else:
+        logits = _imagenet_logits(model_name, records, indices, weights_source, preprocessing, batch_size, verbose)
+    probabilities = breed_probabilities(logits, class_names)
+    return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),
+            "num_classes": len(class_names), "breeds_left_out": left_out, "preprocessing": preprocessing.as_dict(),
+            **metrics.scores(probabilities, labels)}
+
+
+def _imagenet_logits(model_name, records, indices, weights_source, preprocessing, batch_size, verbose):
+    """The 1000 ImageNet logits of each photo at `indices`: the weights' network built and run."""
     size = preprocessing.image_size
     if models.is_hub_name(model_name):  # the preset's own ImageNet head, not tfdogs' one
         model = hub.imagenet_classifier(models.preset_of(model_name))
@@ -89,9 +108,5 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     dataset = data.make_dataset([records.paths[i] for i in indices], records.labels[indices],
                                 batch_size=batch_size, training=False, **preprocessing.as_dict())
     bar = progress.photos(len(indices), verbose)
-    logits = model.predict(dataset.map(data.traced_as_written(lambda images, labels: images)), verbose=0,
-                           callbacks=[progress.PredictCallback(bar, len(indices), batch_size)])
-    probabilities = breed_probabilities(logits, class_names)
-    return {"model": model_name, "weights": str(weights_source), "num_images": int(len(indices)),
-            "num_classes": len(class_names), "breeds_left_out": left_out, "preprocessing": preprocessing.as_dict(),
-            **metrics.scores(probabilities, labels)}
+    return model.predict(dataset.map(data.traced_as_written(lambda images, labels: images)), verbose=0,
+                         callbacks=[progress.PredictCallback(bar, len(indices), batch_size)])

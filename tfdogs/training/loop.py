@@ -3,7 +3,6 @@
 import atexit
 import contextlib
 import functools
-import pathlib
 import shutil
 import time
 
@@ -11,10 +10,9 @@ import keras
 import numpy as np
 
 from tfdogs import config as config_lib, files, lock, models, weights
-from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing
+from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE
 from tfdogs.evaluation import metrics, plots
 from tfdogs.evaluation.predictions import predict_logits, with_temperature
-from tfdogs.evaluation.zeroshot import covered_breeds, evaluate_zero_shot
 from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.training.callbacks import (
     BestValidationLogits,
@@ -36,7 +34,8 @@ from tfdogs.training.cluster import (
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
 from tfdogs.training.optimizer import WarmupCosine, compile_model
 from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
-from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, split_at_features
+from tfdogs.training.baselines import IMAGENET_OVERLAP, zero_shot_baseline
+from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, inference_epochs, split_at_features
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
@@ -71,9 +70,12 @@ def build_model(config, num_classes, weights_source, class_names=None):
 
     With `class_names` and config ``head_init`` imagenet, the classifier starts from the weights'
     ImageNet rows of those breeds (`tfdogs.weights.start_head_from_imagenet`).
+
+    Returns:
+        (model, the weights' ImageNet classifier or None), see `tfdogs.weights.pretrained_with_classifier`.
     """
     head_from_imagenet = class_names if config["head_init"] == "imagenet" else None
-    return weights.pretrained_model(config["model"], num_classes, weights_source,
+    return weights.pretrained_with_classifier(config["model"], num_classes, weights_source,
                                     input_shape=(config["image_size"], config["image_size"], 3),
                                     dropout=config["dropout"], l1=config["l1"], l2=config["l2"],
                                     head_from_imagenet=head_from_imagenet)
@@ -146,7 +148,7 @@ def _train(config, extra_callbacks, ownership):
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
             with strategy.scope():
-                model = build_model(config, len(records.class_names), config["weights"], records.class_names)
+                model, imagenet = build_model(config, len(records.class_names), config["weights"], records.class_names)
             if task is not None:
                 fit_under_multi_worker(model)
         finally:
@@ -197,7 +199,7 @@ def _train(config, extra_callbacks, ownership):
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
             with strategy.scope():
-                resized = build_model({**config, "image_size": size}, len(records.class_names), weights_source=None)
+                resized, _ = build_model({**config, "image_size": size}, len(records.class_names), weights_source=None)
             if task is not None:
                 fit_under_multi_worker(resized)
         finally:
@@ -211,6 +213,7 @@ def _train(config, extra_callbacks, ownership):
     started = time.time()
     finished = read_finished_phases(run_dir)
     resumed = False
+    zero_shot_at_hand = None  # (validation features, ImageNet classifier) when the first frozen pass has them
     best_passes = {}  # 0-based epoch -> the logits of its validation pass, at final_size, when it was the best
     for phase in plan_phases(config):
         done = run_dir / f"phase-{phase.name}.weights.h5"
@@ -231,8 +234,10 @@ def _train(config, extra_callbacks, ownership):
         val_dataset = shard_by_data(val_dataset)
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
         fitted = model
-        if config["feature_views"] and phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model):
+        frozen = phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model)
+        if frozen and (config["feature_views"] or config["frozen_inference"]):
             backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
+        if frozen and config["feature_views"]:
             cache, seconds = build_cache(
                 backbone, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
                 config["seed"], folder=run_dir / CACHE_FOLDER,
@@ -241,7 +246,16 @@ def _train(config, extra_callbacks, ownership):
                   + (f"computed in {seconds:.1f} s" if seconds else f"read back from {run_dir / CACHE_FOLDER}")
                   + "; the head trains on them, so augmentation is limited to "
                   + ("none (the evaluation crop)." if config["feature_views"] == 1 else "those views."))
+            train_dataset = cache.train_epochs(first_epoch, phase.end_epoch - first_epoch,
+                                               runtime["global_batch_size"], steps)
+            val_dataset, val_features = cache.val_dataset(runtime["global_batch_size"]), cache.val[0]
             timer.lap("features")
+        elif fitted is not model:  # the backbone runs as inference on each batch, the head trains on its features
+            train_dataset, val_dataset, (val_features, _) = inference_epochs(
+                backbone, train_epochs(first_epoch, phase.end_epoch - first_epoch), val_dataset,
+                runtime["global_batch_size"])
+        if fitted is not model and phase.start_epoch == 0 and size == final_size and imagenet is not None:
+            zero_shot_at_hand = (val_features, imagenet)  # the pretrained backbone's, at the exported size
         schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
                                 config["warmup_epochs"] * steps, phase.start_epoch * steps,
                                 decay=config["schedule"] == "cosine")
@@ -252,13 +266,9 @@ def _train(config, extra_callbacks, ownership):
             config, run_dir, phase, history, monitor,
             saved_model=model if fitted is not model else None,  # best.weights.h5 holds the whole model
             strategy=strategy if task is not None else None)
-        if fitted is not model:
-            train_dataset = cache.train_epochs(first_epoch, phase.end_epoch - first_epoch,
-                                               runtime["global_batch_size"], steps)
-            val_dataset = cache.val_dataset(runtime["global_batch_size"])
-        elif task is None:
+        if fitted is model and task is None:
             train_dataset = shard_by_data(train_epochs(first_epoch, phase.end_epoch - first_epoch))
-        else:  # each worker reads its own slice of every global batch
+        elif fitted is model:  # each worker reads its own slice of every global batch
             train_dataset = per_worker_dataset(
                 strategy, lambda part: train_epochs(first_epoch, phase.end_epoch - first_epoch, part))
             callbacks.append(SyncFromChief(strategy))  # after the backup's restore, which only the chief has
@@ -301,7 +311,7 @@ def _train(config, extra_callbacks, ownership):
     history = read_history(run_dir / "history.csv")
     files.replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
     # float32, all trainable, no optimizer, at the size it is exported at: the best epoch's weights
-    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
+    final_model, _ = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         final_model.load_weights(best_weights)
@@ -348,7 +358,7 @@ def _train(config, extra_callbacks, ownership):
                                             metadata={"run": str(run_dir.resolve()), "config": config})
     summary["export"] = str(version_dir)
     timer.lap("export")
-    zero_shot = zero_shot_baseline(config, records, val_indices)
+    zero_shot = zero_shot_baseline(config, records, val_indices, at_hand=zero_shot_at_hand)
     if zero_shot is not None:
         summary["baselines"]["imagenet_zero_shot"] = zero_shot
         files.write_json(zero_shot, run_dir / "zeroshot.json")
@@ -359,25 +369,3 @@ def _train(config, extra_callbacks, ownership):
     files.write_json(summary, run_dir / "metrics.json")
     return run_dir
 
-
-# Written into metrics.json beside the scores of every run that starts from pretrained weights.
-IMAGENET_OVERLAP = (
-    "The Kaggle dog-breed-identification and Stanford Dogs photos are ImageNet images, and ImageNet-pretrained "
-    "weights like this run's may have been trained on some of its validation photos: its validation scores and "
-    "the ImageNet zero-shot baseline may be higher than on dog photos from elsewhere.")
-
-
-def zero_shot_baseline(config, records, val_indices):
-    """The untrained ImageNet classifier's scores on the run's validation split.
-
-    Computed for runs starting from any checkpoint with a 1000-class ImageNet
-    head (registry weights or a file) when at least two breeds of the data set
-    are ImageNet classes (on their photos alone, see `evaluate_zero_shot`), with
-    the run's own preprocessing record; None otherwise.
-    """
-    if not weights.imagenet_head(config["weights"], config["model"]) or len(covered_breeds(records.class_names)) < 2:
-        return None
-    preprocessing = Preprocessing.load(pathlib.Path(config["output"]) / PREPROCESSING_FILE)
-    return evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],
-                                       preprocessing=preprocessing, batch_size=config["batch_size"],
-                                       verbose=config["verbose"] != 0)

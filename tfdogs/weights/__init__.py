@@ -28,12 +28,18 @@ from tfdogs.weights.registry import (
 
 __all__ = ["CONVENTIONS", "REGISTRY", "SOURCES", "WeightSpec", "WeightsError", "converter_preprocessing",
            "default_cache_dir", "fetch", "hub_imagenet_classifier", "hub_preprocessing", "imagenet_head",
-           "load_pretrained", "pretrained_model", "require_installed", "resolve_preprocessing",
-           "start_head_from_imagenet"]
+           "load_pretrained", "pretrained_model", "pretrained_with_classifier", "require_installed",
+           "resolve_preprocessing", "start_head_from_imagenet"]
 
 
 def pretrained_model(name, num_classes, weights=None, *, head_from_imagenet=None, **build_arguments):
-    """`tfdogs.models.build`, then the pretrained weights loaded into it.
+    """`tfdogs.models.build`, then the pretrained weights loaded into it (see `pretrained_with_classifier`)."""
+    return pretrained_with_classifier(name, num_classes, weights, head_from_imagenet=head_from_imagenet,
+                                      **build_arguments)[0]
+
+
+def pretrained_with_classifier(name, num_classes, weights=None, *, head_from_imagenet=None, **build_arguments):
+    """`tfdogs.models.build`, then the pretrained weights loaded into it, and the weights' ImageNet classifier.
 
     Args:
         name: a model name `tfdogs.models.build` knows.
@@ -49,7 +55,9 @@ def pretrained_model(name, num_classes, weights=None, *, head_from_imagenet=None
         **build_arguments: ``input_shape``, ``dropout``, ``l1``, ``l2``.
 
     Returns:
-        The built `keras.Model`.
+        (the built `keras.Model`, the weights' ImageNet classifier (kernel [features, 1000], bias [1000])
+        on the pooled features, or None: random weights, a checkpoint without one, or a keras-hub
+        preset, whose classifier may not sit on the same features).
 
     Raises:
         ValueError: LeNet-5 with weights (it trains from scratch), an unknown name.
@@ -69,4 +77,4 @@ def pretrained_model(name, num_classes, weights=None, *, head_from_imagenet=None
         print(f"Head: {len(started)} of {len(head_from_imagenet)} breeds start from the ImageNet classifier's rows"
               + (f"; {', '.join(left)} (no ImageNet class) start as the mean of its 118 dog classes."
                  if left else "."))
-    return model
+    return model, None if models.is_hub_name(name) else imagenet
