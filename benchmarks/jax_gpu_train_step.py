@@ -30,7 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tfdogs import measure, models  # noqa: E402  (Keras and the standard library only)
+from tfdogs import models  # noqa: E402  (Keras only; with KERAS_BACKEND=jax tfdogs does not import TensorFlow)
+from tfdogs_measure import load_measure  # noqa: E402  (tfdogs.bench's __init__ would import TensorFlow)
+
+measure = load_measure()
 
 STATIC_LOSS_SCALE = 1024.0
 

@@ -24,14 +24,14 @@ Only this folder imports torch and torchvision; the LeNet-5 here mirrors
 import argparse
 import json
 import pathlib
-import sys
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tfdogs import measure  # noqa: E402  (standard library only; no TensorFlow)
+from tfdogs_measure import load_measure  # this folder's helper: tfdogs' measure.py without TensorFlow
+
+measure = load_measure()
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
