@@ -62,6 +62,31 @@ def dogs10_dir():
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def torch_python():
+    """A Python with torch and torchvision, for the PyTorch side of the benchmark (env TFDOGS_TORCH_PYTHON).
+
+    torchvision cannot be imported beside the project's torch, so that Python
+    has an environment of its own (`.ci/run` makes one). Without
+    TFDOGS_TORCH_PYTHON the tests that need it are skipped with the reason
+    printed, or fail under CI; a TFDOGS_TORCH_PYTHON that cannot import torch
+    and torchvision always fails.
+    """
+    from tfdogs.bench.pytorch import probe_torch
+
+    path = os.environ.get("TFDOGS_TORCH_PYTHON")
+    if not path:
+        message = ("The PyTorch side needs a Python with torch and torchvision: TFDOGS_TORCH_PYTHON is not set "
+                   "(.ci/run makes one: .venv-torch).")
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):  # CI=true: required, never skipped
+            pytest.fail(message)
+        pytest.skip(message)
+    versions, reason = probe_torch(path)
+    if versions is None:
+        pytest.fail(f"TFDOGS_TORCH_PYTHON={path} cannot import torch and torchvision: {reason}")
+    return path
+
+
 # Pillow's ImageOps.exif_transpose, by EXIF orientation (1 needs nothing).
 EXIF_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
                   7: "TRANSVERSE", 8: "ROTATE_90"}

