@@ -133,11 +133,12 @@ def test_the_tfdogs_commands_of_every_job_train(tmp_path):
     data_dir = tiny_breed_folders(tmp_path / "photos")
     checkpoint = torchvision_resnet18_checkpoint(tmp_path / "resnet18-random.pth")
     pairs = bench_end_to_end.end_to_end_jobs(data_dir, tmp_path / "runs", "torch-python", checkpoint=checkpoint,
-                                             scratch_epochs=1, feature_extract_epochs=1, batch_size=4, image_size=32,
+                                             scratch_epochs=1, feature_extract_epochs=1, fine_tune_epochs=2,
+                                             head_epochs=1, batch_size=4, image_size=32,
                                              lite_feature_extract_epochs=1, lite_head_epochs=1, lite_fine_tune_epochs=2)
     assert [pair.name for pair in pairs] == ["resnet18-scratch", "resnet18-feature-extract",
-                                             "resnet18-feature-extract-cached", "efficientnet_lite0-feature-extract",
-                                             "efficientnet_lite0-fine-tune"]
+                                             "resnet18-feature-extract-cached", "resnet18-fine-tune",
+                                             "efficientnet_lite0-feature-extract", "efficientnet_lite0-fine-tune"]
     def without_output(command):
         return [part for part in command if "resnet18-feature-extract" not in part]
 
@@ -219,6 +220,14 @@ def test_lite_jobs_validate_torch_on_the_split_of_the_same_repeat(tmp_path):
     for name in bench_end_to_end.LITE_JOBS:  # both classifiers start at random, both sides in float32
         assert flag(pairs[name].tfdogs, "--head-init") == "random"
         assert flag(pairs[name].torch, "--precision") == "float32"
+    # ResNet-18's fine-tuning: the same epochs, head epochs and rates on both sides
+    resnet = pairs["resnet18-fine-tune"]
+    assert [flag(resnet.torch, option) for option in ("--strategy", "--epochs", "--head-epochs",
+                                                      "--backbone-lr-factor", "--head-lr-factor")] == \
+        ["fine-tune", "6", "2", "0.1", "0.1"]
+    assert [flag(resnet.tfdogs, option) for option in ("--strategy", "--epochs", "--head-epochs",
+                                                       "--backbone-lr-factor")] == ["fine-tune", "6", "2", "0.1"]
+    assert flag(resnet.tfdogs, "--weights") == flag(resnet.torch, "--weights")
     # The timing jobs keep their fixed seed and draw their own split.
     resnet = pairs["resnet18-scratch"]
     assert flag(resnet.torch, "--seed") == "0" and "--split-csv" not in resnet.torch and not resnet.scored

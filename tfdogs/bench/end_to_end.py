@@ -13,6 +13,7 @@ The jobs, on the same photo folder:
     resnet18-scratch                     ResNet-18 from random weights, 6 epochs
     resnet18-feature-extract             ResNet-18 from a checkpoint, backbone frozen, 10 epochs
     resnet18-feature-extract-cached      the same, tfdogs on cached backbone features
+    resnet18-fine-tune                   ResNet-18 from a checkpoint, 2 head epochs + 4 whole (the study's recipe)
     efficientnet_lite0-feature-extract   EfficientNet-Lite0 from ImageNet, backbone frozen, 5 epochs
     efficientnet_lite0-fine-tune         EfficientNet-Lite0 from ImageNet, 2 head epochs + 3 whole
 
@@ -53,7 +54,8 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 TORCH_SCRIPT = REPOSITORY / "benchmarks" / "torch_train.py"
 # Stands in an argv for the repeat number, so that every repeat writes into folders of its own.
 REPEAT = "{repeat}"
-RESNET_JOBS = ("resnet18-scratch", "resnet18-feature-extract", "resnet18-feature-extract-cached")
+RESNET_JOBS = ("resnet18-scratch", "resnet18-feature-extract", "resnet18-feature-extract-cached",
+               "resnet18-fine-tune")
 LITE_JOBS = ("efficientnet_lite0-feature-extract", "efficientnet_lite0-fine-tune")
 JOB_NAMES = RESNET_JOBS + LITE_JOBS
 # What `read_scores` keeps of each scored command: validation accuracy and log loss of two epochs.
@@ -99,14 +101,17 @@ def write_random_checkpoint(torch_python, path, seed=0):
 
 
 def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_python=sys.executable,
-                    scratch_epochs=6, feature_extract_epochs=10, batch_size=32, image_size=224, seed=0,
+                    scratch_epochs=6, feature_extract_epochs=10, fine_tune_epochs=6, head_epochs=2,
+                    batch_size=32, image_size=224, seed=0,
                     lite_feature_extract_epochs=5, lite_head_epochs=2, lite_fine_tune_epochs=5):
     """The command pairs of the jobs: ResNet-18 timed, EfficientNet-Lite0 timed and scored.
 
     Feature extraction runs twice on the tfdogs side: every epoch through the
     frozen backbone as the PyTorch script does, and on cached backbone features
     (`--feature-views 1`, `tfdogs.training.features`), against the same
-    PyTorch command.
+    PyTorch command. Fine-tuning trains the classifier alone for `head_epochs`,
+    then the whole network, the backbone at tfdogs' default 0.1 times the rate
+    (the classifier too, as tfdogs does, `--head-lr-factor`).
 
     Both sides get the same photos, split (seed, 20 % of each breed), batch,
     image size, epochs, optimizer (AdamW, rate 1e-3 with cosine decay, decay
@@ -126,14 +131,15 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
             extraction from; default `workdir/resnet18-random.pth` (see
             `write_random_checkpoint`).
         tfdogs_python: the interpreter that runs `python -m tfdogs.train`.
-        scratch_epochs, feature_extract_epochs: epochs of each ResNet-18 job.
+        scratch_epochs, feature_extract_epochs, fine_tune_epochs: epochs of each ResNet-18 job
+            (fine-tuning's include its `head_epochs`).
         batch_size, image_size, seed: as the flags of both commands (the
             EfficientNet-Lite0 jobs take the repeat number as their seed).
         lite_feature_extract_epochs, lite_head_epochs, lite_fine_tune_epochs:
             epochs of the EfficientNet-Lite0 jobs (fine-tuning's include its head epochs).
 
     Returns:
-        Five `CommandPair`s, in `JOB_NAMES` order, whose output folders hold `REPEAT`.
+        Six `CommandPair`s, in `JOB_NAMES` order, whose output folders hold `REPEAT`.
     """
     workdir = pathlib.Path(workdir).resolve()  # absolute: the commands may run in another folder
     checkpoint = pathlib.Path(checkpoint).resolve() if checkpoint else workdir / "resnet18-random.pth"
@@ -143,7 +149,9 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
     jobs = [("resnet18-scratch", "scratch", None, scratch_epochs, ()),
             ("resnet18-feature-extract", "feature-extract", checkpoint, feature_extract_epochs, ()),
             ("resnet18-feature-extract-cached", "feature-extract", checkpoint, feature_extract_epochs,
-             ("--feature-views", "1"))]
+             ("--feature-views", "1")),
+            ("resnet18-fine-tune", "fine-tune", checkpoint, fine_tune_epochs,
+             ("--head-epochs", str(head_epochs), "--backbone-lr-factor", "0.1"))]
     pairs = []
     for name, strategy, start_from, epochs, extra in jobs:
         run_dir = workdir / f"tfdogs-{name}-r{REPEAT}"
@@ -153,7 +161,8 @@ def end_to_end_jobs(data_dir, workdir, torch_python, *, checkpoint=None, tfdogs_
                   "--verbose", "2", *extra]
         torch = [str(torch_python), str(TORCH_SCRIPT), "--strategy", strategy,
                  *(["--weights", str(start_from)] if start_from else []), *common, "--epochs", str(epochs),
-                 "--crop-scale-min", "0.25", "--output", str(workdir / f"torch-{name}-r{REPEAT}")]
+                 "--crop-scale-min", "0.25", "--output", str(workdir / f"torch-{name}-r{REPEAT}"),
+                 *(("--head-lr-factor", "0.1", *extra) if strategy == "fine-tune" else ())]
         pairs.append(CommandPair(name, tuple(tfdogs), tuple(torch)))
     lite_settings = dict(tfdogs_python=tfdogs_python, batch_size=batch_size, image_size=image_size,
                          feature_extract_epochs=lite_feature_extract_epochs, head_epochs=lite_head_epochs,
