@@ -160,7 +160,7 @@ def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp
     assert_scores_match(served, reference["val_calibrated"], tolerance, "model.keras on the photos")
 
 
-@pytest.mark.parametrize("strategy", ["feature-extract", "fine-tune"])
+@pytest.mark.parametrize("strategy", ["feature-extract", pytest.param("fine-tune", marks=pytest.mark.slow)])
 def test_the_frozen_backbone_run_as_inference_trains_the_head_the_whole_model_trains(tmp_path, strategy):
     """float32, the default augmentation: the head of each frozen epoch (and all that follows) to 1e-5.
 
