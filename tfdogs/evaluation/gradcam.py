@@ -20,7 +20,6 @@ Example:
 """
 
 import keras
-import matplotlib
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -155,6 +154,8 @@ def overlay(pixels, heat_map, *, size=None, opacity=0.45):
         size: side of the square result (resized with bilinear filtering); default the image's.
         opacity: weight of the colours (0 shows only the photo).
     """
+    import matplotlib  # only for the colour map: commands that draw no heat map need none
+
     colours = matplotlib.colormaps["jet"](np.clip(heat_map, 0, 1))[..., :3] * 255
     blended = (1 - opacity) * np.asarray(pixels, np.float32) + opacity * colours
     result = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))

@@ -1,13 +1,25 @@
 """Figures: training and validation curves, breed confusions, per-breed accuracy, calibration."""
 
-import matplotlib
-import matplotlib.ticker
+import functools
+
 import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
+from tfdogs import files
 
-from tfdogs import files  # noqa: E402
+
+@functools.cache
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported with the first figure rather than when a command starts.
+
+    The backend is set once, on the first call, so a caller that switches it
+    afterwards keeps its choice.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def plot_curves(history, path, title=None):
@@ -20,6 +32,7 @@ def plot_curves(history, path, title=None):
         title: optional figure title, e.g. the run name.
     """
     epochs = history["epoch"] + 1
+    plt = _pyplot()
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     for axes, metric, label in ((loss_axes, "loss", "loss"), (accuracy_axes, "accuracy", "accuracy")):
         axes.plot(epochs, history[metric], marker="o", label=f"training {label}")
@@ -47,6 +60,9 @@ def plot_validation_overlay(histories, path, *, reference_lines=None, title=None
             ensemble's score.
         title: optional figure title.
     """
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, history in histories.items():
         epochs = history["epoch"] + 1
@@ -61,7 +77,7 @@ def plot_validation_overlay(histories, path, *, reference_lines=None, title=None
                 axes.axhline(values[key], linestyle=style, color=values.get("color", "grey"), linewidth=1,
                              label=f"{label} ({values[key]:.3g})")
     for axes, label in ((accuracy_axes, "validation accuracy"), (loss_axes, "validation log loss")):
-        axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
@@ -84,6 +100,7 @@ def plot_confused_pairs(counts, class_names, pairs, path, title=None):
         path: output PNG path.
         title: optional figure title.
     """
+    plt = _pyplot()
     figure, (bars_axes, matrix_axes) = plt.subplots(1, 2, figsize=(13, 5.5))
     if len(pairs):
         labels = [f"{a} / {b}" for a, b in zip(pairs["breed_a"], pairs["breed_b"])][::-1]
@@ -124,6 +141,7 @@ def plot_reliability(tables, path, title=None):
         path: output PNG path.
         title: optional figure title.
     """
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 5))
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
     for label, (table, ece) in tables.items():
@@ -147,7 +165,7 @@ def _save(figure, path):
     try:
         files.replace_into(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     finally:
-        plt.close(figure)
+        _pyplot().close(figure)
 
 
 def plot_confusion_heat_map(counts, class_names, order, path, title=None):
@@ -165,14 +183,17 @@ def plot_confusion_heat_map(counts, class_names, order, path, title=None):
         path: output PNG path.
         title: optional figure title.
     """
+    from matplotlib.colors import PowerNorm
+
     order = list(order)
     counts = np.asarray(counts)[np.ix_(order, order)]
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     names = [class_names[index] for index in order]
     side = max(6.0, 0.15 * len(names) + 3)  # 0.15 in (15 px) per breed fits a 7-point label
     font = 9 if len(names) <= 30 else 7
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(side + 1, side))
-    image = axes.imshow(shares, cmap="magma_r", norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
+    image = axes.imshow(shares, cmap="magma_r", norm=PowerNorm(0.5, vmin=0, vmax=1),
                         interpolation="nearest")
     axes.set_xticks(range(len(names)), names, rotation=90, fontsize=font)
     axes.set_yticks(range(len(names)), names, fontsize=font)
@@ -200,6 +221,7 @@ def plot_breed_accuracy(breeds, path, overall=None, title=None):
     """
     breeds = breeds.dropna(subset=["accuracy"]).sort_values(["accuracy", "breed"], kind="stable")
     height = max(3.0, 0.16 * len(breeds) + 1.5)
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, height))
     labels = [f"{breed} ({images})" for breed, images in zip(breeds["breed"], breeds["images"])]
     positions = np.arange(len(breeds))[::-1]  # worst first, at the top
