@@ -45,3 +45,21 @@ def test_figures_are_still_drawn_with_the_agg_backend(tmp_path):
             "print(matplotlib.get_backend().lower())")
     assert run_python(code, MPLBACKEND="svg") == "agg"
     assert (tmp_path / "reliability.png").read_bytes().startswith(b"\x89PNG")
+
+
+ONEDNN_NOTICE = "oneDNN custom operations are on"
+
+
+@pytest.mark.parametrize("chosen, on", [(None, True), ("0", False), ("1", True)])
+def test_tensorflows_onednn_kernels_are_on_unless_the_user_turns_them_off(chosen, on):
+    """TensorFlow says at INFO level, as it loads, whether its oneDNN kernels are on; tfdogs asks for them."""
+    environment = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+    environment["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    if chosen is not None:
+        environment["TF_ENABLE_ONEDNN_OPTS"] = chosen
+    code = "import os, tfdogs, tensorflow; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    done = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == (chosen or "1")
+    assert (ONEDNN_NOTICE in done.stderr) == on, done.stderr[-2000:]

@@ -77,6 +77,13 @@ def _import_tensorflow_quietly(level):
                 os.write(2, kept.encode())
 
 
+# TensorFlow's oneDNN kernels (convolutions, matrix products, BatchNorm), unless the user chose
+# (TF_ENABLE_ONEDNN_OPTS=0). TensorFlow turns them on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX;
+# elsewhere its convolutions are Eigen's, and on an AVX2-only AMD EPYC (2 cores) a ResNet-18 training step
+# at 224 px, batch 32, ran at 3.1 images/s without them and 6.3 with them (docs/performance.md). Read once,
+# as TensorFlow loads: set before the import below.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 # Unless the user chose a level (TF_CPP_MIN_LOG_LEVEL) or asked for `--verbose 2`, TensorFlow's C++ start-up
 # chatter (oneDNN, CUDA probing) stays hidden, so a command's first lines are its own.
 if "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not _verbose_two(sys.argv[1:]):
