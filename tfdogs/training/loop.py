@@ -76,9 +76,9 @@ def build_model(config, num_classes, weights_source, class_names=None):
     """
     head_from_imagenet = class_names if config["head_init"] == "imagenet" else None
     return weights.pretrained_with_classifier(config["model"], num_classes, weights_source,
-                                    input_shape=(config["image_size"], config["image_size"], 3),
-                                    dropout=config["dropout"], l1=config["l1"], l2=config["l2"],
-                                    head_from_imagenet=head_from_imagenet)
+                                              input_shape=(config["image_size"], config["image_size"], 3),
+                                              dropout=config["dropout"], l1=config["l1"], l2=config["l2"],
+                                              head_from_imagenet=head_from_imagenet)
 
 
 def train(config, extra_callbacks=()):
