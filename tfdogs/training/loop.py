@@ -70,10 +70,12 @@ def build_model(config, num_classes, weights_source, class_names=None):
 
     With `class_names` and config ``head_init`` imagenet, the classifier starts from the weights'
     ImageNet rows of those breeds (`tfdogs.weights.start_head_from_imagenet`).
-
-    Returns:
-        (model, the weights' ImageNet classifier or None), see `tfdogs.weights.pretrained_with_classifier`.
     """
+    return build_with_classifier(config, num_classes, weights_source, class_names)[0]
+
+
+def build_with_classifier(config, num_classes, weights_source, class_names=None):
+    """`build_model`, and the weights' ImageNet classifier or None (`tfdogs.weights.pretrained_with_classifier`)."""
     head_from_imagenet = class_names if config["head_init"] == "imagenet" else None
     return weights.pretrained_with_classifier(config["model"], num_classes, weights_source,
                                               input_shape=(config["image_size"], config["image_size"], 3),
@@ -148,7 +150,8 @@ def _train(config, extra_callbacks, ownership):
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
             with strategy.scope():
-                model, imagenet = build_model(config, len(records.class_names), config["weights"], records.class_names)
+                model, imagenet = build_with_classifier(config, len(records.class_names), config["weights"],
+                                                        records.class_names)
             if task is not None:
                 fit_under_multi_worker(model)
         finally:
@@ -199,7 +202,7 @@ def _train(config, extra_callbacks, ownership):
         keras.mixed_precision.set_dtype_policy(runtime["precision"])
         try:
             with strategy.scope():
-                resized, _ = build_model({**config, "image_size": size}, len(records.class_names), weights_source=None)
+                resized = build_model({**config, "image_size": size}, len(records.class_names), weights_source=None)
             if task is not None:
                 fit_under_multi_worker(resized)
         finally:
@@ -311,7 +314,7 @@ def _train(config, extra_callbacks, ownership):
     history = read_history(run_dir / "history.csv")
     files.replace_into(run_dir / "history.csv", lambda temporary: history.to_csv(temporary, index=False))
     # float32, all trainable, no optimizer, at the size it is exported at: the best epoch's weights
-    final_model, _ = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
+    final_model = build_model({**config, "image_size": final_size}, num_classes, weights_source=None)
     best_weights = run_dir / "best.weights.h5"
     if best_weights.is_file():
         final_model.load_weights(best_weights)
