@@ -317,3 +317,27 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_it_prints_resumes
     history = pd.read_csv(run_dir / "history.csv")
     assert sorted(history["epoch"]) == list(range(12))  # each epoch once
     assert (tmp_path / "saved_models" / run_dir.name / "1" / "saved_model.pb").is_file()
+
+
+def test_stopping_ignores_a_second_signal_while_it_tidies_and_gives_the_handlers_back(tmp_path, capsys, monkeypatch):
+    """A process that goes on after a stopped run (a notebook, a test session) stops on the next Ctrl-C again."""
+    from tfdogs.training import interruption
+
+    seen = {}
+
+    def during_tidy(folder):
+        seen["during"] = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+
+    def own_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {number: signal.signal(number, own_handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        monkeypatch.setattr(interruption, "_remove_empty_folders", during_tidy)  # called while tidying
+        status = interruption.stopped(KeyboardInterrupt(), ["python", "-m", "tfdogs.train"], run_dir=tmp_path)
+        assert status == 130 and "Stopped by Ctrl-C" in capsys.readouterr().err
+        assert seen["during"] == (signal.SIG_IGN, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGINT) is own_handler and signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)

@@ -118,7 +118,12 @@ def test_ctrl_c_during_evaluate_gives_one_line_and_status_130(lenet_run, tmp_pat
     monkeypatch.setattr(run_evaluation, "write_report", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)
                         or time.sleep(5))
     output = tmp_path / "evaluation"
-    assert evaluate_command.main([str(lenet_run), "--output", str(output), "--verbose", "0"]) == 130
+    # Python's own Ctrl-C handler, as in a terminal, whatever the test process inherited
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert evaluate_command.main([str(lenet_run), "--output", str(output), "--verbose", "0"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.splitlines() == [
         "Stopped by Ctrl-C: python -m tfdogs.evaluate left its earlier outputs as they were and wrote no partial one."]
     assert sorted(path.name for path in tmp_path.iterdir()) == []

@@ -85,8 +85,18 @@ def stopped(interrupt, command, run_dir=None, export_dir=None, total_epochs=None
     Returns:
         130 (SIGINT) or 143 (SIGTERM).
     """
-    for name in ("SIGINT", "SIGTERM"):  # a second Ctrl-C while tidying up must not leave a traceback
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    # A second Ctrl-C while tidying up must not leave a traceback; the handlers come back after it, so a
+    # process that goes on (a notebook, a test session) still stops on the next one.
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _tidy_and_say(interrupt, command, run_dir, export_dir, total_epochs, kept_epochs)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _tidy_and_say(interrupt, command, run_dir, export_dir, total_epochs, kept_epochs):
+    """`stopped`'s work, with the signals ignored."""
     name = "SIGTERM" if interrupt.args[:1] == ("SIGTERM",) else "SIGINT"
     where = "before training started"
     if run_dir is not None:
