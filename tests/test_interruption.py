@@ -289,8 +289,9 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_it_prints_resumes
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     epochs_before = 0
     for stop in (first, second):
+        # Ctrl-C as in a terminal: a test session started in the background inherits SIGINT ignored
         process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=environment)
+                                   env=environment, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for(lambda: kept_epochs(run_folder(tmp_path)) > epochs_before, timeout=180, process=process)
         finally:
