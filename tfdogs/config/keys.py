@@ -72,7 +72,7 @@ CHOICES = {
     "weights_preprocessing": ("auto", "torchvision", "timm"),
     "strategy": ("auto", "scratch", "feature-extract", "fine-tune", "discriminative"),
     "optimizer": ("adam", "adamw", "sgd"),
-    "schedule": ("cosine", "constant"),
+    "schedule": ("cosine", "constant", "one-cycle"),
     "jit_compile": ("auto", "on", "off"),
     "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "distribute": ("auto", "none", "mirrored", "multi-worker"),
@@ -153,8 +153,11 @@ HELP = {
     "momentum": "SGD momentum",
     "weight_decay": "decoupled weight decay, scaled like each variable's learning rate and never applied to "
     "biases or BatchNorm; default 0 for adam, 0.01 for adamw, 1e-4 for sgd",
-    "schedule": "learning-rate schedule over the run: cosine decay or constant",
-    "warmup_epochs": "epochs of linear warm-up before the schedule",
+    "schedule": "learning-rate schedule over the run: cosine decay, constant, or one-cycle (fastai's: a cosine "
+    "rise from a 25th of the rate to the rate, then a cosine fall to 1e-5 of it, with Adam's beta_1 or SGD's "
+    "momentum cycled the other way, 0.95 -> 0.85 -> 0.95, in place of --momentum)",
+    "warmup_epochs": "epochs of linear warm-up before the schedule (one-cycle: of its rise; 0 gives one-cycle "
+    "a quarter of the run)",
     "head_init": "how the new classifier starts: random, or imagenet (each breed's column from the weights' "
                  "ImageNet classifier row of that breed, where the weights have a 1000-class head; the first epoch "
                  "then starts near the zero-shot baseline). random is the default: on dogs10 it ended with the "

@@ -32,7 +32,7 @@ from tfdogs.training.cluster import (
     read_task,
 )
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
-from tfdogs.training.optimizer import WarmupCosine, compile_model
+from tfdogs.training.optimizer import compile_model, make_schedule
 from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
 from tfdogs.training.baselines import IMAGENET_OVERLAP, zero_shot_baseline
 from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, inference_epochs, split_at_features
@@ -259,9 +259,7 @@ def _train(config, extra_callbacks, ownership):
                 runtime["global_batch_size"])
         if fitted is not model and phase.start_epoch == 0 and size == final_size and imagenet is not None:
             zero_shot_at_hand = (val_features, imagenet)  # the pretrained backbone's, at the exported size
-        schedule = WarmupCosine(runtime["learning_rate"], config["epochs"] * steps,
-                                config["warmup_epochs"] * steps, phase.start_epoch * steps,
-                                decay=config["schedule"] == "cosine")
+        schedule = make_schedule(config, runtime["learning_rate"], steps, phase.start_epoch)
         with strategy.scope():  # metrics and optimizer variables are mirrored too
             compile_model(fitted, config, schedule, factors, runtime["jit_compile"])
         history = read_history(run_dir / "history.csv")

@@ -1,4 +1,4 @@
-"""The learning-rate schedule and the per-variable optimizer (differential rates, decoupled weight decay)."""
+"""The learning-rate schedules and the per-variable optimizer (differential rates, decoupled weight decay)."""
 
 import math
 
@@ -31,6 +31,65 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "offset_steps": self.offset_steps, "decay": self.decay}
 
 
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """fastai's one-cycle policy (`fit_one_cycle`; Smith 2018, https://arxiv.org/abs/1803.09820).
+
+    Over the first `warmup_steps` of the run the rate rises from peak / 25 to
+    the peak along half a cosine, then falls along another half cosine to
+    peak / 1e5 at the end of the run; the momentum (Adam's beta_1, SGD's
+    momentum) moves the other way, 0.95 -> 0.85 -> 0.95. At run step s the
+    position is s / total_steps, as fastai's `ParamScheduler` places a batch.
+    `offset_steps` places a later phase's fresh optimizer in the run, as in
+    `WarmupCosine`.
+    """
+
+    START_DIVISOR, END_DIVISOR = 25.0, 1e5  # fastai's div and div_final
+    MOMENTA = (0.95, 0.85, 0.95)  # fastai's moms
+
+    def __init__(self, peak, total_steps, warmup_steps, offset_steps=0):
+        self.peak, self.total_steps = float(peak), max(int(total_steps), 1)
+        self.warmup_steps, self.offset_steps = int(warmup_steps), int(offset_steps)
+
+    def __call__(self, step):
+        return self._cycle(step, self.peak / self.START_DIVISOR, self.peak, self.peak / self.END_DIVISOR)
+
+    def momentum(self, step):
+        """The momentum at optimizer step `step` (a tensor): high while the rate is low."""
+        return self._cycle(step, *self.MOMENTA)
+
+    def _cycle(self, step, start, middle, end):
+        position = tf.minimum((tf.cast(step, tf.float32) + self.offset_steps) / self.total_steps, 1.0)
+        rise = self.warmup_steps / self.total_steps
+        rising = position < rise
+        progress = tf.where(rising, position / max(rise, 1e-12), (position - rise) / max(1.0 - rise, 1e-12))
+        low, high = tf.where(rising, start, middle), tf.where(rising, middle, end)
+        return low + (1.0 + tf.cos(math.pi * (1.0 - progress))) * (high - low) / 2.0
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "offset_steps": self.offset_steps}
+
+
+# fastai's pct_start: the share of a one-cycle run spent rising to the peak when warmup_epochs is 0.
+ONE_CYCLE_WARMUP_SHARE = 0.25
+
+
+def make_schedule(config, peak, steps_per_epoch, start_epoch):
+    """The run's schedule (config `schedule`) for a phase starting at `start_epoch`, at peak rate `peak`.
+
+    cosine and constant: `WarmupCosine` (constant: the warm-up, then the
+    peak). one-cycle: `OneCycle`, rising for `warmup_epochs`, or for a quarter
+    of the run when that is 0.
+    """
+    total = config["epochs"] * steps_per_epoch
+    if config["schedule"] == "one-cycle":
+        rise = (config["warmup_epochs"] * steps_per_epoch if config["warmup_epochs"]
+                else round(ONE_CYCLE_WARMUP_SHARE * total))
+        return OneCycle(peak, total, min(rise, total), start_epoch * steps_per_epoch)
+    return WarmupCosine(peak, total, config["warmup_epochs"] * steps_per_epoch, start_epoch * steps_per_epoch,
+                        decay=config["schedule"] == "cosine")
+
+
 # AdamW is Adam with decoupled weight decay, which `make_optimizer` applies itself for every optimizer.
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
@@ -48,7 +107,9 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
 
     Args:
         name: "adam", "adamw" or "sgd".
-        learning_rate: a float or a schedule.
+        learning_rate: a float or a schedule; a schedule with a `momentum(step)`
+            method (`OneCycle`) also sets Adam's beta_1 or SGD's momentum at
+            each step, in place of `momentum`.
         momentum: SGD momentum.
         variable_factors: maps `variable.path` to its rate factor (missing: 1).
         weight_decay: decoupled decay per unit of learning rate.
@@ -56,6 +117,7 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
             the optimizer keeps (Keras' `use_ema`); 0 keeps none.
     """
     base = OPTIMIZERS[name]
+    cycled = getattr(learning_rate, "momentum", None)
 
     class PerVariableRate(base):
         def build(self, variables):
@@ -73,9 +135,23 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
             rate = learning_rate * factor
             if weight_decay and len(variable.shape) > 1:
                 variable.assign_sub(variable * tf.cast(rate * weight_decay, variable.dtype))
-            return super().update_step(gradient, variable, rate)
+            if cycled is None:
+                return super().update_step(gradient, variable, rate)
+            if name == "sgd":  # Keras' SGD tests its momentum against 0 in Python: its (non-Nesterov) step here
+                velocity = self.momentums[self._get_variable_index(variable)]
+                self.assign(velocity, velocity * tf.cast(cycled(self.iterations), variable.dtype)
+                            - tf.cast(gradient, variable.dtype) * tf.cast(rate, variable.dtype))
+                return self.assign_add(variable, velocity)
+            # Keras' Adam reads beta_1 from this attribute: this step's value, then the constant back.
+            constant = self.beta_1
+            self.beta_1 = cycled(self.iterations)
+            try:
+                return super().update_step(gradient, variable, rate)
+            finally:
+                self.beta_1 = constant
 
-    kwargs = {"momentum": momentum} if name == "sgd" else {}
+    # A cycled SGD momentum needs the momentum slots, which Keras creates only for a non-zero momentum.
+    kwargs = {"momentum": OneCycle.MOMENTA[0] if cycled else momentum} if name == "sgd" else {}
     if ema:
         kwargs.update(use_ema=True, ema_momentum=ema)
     return PerVariableRate(learning_rate=learning_rate, **kwargs)
@@ -94,14 +170,14 @@ def compile_model(model, config, learning_rate, factors, jit_compile):
     The run's pipelines give one-hot labels (soft ones where MixUp or CutMix
     mix them), so the loss is categorical cross-entropy, with
     `label_smoothing` applied on top of any mixing; `log_loss` is the same
-    cross-entropy without smoothing, the Kaggle score. The optimizer's
+    cross-entropy without smoothing, the Kaggle score (`training_loss`). The optimizer's
     variables are created here, for the model's trainable variables as they
     are now (the phase's), under the caller's distribution scope.
     """
     model.compile(
         optimizer=make_optimizer(config["optimizer"], learning_rate, config["momentum"], factors,
                                  config["weight_decay"], config["ema"]),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config["label_smoothing"]),
+        loss=training_loss(config),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                  keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
                  keras.metrics.CategoricalCrossentropy(from_logits=True, name="log_loss")],
@@ -110,3 +186,8 @@ def compile_model(model, config, learning_rate, factors, jit_compile):
     # Built now, eagerly: an optimizer that creates its variables inside the first training call makes
     # TensorFlow trace the whole training step twice (ResNet-18: about 2.5 s more before the first batch).
     model.optimizer.build(model.trainable_variables)
+
+
+def training_loss(config):
+    """The loss a run trains on: categorical cross-entropy of the logits, with the config's label smoothing."""
+    return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config["label_smoothing"])
