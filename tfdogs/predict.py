@@ -17,6 +17,13 @@ image and their mirrors. A run or ensemble folder takes any N (default 1); a
 SavedModel answers with the views it was exported with (`tfdogs.export
 --tta`), and refuses another N.
 
+A model trained from pretrained weights also says whether each photo shows
+a dog at all: a photo whose pooled features lie too far from every breed it
+learned (a cat, a person, a cup of coffee) is marked "not a dog" above its
+nearest breeds, and `--json` gives `not_a_dog` and `dog_score` for each image
+(`tfdogs.evaluation.not_a_dog`). A model trained from random weights cannot
+tell, and says so.
+
 IMAGE is an image file or a folder (its images, sub-folders included). A
 photo that the data check converts before training (palette BMP, CMYK JPEG,
 TIFF, PNG or WebP stored sideways, over 4096 px a side) is answered from the
@@ -95,7 +102,9 @@ def main(argv=None):
         except ExplainError as error:
             print(f"error: {error}", file=sys.stderr)
             return NOTHING_RUN
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    print(json.dumps(results, indent=2) if args.json else format_table(results, predictor.dog_check.get("threshold")))
+    if predictor.cannot_reject_note():
+        print(predictor.cannot_reject_note(), file=sys.stderr)
     failed = [result for result in results if "error" in result]
     if failed:
         print(f"{len(failed)} of {len(results)} images could not be read: "

@@ -20,7 +20,7 @@ import sys
 
 from tfdogs import lock
 from tfdogs.runs.predictor import PredictError, add_model_arguments
-from tfdogs.runs.submission import SubmissionError, write_submission
+from tfdogs.runs.submission import SubmissionError, not_a_dog_path, write_submission
 from tfdogs.training.interruption import stops_in_one_line
 
 
@@ -46,6 +46,11 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote {args.output}: {len(table)} test images x {table.shape[1] - 1} breeds.")
+    if "not_a_dog" in table.attrs:
+        print(f"Not a dog: {sum(table.attrs['not_a_dog'])} of {len(table)} test images score under the threshold "
+              f"{table.attrs['dog_check']['threshold']:.3f} (each image's answer: {not_a_dog_path(args.output)}).")
+    else:
+        print(f"note: the model cannot say 'not a dog' ({table.attrs['dog_check']['why']}).")
     return 0
 
 

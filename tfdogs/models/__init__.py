@@ -30,7 +30,7 @@ from tfdogs.models.efficientnet_lite import VARIANTS as LITE_VARIANTS, efficient
 from tfdogs.models.lenet import lenet5
 from tfdogs.models.resnet import STAGE_DEPTHS, resnet
 
-__all__ = ["HEAD_LAYERS", "HUB_WEIGHTS", "LITE_PREFIX", "MODEL_NAMES", "PresetError", "STAGE_DEPTHS", "build", "file_name",
+__all__ = ["FEATURE_LAYER", "HEAD_LAYERS", "HUB_WEIGHTS", "LITE_PREFIX", "MODEL_NAMES", "PresetError", "STAGE_DEPTHS", "build", "file_name",
            "is_hub_name", "is_known", "preset_of", "stage_of"]
 
 LITE_PREFIX = "efficientnet_lite"
@@ -38,6 +38,7 @@ MODEL_NAMES = ("lenet5", "resnet18", "resnet34", *(f"{LITE_PREFIX}{variant}" for
 HUB_WEIGHTS = "preset"  # a keras-hub model's pretrained weights are its preset's
 
 HEAD_LAYERS = ("avgpool", "dropout", "fc")
+FEATURE_LAYER = HEAD_LAYERS[0]  # the pooled features every head starts from
 _STAGE_PATTERN = re.compile(r"^(layer[1-4])\.")
 
 

@@ -107,7 +107,8 @@ def ensemble(run_dirs, output=None, *, member_weights=None, export_dir=None, bat
                for run, weight, member in zip(runs, member_weights, probabilities)]
     version_dir = export_saved_model(
         models, class_names, export_base, preprocessing=[run.preprocessing for run in runs],
-        model_weights=member_weights,
+        model_weights=member_weights, gates=[run.dog_gate() for run in runs],
+        gates_facts=[run.dog_facts() for run in runs],
         metadata={"run": str(output.resolve()), "ensemble": str(output.resolve()),
                   "member_runs": [member["run"] for member in members]})
     summary = {

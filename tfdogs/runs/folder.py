@@ -12,6 +12,7 @@ import tensorflow as tf
 from tfdogs import config as config_lib, data, progress, weights
 from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE, Preprocessing, PreprocessingError
 from tfdogs.data.validation import file_digest, with_converted_copies
+from tfdogs.evaluation import not_a_dog
 from tfdogs.evaluation.predictions import predict_probabilities
 
 
@@ -48,6 +49,17 @@ class Run:
         if not path.is_file():
             raise RunFolderError(f"{path} is missing: the run in {self.run_dir} has not finished training.")
         return keras.saving.load_model(path)
+
+    def dog_gate(self):
+        """The run's "not a dog" check (`not_a_dog.DogGate`), or None: from random weights, or an older run."""
+        return not_a_dog.load(self.run_dir)
+
+    def dog_facts(self):
+        """What the run's "not a dog" check measured (`not_a_dog.json`), or why it has none."""
+        path = self.run_dir / not_a_dog.FACTS_FILE
+        if path.is_file():
+            return read_json(path)
+        return {"can_reject": False, "why": "the run was trained before tfdogs kept a 'not a dog' check"}
 
     def data_dir(self):
         """The labelled photos the run was trained on, found from any working directory.

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tfdogs import data, progress
 from tfdogs.data.inspection import converted_bytes, inspect_files
 from tfdogs.runs.folder import ENSEMBLE_FILE, RunFolderError, load_ensemble, load_run, tta_views
-from tfdogs.serving.saved_model import latest_version, read_metadata, serving_module
+from tfdogs.serving.saved_model import latest_version, not_a_dog_facts, read_metadata, serving_module
 
 
 class PredictError(ValueError):
@@ -23,30 +23,48 @@ class Predictor:
         class_names: breed names in the order of the `probabilities` columns.
         description: what was loaded, for messages.
         views: test-time augmentation views averaged per image (1: none).
+        dog_check: the export's `not_a_dog` facts: ``can_reject`` and the ``threshold``, or ``why`` not.
     """
 
-    def __init__(self, function, class_names, description, views=1):
+    def __init__(self, function, class_names, description, views=1, dog_check=None):
         self._function = function
         self.class_names = list(class_names)
         self.description = description
         self.views = views
+        self.dog_check = dog_check or {"can_reject": False, "why": OLD_EXPORT}
 
     def __call__(self, image_bytes):
-        """Outputs for a list of encoded images: `probabilities`, `top5_breeds` (str), `top5_probabilities`."""
+        """Outputs for a list of encoded images: `probabilities`, `top5_breeds` (str), `top5_probabilities`,
+        and `dog_score` and `not_a_dog` when the model has a "not a dog" check."""
         outputs = self._function(image_bytes=tf.constant(list(image_bytes), tf.string))
-        return {
+        answers = {
             "probabilities": outputs["probabilities"].numpy(),
             "top5_breeds": [[name.decode() for name in row] for row in outputs["top5_breeds"].numpy()],
             "top5_probabilities": outputs["top5_probabilities"].numpy(),
         }
+        if "dog_score" in outputs:
+            answers.update(dog_score=outputs["dog_score"].numpy(), not_a_dog=outputs["not_a_dog"].numpy())
+        return answers
+
+    def cannot_reject_note(self):
+        """One line saying that this model cannot say "not a dog", and why; None when it can."""
+        if self.dog_check.get("can_reject"):
+            return None
+        return f"note: {self.description} cannot say 'not a dog' ({self.dog_check['why']}): every photo gets a breed."
+
+
+OLD_EXPORT = "it was exported before tfdogs kept a 'not a dog' check; export it again"
 
 
 def _in_process(runs, member_weights, description, views):
     models = [run.load_model() for run in runs]
     module = serving_module(models, runs[0].class_names, [run.preprocessing for run in runs],
-                                   model_weights=member_weights, views=views)
+                            model_weights=member_weights, views=views, gates=[run.dog_gate() for run in runs])
     function = tf.function(module.from_bytes, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
-    return Predictor(function, runs[0].class_names, description, views)
+    dog_check = not_a_dog_facts(module, [run.dog_facts() for run in runs])
+    if len(runs) == 1 and not dog_check["can_reject"]:
+        dog_check = runs[0].dog_facts()
+    return Predictor(function, runs[0].class_names, description, views, dog_check)
 
 
 def load_predictor(model, tta=None):
@@ -90,7 +108,8 @@ def load_predictor(model, tta=None):
             f"(tfdogs.json tta_views), not {views}: leave out --tta, or export it again with "
             f"python -m tfdogs.export RUN --tta {views}.")
     signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    return Predictor(signature, facts["class_names"], f"SavedModel {version_dir}", exported_views)
+    return Predictor(signature, facts["class_names"], f"SavedModel {version_dir}", exported_views,
+                     facts.get("not_a_dog"))
 
 
 def image_inputs(arguments):
@@ -137,7 +156,9 @@ def predict_files(predictor, paths, *, batch_size=32, verbose=1):
     Returns:
         Dict of `probabilities` [N, C] (NaN rows for failed files), `top5_breeds`
         (N lists of names, empty for failed files), `top5_probabilities` [N, k]
-        and `errors` (N reasons, None for each file answered), in the order of `paths`.
+        and `errors` (N reasons, None for each file answered), in the order of `paths`;
+        with a "not a dog" check also `dog_score` [N] (NaN for failed files) and `not_a_dog`
+        (N booleans, None for failed files).
     """
     paths = [str(path) for path in paths]
     blobs, errors = [], []
@@ -151,6 +172,8 @@ def predict_files(predictor, paths, *, batch_size=32, verbose=1):
                "top5_breeds": [[] for _ in paths],
                "top5_probabilities": np.full((len(paths), top_k), np.nan, np.float32),
                "errors": errors}
+    if predictor.dog_check.get("can_reject"):
+        outputs.update(dog_score=np.full(len(paths), np.nan, np.float32), not_a_dog=[None] * len(paths))
     bar = progress.photos(len(paths), verbose)
     bar.add(len(paths) - len(readable))
     for start in range(0, len(readable), batch_size):
@@ -160,6 +183,9 @@ def predict_files(predictor, paths, *, batch_size=32, verbose=1):
                 outputs["probabilities"][index] = answers["probabilities"][row]
                 outputs["top5_breeds"][index] = answers["top5_breeds"][row]
                 outputs["top5_probabilities"][index] = answers["top5_probabilities"][row]
+                if "dog_score" in outputs:
+                    outputs["dog_score"][index] = answers["dog_score"][row]
+                    outputs["not_a_dog"][index] = bool(answers["not_a_dog"][row])
         bar.add(len(batch))
     return outputs
 
@@ -212,24 +238,40 @@ def _decode_error(blob):
 
 
 def top5(paths, outputs):
-    """Per image: {"image": path, "top5": [{"breed", "probability"}, ...]} most likely first, or {"image", "error"}."""
+    """Per image: {"image": path, "top5": [{"breed", "probability"}, ...]} most likely first, or {"image", "error"}.
+
+    With a "not a dog" check each answer also holds `not_a_dog` (bool) and `dog_score`.
+    """
     errors = outputs.get("errors") or [None] * len(paths)
-    return [{"image": str(path), "error": error} if error else
-            {"image": str(path),
-             "top5": [{"breed": breed, "probability": float(probability)}
-                      for breed, probability in zip(breeds, probabilities)]}
-            for path, breeds, probabilities, error in zip(paths, outputs["top5_breeds"],
-                                                          outputs["top5_probabilities"], errors)]
+    results = []
+    for index, (path, breeds, probabilities, error) in enumerate(zip(paths, outputs["top5_breeds"],
+                                                                      outputs["top5_probabilities"], errors)):
+        if error:
+            results.append({"image": str(path), "error": error})
+            continue
+        result = {"image": str(path)}
+        if "dog_score" in outputs:
+            result.update(not_a_dog=outputs["not_a_dog"][index], dog_score=float(outputs["dog_score"][index]))
+        result["top5"] = [{"breed": breed, "probability": float(probability)}
+                          for breed, probability in zip(breeds, probabilities)]
+        results.append(result)
+    return results
 
 
-def format_table(results):
-    """The answers as a plain-text table: image, then rank, breed, probability (or the error)."""
+def format_table(results, threshold=None):
+    """The answers as a plain-text table: image, then rank, breed, probability (or the error).
+
+    An image whose `dog_score` is under `threshold` is marked "not a dog" above its nearest breeds.
+    """
     width = max([len("breed")] + [len(entry["breed"]) for result in results for entry in result.get("top5", [])])
     lines = []
     for result in results:
         lines.append(result["image"])
         if "error" in result:
             lines.append(f"  error: {result['error']}")
+        if result.get("not_a_dog"):
+            lines.append(f"  not a dog: dog score {result['dog_score']:.3f}, under the threshold "
+                         f"{threshold:.3f}; the nearest breeds:")
         for rank, entry in enumerate(result.get("top5", []), start=1):
             lines.append(f"  {rank}. {entry['breed']:<{width}}  {100 * entry['probability']:6.2f} %")
     return "\n".join(lines)

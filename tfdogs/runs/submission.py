@@ -92,7 +92,9 @@ def write_submission(model, data_dir, output, *, batch_size=32, verbose=1, tta=N
         tta: test-time augmentation views per photo, 1, 2 or 10, as `load_predictor` takes.
 
     Returns:
-        The submission as a DataFrame.
+        The submission as a DataFrame; its `attrs` hold the model's "not a dog" facts (``dog_check``) and,
+        when it has the check, each test image's answer (``not_a_dog``), which is also written to
+        `not_a_dog_path(output)`.
 
     Raises:
         SubmissionError: the download does not fit, or test images cannot be
@@ -115,4 +117,16 @@ def _predict_and_write(model, data_dir, output, batch_size, verbose, tta):
     table = submission_table(ids, breed_columns, outputs["probabilities"], predictor.class_names,
                              predictor.description)
     files.replace_into(output, lambda temporary: table.to_csv(temporary, index=False, float_format="%.9g"))
+    if "dog_score" in outputs:  # beside the submission, whose columns Kaggle fixes
+        checks = pd.DataFrame({"id": ids, "dog_score": outputs["dog_score"], "not_a_dog": outputs["not_a_dog"]})
+        files.replace_into(not_a_dog_path(output), lambda temporary: checks.to_csv(
+            temporary, index=False, float_format="%.6g"))
+        table.attrs["not_a_dog"] = outputs["not_a_dog"]
+    table.attrs["dog_check"] = predictor.dog_check
     return table
+
+
+def not_a_dog_path(output):
+    """Where `write_submission` writes each test image's "not a dog" answer: OUTPUT's stem + `.not_a_dog.csv`."""
+    output = pathlib.Path(output)
+    return output.with_name(f"{output.stem}.not_a_dog.csv")

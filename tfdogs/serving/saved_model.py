@@ -17,7 +17,15 @@ two signatures with the same outputs:
 
 Outputs: `probabilities` `[batch, classes]` (float32, rows sum to 1),
 `top5_breeds` `[batch, k]` (strings) and `top5_probabilities` `[batch, k]`,
-with k = min(5, classes). `export_saved_model` is the one export: of a
+with k = min(5, classes). An export of a run that started from pretrained
+weights also answers whether each photo shows a dog
+(`tfdogs.evaluation.not_a_dog`): `dog_score` `[batch]` (float32, the cosine
+similarity of the photo's pooled features to the nearest breed's mean) and
+`not_a_dog` `[batch]` (bool, `dog_score` below the threshold that kept 99 %
+of the run's validation dog photos); `tfdogs.json`'s `not_a_dog` holds the
+threshold and what it measured. An ensemble's `dog_score` is the weighted mean
+of its members' that have one, and its threshold the same mean of theirs, so a
+photo every member keeps, the ensemble keeps. `export_saved_model` is the one export: of a
 trained run, of `python -m tfdogs.export` and of an ensemble (which averages
 its members' probabilities, each member with its own input preprocessing).
 BatchNorms are folded into the convolutions, and each member's
@@ -47,7 +55,8 @@ from tfdogs import data, files, lock
 from tfdogs.data.decode import decode_served_image
 from tfdogs.data.preprocessing import Preprocessing
 from tfdogs.serving.fold import fold_batch_norms, folding_counts
-from tfdogs.evaluation import metrics
+from tfdogs.evaluation import metrics, not_a_dog
+from tfdogs.models import FEATURE_LAYER
 
 METADATA_FILE = "tfdogs.json"
 
@@ -71,7 +80,7 @@ class ServingModule:
     of its softmax over the image's views, `data.eval_views`.
     """
 
-    def __init__(self, models, class_names, preprocessing, model_weights=None, views=1):
+    def __init__(self, models, class_names, preprocessing, model_weights=None, views=1, gates=None):
         if views not in data.TTA_VIEWS:
             raise ValueError(f"Test-time augmentation takes {', '.join(map(str, data.TTA_VIEWS))} views; "
                              f"got {views!r}.")
@@ -82,14 +91,22 @@ class ServingModule:
         self.pipelines = list(dict.fromkeys(records))  # distinct records, first-seen order
         self.pipeline_of_member = [self.pipelines.index(record) for record in records]
         self.model_weights = metrics.normalised_weights(model_weights, len(self.models))
+        self.gates = list(gates) if gates is not None else [None] * len(self.models)
+        if len(self.gates) != len(self.models):
+            raise ValueError(f"{len(self.gates)} 'not a dog' gates given for {len(self.models)} models.")
+        gated = [index for index, gate in enumerate(self.gates) if gate is not None]
+        self.gate_weights = (metrics.normalised_weights([self.model_weights[index] for index in gated], len(gated))
+                             if gated else [])
+        self.threshold = (sum(weight * self.gates[index].threshold for weight, index in zip(self.gate_weights, gated))
+                          if gated else None)
         self.num_classes = len(class_names)
         self.top_k = min(5, len(class_names))
         # Each network and each preprocessing traced once, however many signatures call them: tracing
         # ResNet-18 and the exact resize again for the second signature cost about 0.3 s of every export.
         self._forward = [tf.function(
-            data.traced_as_written(lambda images, model=model: model(images, training=False)), autograph=False,
-            input_signature=[tf.TensorSpec([None, *[records[index].image_size] * 2, 3], tf.float32)])
-            for index, model in enumerate(self.models)]
+            data.traced_as_written(lambda images, model=with_features(model, gate): model(images, training=False)),
+            autograph=False, input_signature=[tf.TensorSpec([None, *[records[index].image_size] * 2, 3], tf.float32)])
+            for index, (model, gate) in enumerate(zip(self.models, self.gates))]
         self._preprocess = tf.function(  # whole values in [0, 255]: a uint8 image gives the same crops as float32
             data.traced_as_written(lambda image: tuple(
                 data.eval_views(image, self.views, **record.as_dict()) for record in self.pipelines)),
@@ -101,24 +118,35 @@ class ServingModule:
         Args:
             images_per_pipeline: per distinct `Preprocessing`, [batch, views, size, size, 3].
         """
-        members = []
-        for forward, pipeline in zip(self._forward, self.pipeline_of_member):
+        return self._answers(images_per_pipeline)[0]
+
+    def _answers(self, images_per_pipeline):
+        """(probabilities [batch, classes], dog_score [batch] or None when no member has a gate)."""
+        members, dog_scores = [], []
+        for forward, pipeline, gate in zip(self._forward, self.pipeline_of_member, self.gates):
             size = self.pipelines[pipeline].image_size
             images = images_per_pipeline[pipeline]
-            logits = tf.cast(forward(tf.reshape(images, [-1, size, size, 3])), tf.float32)
+            outputs = forward(tf.reshape(images, [-1, size, size, 3]))
+            logits = tf.cast(outputs if gate is None else outputs[0], tf.float32)
             # the class count stays static, so the signatures keep probabilities' shape (-1, classes)
             per_view = tf.reshape(tf.nn.softmax(logits, axis=-1), [-1, self.views, self.num_classes])
             members.append(tf.reduce_mean(per_view, axis=1))
-        return metrics.weighted_mean(members, self.model_weights)
+            if gate is not None:
+                dog_scores.append(tf.reduce_mean(tf.reshape(dog_score(outputs[1], gate), [-1, self.views]), axis=1))
+        probabilities = metrics.weighted_mean(members, self.model_weights)
+        return probabilities, metrics.weighted_mean(dog_scores, self.gate_weights) if dog_scores else None
 
     def _outputs(self, images_per_pipeline):
-        probabilities = self.probabilities(images_per_pipeline)
+        probabilities, score = self._answers(images_per_pipeline)
         top_probabilities, top_indices = tf.math.top_k(probabilities, k=self.top_k)
-        return {
+        outputs = {
             "probabilities": probabilities,
             "top5_breeds": tf.gather(self.class_names, top_indices),
             "top5_probabilities": top_probabilities,
         }
+        if score is not None:
+            outputs.update(dog_score=score, not_a_dog=score < self.threshold)
+        return outputs
 
     def _preprocess_all(self, image):
         return self._preprocess(tf.cast(image, tf.float32))
@@ -136,6 +164,29 @@ class ServingModule:
         return self._outputs(self._map(self._preprocess_all, images))
 
 
+def with_features(model, gate):
+    """The model, or with a gate a model answering (logits, pooled features) from the same layers."""
+    if gate is None:
+        return model
+    return keras.Model(model.inputs, [model.outputs[0], model.get_layer(FEATURE_LAYER).output], name=model.name)
+
+
+def dog_score(features, gate):
+    """`not_a_dog.dog_scores` in the graph: cosine similarity to the nearest breed mean, float32 [N]."""
+    features = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1, epsilon=1e-24)
+    return tf.reduce_max(tf.matmul(features, tf.constant(gate.breed_means), transpose_b=True), axis=-1)
+
+
+def not_a_dog_facts(module, gates_facts=None):
+    """`tfdogs.json`'s `not_a_dog`: the threshold the graph holds and what each member's gate measured."""
+    if module.threshold is None:
+        return {"can_reject": False,
+                "why": "no member started from pretrained weights: features learned from the breeds alone "
+                       "cannot tell a dog from anything else"}
+    return {"can_reject": True, "threshold": module.threshold, "method": not_a_dog.METHOD,
+            "members": list(gates_facts) if gates_facts is not None else None}
+
+
 def preprocessing_records(preprocessing, count):
     """One `Preprocessing` per member from one record or a list of them."""
     records = [preprocessing] * count if isinstance(preprocessing, Preprocessing) else list(preprocessing)
@@ -147,7 +198,7 @@ def preprocessing_records(preprocessing, count):
     return records
 
 
-def serving_module(models, class_names, preprocessing, model_weights=None, views=1):
+def serving_module(models, class_names, preprocessing, model_weights=None, views=1, gates=None):
     """The `ServingModule` every export and in-process prediction serves: BatchNorms folded.
 
     Folding (`tfdogs.serving.fold.fold_batch_norms`) changes float32 outputs by
@@ -161,17 +212,18 @@ def serving_module(models, class_names, preprocessing, model_weights=None, views
         preprocessing: one `Preprocessing` for all models, or one per model.
         model_weights: optional ensemble weights (normalised to sum to 1).
         views: test-time augmentation views per image, 1 (none), 2 or 10 (`data.eval_views`).
+        gates: per model, its `not_a_dog.DogGate` or None (see the module's docstring).
 
     Returns:
         A `ServingModule`.
     """
     models = [models] if isinstance(models, keras.Model) else list(models)
     return ServingModule([fold_batch_norms(model) for model in models], class_names, preprocessing,
-                         model_weights, views)
+                         model_weights, views, gates)
 
 
 def export_saved_model(models, class_names, export_base, *, preprocessing, model_weights=None, metadata=None,
-                       views=1):
+                       views=1, gates=None, gates_facts=None):
     """Writes the next numeric version of a SavedModel under `export_base`: the one export of tfdogs.
 
     Training, `python -m tfdogs.export` and `tfdogs.ensemble` all call this: a
@@ -192,13 +244,16 @@ def export_saved_model(models, class_names, export_base, *, preprocessing, model
         metadata: extra JSON-serialisable facts to store in `tfdogs.json`.
         views: test-time augmentation views per image baked into the graph, 1 (none), 2 or 10
             (`data.eval_views`); the signatures stay the same.
+        gates: per model, its `not_a_dog.DogGate` or None: with any, the signatures add `dog_score`
+            and `not_a_dog`.
+        gates_facts: per model, what its gate measured (its run's `not_a_dog.json`), for `tfdogs.json`.
 
     Returns:
         The path of the new version folder.
     """
     models = [models] if isinstance(models, keras.Model) else list(models)
     records = preprocessing_records(preprocessing, len(models))
-    module = serving_module(models, class_names, records, model_weights, views)
+    module = serving_module(models, class_names, records, model_weights, views, gates)
     facts = {
         "class_names": list(class_names),
         # the record every member shares, or null when members differ (see member_preprocessing)
@@ -210,6 +265,7 @@ def export_saved_model(models, class_names, export_base, *, preprocessing, model
         # probabilities = mean over these views of each view's softmax (data.eval_views)
         "tta_views": views,
         "tta_view_names": list(data.TTA_VIEWS[views]),
+        "not_a_dog": not_a_dog_facts(module, gates_facts),
         **(metadata or {}),
     }
     return _write_version(module, export_base, facts)

@@ -33,9 +33,9 @@ import tensorflow as tf
 from tfdogs import files
 from tfdogs.data.decode import traced_as_written
 from tfdogs.data.pipeline import without_autotuner
+from tfdogs.models import FEATURE_LAYER
 from tfdogs.serving.fold import fold_batch_norms
 
-FEATURE_LAYER = "avgpool"
 CACHE_FOLDER = "feature_cache"
 
 

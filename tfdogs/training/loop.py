@@ -11,7 +11,7 @@ import numpy as np
 
 from tfdogs import config as config_lib, files, lock, models, weights
 from tfdogs.data.preprocessing import FILE_NAME as PREPROCESSING_FILE
-from tfdogs.evaluation import metrics, plots
+from tfdogs.evaluation import metrics, not_a_dog, plots
 from tfdogs.evaluation.predictions import predict_logits, with_temperature
 from tfdogs.serving.saved_model import export_saved_model
 from tfdogs.training.callbacks import (
@@ -35,6 +35,7 @@ from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, 
 from tfdogs.training.optimizer import compile_model, make_schedule
 from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
 from tfdogs.training.baselines import IMAGENET_OVERLAP, zero_shot_baseline
+from tfdogs.training.dog_check import fit_dog_check
 from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, inference_epochs, split_at_features
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
@@ -353,10 +354,17 @@ def _train(config, extra_callbacks, ownership):
             calibrated_table, calibrated_ece)}, run_dir / "calibration.png", title=f"{run_dir.name}: validation")
         final_model = with_temperature(final_model, temperature)
     timer.lap("final_evaluation")
+    gate, summary["not_a_dog"] = fit_dog_check(config, final_model, evaluation_at(final_size, "train"),
+                                               evaluation_at(final_size, "val"), records.labels[train_indices],
+                                               num_classes, preprocessing)
+    not_a_dog.save(gate, summary["not_a_dog"], run_dir)
+    print(not_a_dog.summary_line(summary["not_a_dog"]))
+    timer.lap("not_a_dog")
     files.save_model(final_model, run_dir / "model.keras")
     plots.plot_curves(history, run_dir / "curves.png", title=run_dir.name)
     version_dir = export_saved_model(final_model, records.class_names, export_dir, preprocessing=preprocessing,
-                                            metadata={"run": str(run_dir.resolve()), "config": config})
+                                     metadata={"run": str(run_dir.resolve()), "config": config},
+                                     gates=[gate], gates_facts=[summary["not_a_dog"]])
     summary["export"] = str(version_dir)
     timer.lap("export")
     zero_shot = zero_shot_baseline(config, records, val_indices, at_hand=zero_shot_at_hand)

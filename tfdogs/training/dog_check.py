@@ -1,0 +1,48 @@
+"""The end of a run: set its "not a dog" threshold and measure it (`tfdogs.evaluation.not_a_dog`)."""
+
+import numpy as np
+
+from tfdogs import data
+from tfdogs.data import non_dogs
+from tfdogs.evaluation import not_a_dog
+from tfdogs.serving.fold import fold_batch_norms
+from tfdogs.training.features import can_cache, compiled, features_of_each, split_at_features
+
+FROM_RANDOM_WEIGHTS = ("it trained from random weights: features learned from its breeds alone cannot tell a dog "
+                       "from anything else; start from pretrained weights (--weights) to get the check")
+NO_POOLED_FEATURES = "its network has no pooled-features layer ('avgpool') to measure the distance on"
+
+
+def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_classes, preprocessing):
+    """The run's `DogGate` and what it measured, or (None, why it cannot reject).
+
+    The breed means come from the training photos' evaluation crops, the threshold from the
+    validation photos (keeping 99 % of them); the real non-dog photos of `tfdogs.data.non_dogs`,
+    when scikit-image is installed, measure how many non-dogs it lets through.
+
+    Args:
+        config: the run's config (``weights`` says whether it started from pretrained weights).
+        model: the trained classifier, float32.
+        train_dataset, val_dataset: (images, labels) batches of the training photos' evaluation crops
+            and of the validation photos, in split order.
+        train_labels: the training photos' class indices, in that order.
+        num_classes: the number of breeds.
+        preprocessing: the `Preprocessing` the export applies, for the non-dog photos.
+
+    Returns:
+        (`not_a_dog.DogGate` or None, facts for `not_a_dog.json` and the export).
+    """
+    if config["weights"] is None:
+        return None, {"can_reject": False, "why": FROM_RANDOM_WEIGHTS}
+    if not can_cache(model):
+        return None, {"can_reject": False, "why": NO_POOLED_FEATURES}
+    backbone = compiled(fold_batch_norms(split_at_features(model)[0]))
+    (train_features, _), (val_features, _) = features_of_each(backbone, [train_dataset, val_dataset])
+    gate = not_a_dog.fit(train_features, np.asarray(train_labels), val_features, num_classes)
+    try:
+        photos = non_dogs.non_dog_photos()
+    except ModuleNotFoundError as error:
+        return gate, {"can_reject": True, **not_a_dog.rates(gate, val_features), "non_dogs_missing": str(error)}
+    pixels = np.stack([data.preprocess_eval(photo, **preprocessing.as_dict()).numpy() for photo in photos.values()])
+    facts = not_a_dog.rates(gate, val_features, backbone(pixels).numpy(), list(photos))
+    return gate, {"can_reject": True, **facts, "non_dog_photos": non_dogs.descriptions()}
