@@ -237,3 +237,24 @@ def plot_breed_accuracy(breeds, path, overall=None, title=None):
     if title:
         axes.set_title(title)
     _save(figure, path)
+
+
+def plot_rate_sweep(rates, losses, smoothed, suggestion, path, title=None):
+    """The learning-rate finder's curve: each batch's loss and the smoothed loss against the rate (log scale),
+    the suggested rate and a tenth of the minimum's rate marked (`tfdogs.training.lr_finder.Suggestion`)."""
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
+    axis.plot(rates, losses, color="0.75", linewidth=1, label="batch loss")
+    axis.plot(rates, smoothed, color="C0", linewidth=2, label="smoothed loss")
+    axis.axvline(suggestion.steepest, color="C3", linestyle="--",
+                 label=f"steepest descent {suggestion.steepest:.2g} (suggested)")
+    axis.axvline(suggestion.minimum / 10, color="C2", linestyle=":",
+                 label=f"minimum / 10 {suggestion.minimum / 10:.2g}")
+    axis.set_xscale("log")
+    finite = np.asarray(smoothed)[np.isfinite(smoothed)]
+    if finite.size:  # the blow-up at the end would flatten the rest of the curve
+        axis.set_ylim(finite.min() - 0.05 * abs(finite.min()), min(finite.max(), 4 * finite.min()) * 1.05)
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("training loss")
+    axis.legend()
+    axis.set_title(title or "learning-rate sweep")
+    _save(figure, path)
