@@ -103,7 +103,7 @@ def test_sigterm_during_a_tflite_export_leaves_the_earlier_export_and_one_line(l
     output = tmp_path / "tflite"
     assert export_command.main([str(lenet_run), "--format", "tflite", "--output", str(output)]) == 0
     before = snapshot(output)
-    assert set(before[0]) == {"model.tflite", "labels.txt", "tfdogs.json"}
+    assert set(before[0]) == {"model.tflite", "labels.txt", "tfdogs.json", "tflite.json"}
     capsys.readouterr()
 
     monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", sigterm_to_self)
