@@ -139,3 +139,29 @@ def test_a_lite0_run_rejects_real_non_dog_photos_and_keeps_the_dogs(dogs10_dir, 
     scores = [answer["dog_score"] for answer in answers]
     assert max(scores) == pytest.approx(facts["highest_non_dog_score"], abs=1e-4)
     assert sum(answer["not_a_dog"] for answer in answers) == 19 - round(facts["non_dogs_accepted"] * 19)
+
+
+def test_submit_writes_each_test_photo_s_answer_beside_the_kaggle_csv(gated_export, tmp_path, capsys):
+    from tfdogs import submit
+
+    model, backbone, gate, version = gated_export
+    rng = np.random.default_rng(2)
+    photos = {f"id{index}": rng.integers(0, 256, size=(64 + 8 * index, 72, 3), dtype=np.uint8) for index in range(3)}
+    (tmp_path / "kaggle" / "test").mkdir(parents=True)
+    for image_id, photo in photos.items():
+        Image.fromarray(photo).save(tmp_path / "kaggle" / "test" / f"{image_id}.jpg", quality=95)
+    (tmp_path / "kaggle" / "sample_submission.csv").write_text("id,a,b,c\n" + "".join(
+        f"{image_id},0.3,0.3,0.4\n" for image_id in photos))
+    output = tmp_path / "submission.csv"
+    assert submit.main([str(version), "--data-dir", str(tmp_path / "kaggle"), "--output", str(output)]) == 0
+    assert output.read_text().splitlines()[0] == "id,a,b,c"  # Kaggle's columns, untouched
+    answers = np.genfromtxt(tmp_path / "submission.not_a_dog.csv", delimiter=",", names=True, dtype=None,
+                            encoding=None)
+    # decoded as the SavedModel decodes JPEG (Pillow's IDCT differs by a level here and there)
+    decoded = [tf.io.decode_jpeg((tmp_path / "kaggle" / "test" / f"{image_id}.jpg").read_bytes(), channels=3).numpy()
+               for image_id in photos]
+    expected = reference_scores(backbone.predict(pixels_of(decoded, RECORD), verbose=0), gate.breed_means)
+    assert list(answers["id"]) == list(photos)
+    np.testing.assert_allclose(answers["dog_score"], expected, atol=1e-4)
+    assert list(answers["not_a_dog"]) == list(expected < gate.threshold)
+    assert f"{int(np.sum(expected < gate.threshold))} of 3 test images score under the threshold" in capsys.readouterr().out
