@@ -21,6 +21,7 @@ Examples:
     python -m tfdogs.train --model efficientnet_lite0 --data-dir path/to/photos
     python -m tfdogs.train --config configs/resnet18.yaml --data-dir path/to/dog-breed-identification
     python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --image-size 64
+    python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --folds 3 --output runs/lenet5-folds
 
 Running the same command (same --output) after an interruption, even kill -9,
 resumes from the last finished epoch; checkpoints, the model and the export
@@ -35,6 +36,8 @@ import os
 import sys
 
 from tfdogs import config as config_lib, data, lock, models, weights
+from tfdogs.runs import folds
+from tfdogs.runs.folder import RunFolderError
 from tfdogs.training.cluster import PEER_TIMEOUT_VARIABLE, ClusterError, PeerLost, rejoin
 from tfdogs.training.interruption import signals_interrupt, stopped
 from tfdogs.training.loop import train
@@ -65,6 +68,11 @@ def main(argv=None):
             run_dir, export_dir = output_folders(config)
             if not config["output"]:  # the timestamped default: resuming must name it
                 command += ["--output", str(run_dir)]
+            if config["folds"] > 1:  # K runs, their out-of-fold scores and one ensemble export
+                run_dir = folds.run_folds({**config, "output": str(run_dir)})
+                print(f"\nK-fold folder: {run_dir} (fold-1 ... fold-{config['folds']}, oof.csv, folds.json)")
+                print(folds.summary_line(json.loads((run_dir / folds.FOLDS_FILE).read_text())))  # the last line
+                return 0
             run_dir = train({**config, "output": str(run_dir)})  # the export folder follows from it
     except PeerLost as error:  # every surviving worker starts again and waits for the lost one
         print(f"error: {error} Running the same command again to wait for it and resume from the last backed-up "
@@ -72,7 +80,7 @@ def main(argv=None):
         atexit._run_exitfuncs()  # exec skips them: this worker's temporary folders go now
         rejoin()
     except (config_lib.ConfigError, data.DataError, weights.WeightsError, models.PresetError, TrainingError,
-            ClusterError, lock.LockedError) as error:
+            ClusterError, lock.LockedError, RunFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, not a traceback

@@ -33,7 +33,11 @@ DEFAULTS = {
     "l2": 0.0,
     "freeze_bn": "auto",
     "label_smoothing": 0.0,
+    "teacher": None,
+    "distill_temperature": 2.0,
+    "distill_alpha": 0.5,
     "val_fraction": 0.2,
+    "folds": 1,
     "seed": 0,
     "flip": True,
     "rotation": 0.05,
@@ -105,7 +109,10 @@ RANGES = (
     ("l1", 0.0, None, True),
     ("l2", 0.0, None, True),
     ("label_smoothing", 0.0, 0.99, True),
+    ("distill_temperature", 0.0, None, False),
+    ("distill_alpha", 0.0, 1.0, True),
     ("val_fraction", 0.0, 0.9, False),
+    ("folds", 1, None, True),
     ("seed", 0, None, True),
     ("rotation", 0.0, 0.5, True),
     ("zoom", 0.0, 0.9, True),
@@ -170,7 +177,15 @@ HELP = {
     "(trained in batch mode it loses the ImageNet statistics: on dogs10 its training accuracy fell from 0.73 "
     "to 0.39 in the first whole-network epoch), off otherwise",
     "label_smoothing": "label smoothing of the training loss",
+    "teacher": "distillation (python -m tfdogs.distill writes it): a teacher.npz of the teacher's probabilities "
+    "for each training photo; the loss is then distill_alpha * T^2 * KL(teacher_T || student_T) + "
+    "(1 - distill_alpha) * cross-entropy with the labels (default off)",
+    "distill_temperature": "with --teacher: the temperature T that softens teacher and student alike",
+    "distill_alpha": "with --teacher: the weight of the teacher's term (0: labels alone, 1: teacher alone)",
     "val_fraction": "fraction of each breed held out for validation",
+    "folds": "K >= 2: K-fold cross-validation (tfdogs.runs.folds): K runs OUTPUT/fold-1..K, each validated on "
+    "one stratified fold of all the photos (in place of --val-fraction), out-of-fold predictions in OUTPUT/oof.csv, "
+    "scores and the temperature fitted on them in OUTPUT/folds.json, one ensemble export; 1: one split",
     "seed": "one seed for the split, initialisation, shuffling and augmentation",
     "flip": "random horizontal flips",
     "rotation": "random rotation, as a fraction of a full turn",

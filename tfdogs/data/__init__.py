@@ -32,8 +32,8 @@ from tfdogs.data.layouts import (
                                  scan_records,
 )
 from tfdogs.data.pipeline import make_dataset, random_crop_bytes, random_crop_image
-from tfdogs.data.splits import (read_data_source, read_split, split_digests, stratified_split, write_data_source,
-                                 write_split)
+from tfdogs.data.splits import (read_data_source, read_split, split_digests, stratified_folds, stratified_split,
+                                 write_data_source, write_split)
 from tfdogs.data.stanford_dogs import export_to_class_folders, load_stanford_dogs
 from tfdogs.data.synthetic import make_synthetic, synthetic_image
 
@@ -41,5 +41,5 @@ __all__ = ["IMAGE_EXTENSIONS", "LAYOUTS_HELP", "TTA_VIEWS", "DataError", "Proble
            "decode_image", "eval_views", "exif_orientation", "export_to_class_folders", "find_records",
            "images_in", "load_stanford_dogs", "make_dataset", "make_synthetic", "preprocess_eval",
            "random_crop_bytes", "random_crop_image", "read_data_source", "read_split", "scan_records",
-           "split_digests", "stratified_split", "synthetic_image", "traced_as_written", "write_data_source",
-           "write_split"]
+           "split_digests", "stratified_folds", "stratified_split", "synthetic_image", "traced_as_written",
+           "write_data_source", "write_split"]

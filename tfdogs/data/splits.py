@@ -72,6 +72,52 @@ def stratified_split(labels, val_fraction=0.2, seed=0, groups=None) -> tuple[np.
     return np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64)
 
 
+def stratified_folds(labels, folds, seed=0, groups=None) -> np.ndarray:
+    """Assigns every image to one of `folds` folds, class by class: K-fold cross-validation's partition.
+
+    Within each class, groups (byte-identical copies, as in `stratified_split`;
+    a group counts toward its majority class) go in shuffled order, the
+    largest first, each to the fold holding the fewest images of that class,
+    then the fewest images overall, then the lowest number. With single-image
+    groups every class's counts differ by at most one between folds, and so
+    do the folds' sizes.
+
+    Args:
+        labels: Class label per image (any sortable values).
+        folds: Number of folds, 2 or more.
+        seed: Seed of the per-class shuffles; same seed, same partition.
+        groups: Optional group id per image; one group never spans two folds.
+
+    Returns:
+        int64 array, the 0-based fold of each image.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise DataError(f"labels must be a non-empty 1-D array; got shape {labels.shape}")
+    if not 2 <= folds <= labels.size:
+        raise DataError(f"folds must be between 2 and the {labels.size} images; got {folds}")
+    groups = np.arange(labels.size) if groups is None else np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise DataError(f"groups must hold one id per image: {labels.size} labels but groups of shape "
+                        f"{groups.shape}")
+    members = _group_members(groups)
+    members.sort(key=lambda indices: indices[0])
+    group_labels = np.array([_majority(labels[indices]) for indices in members])
+    sizes = np.array([len(indices) for indices in members])
+    rng = np.random.default_rng(seed)
+    fold_of = np.zeros(labels.size, np.int64)
+    totals = np.zeros(folds, np.int64)
+    for label in np.unique(group_labels):
+        shuffled = rng.permutation(np.flatnonzero(group_labels == label))
+        class_counts = np.zeros(folds, np.int64)
+        for group in shuffled[np.argsort(-sizes[shuffled], kind="stable")]:
+            fold = np.lexsort((np.arange(folds), totals, class_counts))[0]
+            fold_of[members[group]] = fold
+            class_counts[fold] += sizes[group]
+            totals[fold] += sizes[group]
+    return fold_of
+
+
 def _group_members(groups):
     """Sorted image indices of each distinct group id."""
     _, group_of = np.unique(groups, return_inverse=True)

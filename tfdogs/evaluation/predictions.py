@@ -27,3 +27,10 @@ def with_temperature(model, temperature):
     """
     scaled = keras.layers.Rescaling(1.0 / temperature, name="temperature")(model.output)
     return keras.Model(model.input, scaled, name=model.name)
+
+
+def uncalibrated(model):
+    """The model without the `temperature` layer `with_temperature` added (the model itself when it has none)."""
+    if "temperature" not in [layer.name for layer in model.layers]:
+        return model
+    return keras.Model(model.input, model.get_layer("temperature").input, name=model.name)
