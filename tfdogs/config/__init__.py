@@ -261,7 +261,7 @@ GROUPS = (
         "strategy", "epochs", "head_epochs", "batch_size", "optimizer", "learning_rate", "backbone_lr_factor",
         "momentum", "weight_decay", "schedule", "warmup_epochs", "freeze_bn", "label_smoothing", "ema", "monitor",
         "early_stopping_patience", "calibrate", "finetune_image_size", "finetune_epochs", "steps_per_epoch",
-        "seed")),
+        "seed", "teacher", "distill_temperature", "distill_alpha")),
     ("augmentation", "what the training photos go through (validation photos get the evaluation crop only)", (
         "flip", "rotation", "zoom", "translation", "contrast", "crop_scale_min", "randaugment", "augmix",
         "random_erasing", "mixup", "cutmix")),

@@ -5,6 +5,8 @@ import math
 import keras
 import tensorflow as tf
 
+from tfdogs.training import distillation
+
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up then cosine decay to zero over the whole run.
@@ -178,9 +180,10 @@ def compile_model(model, config, learning_rate, factors, jit_compile):
         optimizer=make_optimizer(config["optimizer"], learning_rate, config["momentum"], factors,
                                  config["weight_decay"], config["ema"]),
         loss=training_loss(config),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
-                 keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-                 keras.metrics.CategoricalCrossentropy(from_logits=True, name="log_loss")],
+        metrics=distillation.distillation_metrics() if config["teacher"] else [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+            keras.metrics.CategoricalCrossentropy(from_logits=True, name="log_loss")],
         jit_compile=jit_compile,
     )
     # Built now, eagerly: an optimizer that creates its variables inside the first training call makes
@@ -189,5 +192,11 @@ def compile_model(model, config, learning_rate, factors, jit_compile):
 
 
 def training_loss(config):
-    """The loss a run trains on: categorical cross-entropy of the logits, with the config's label smoothing."""
+    """The loss a run trains on: categorical cross-entropy of the logits, with the config's label smoothing.
+
+    With config ``teacher``, `distillation.DistillationLoss` (the same cross-entropy on validation batches).
+    """
+    if config["teacher"]:
+        return distillation.DistillationLoss(config["distill_temperature"], config["distill_alpha"],
+                                             config["label_smoothing"])
     return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config["label_smoothing"])

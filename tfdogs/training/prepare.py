@@ -12,6 +12,7 @@ from tfdogs.data import augment
 from tfdogs.data.validation import check_data
 from tfdogs.serving import export_folder
 from tfdogs.serving.export_folder import DEFAULT_RUNS, default_export_dir
+from tfdogs.training import distillation
 
 
 def output_folders(config):
@@ -161,6 +162,10 @@ def evaluation_dataset(config, records, indices, preprocessing):
 def build_datasets(config, records, train_indices, val_indices, preprocessing, steps_per_epoch=None):
     """The training and validation `tf.data` pipelines of a run, with one-hot labels.
 
+    With config ``teacher``, the training labels are distillation targets
+    (`distillation.targets_table`): the pipeline labels each photo by its
+    position, one-hot, and the table turns that (mixed or not) into targets.
+
     Returns:
         (train_epochs, val_dataset): `train_epochs(first_epoch, num_epochs)`
         gives the training batches of those epochs, each epoch's randomness
@@ -177,11 +182,19 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing, s
         randaugment=config_lib.parse_randaugment(config["randaugment"]), augmix=config["augmix"],
         random_erasing=config["random_erasing"], mixup=config["mixup"], cutmix=config["cutmix"])
 
+    train_labels, table = records.labels[train_indices], None
+    if config["teacher"]:
+        table = distillation.targets_table(config["teacher"], config["output"], train_indices, records.labels,
+                                           records.class_names, config["distill_temperature"])
+        train_labels = np.arange(len(train_indices))
+
     def train_epochs(first_epoch, num_epochs, part=None):
-        return data.make_dataset(
-            list(paths[train_indices]), records.labels[train_indices], training=True,
+        dataset = data.make_dataset(
+            list(paths[train_indices]), train_labels, training=True,
             augmentation=augmentation, scale=(config["crop_scale_min"], 1.0), first_epoch=first_epoch,
-            num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, part=part, **common)
+            num_epochs=num_epochs, steps_per_epoch=steps_per_epoch, part=part,
+            **{**common, "num_classes": len(train_labels) if table is not None else common["num_classes"]})
+        return dataset if table is None else distillation.with_targets(dataset, table)
 
     val_dataset = data.make_dataset(
         list(paths[val_indices]), records.labels[val_indices], training=False, **common)
