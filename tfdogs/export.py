@@ -16,6 +16,7 @@ import sys
 
 from tfdogs import data, files, lock
 from tfdogs.serving import export_folder
+from tfdogs.serving.onnx_export import export_onnx
 from tfdogs.runs.ensemble import common_validation_images
 from tfdogs.runs.folder import RunFolderError, load_model_folder
 from tfdogs.serving.quantize import VARIANTS, VariantRequest, choose_representative, summary_line
@@ -31,12 +32,13 @@ def build_parser():
         description="Exports a run folder or an ensemble folder as a SavedModel (TF Serving) or TFLite file.",
         epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="run folder (python -m tfdogs.train) or ensemble folder (tfdogs.ensemble)")
-    parser.add_argument("--format", choices=("saved_model", "tflite"),
+    parser.add_argument("--format", choices=("saved_model", "tflite", "onnx"),
                         help="saved_model (the default): the next numeric version under --output; tflite: "
-                             "model.tflite, labels.txt, tfdogs.json and tflite.json in --output (float32)")
+                             "model.tflite, labels.txt, tfdogs.json and tflite.json in --output (float32); onnx: "
+                             "model.onnx, labels.txt and tfdogs.json in --output (needs the onnx extra: tf2onnx)")
     parser.add_argument("--output", help="default: saved_models/<folder name> for runs/<folder name>, else "
                                          "saved_models/<folder name>-<hash of its path> (saved_model); "
-                                         "MODEL/tflite (tflite)")
+                                         "MODEL/tflite (tflite), MODEL/onnx (onnx)")
     parser.add_argument("--tta", type=int, default=1, choices=sorted(data.TTA_VIEWS), metavar="N",
                         help="test-time augmentation in the SavedModel: answer the mean softmax of N views of "
                              "each image: 1 none, 2 the evaluation crop and its mirror, 10 the centre and four "
@@ -88,14 +90,14 @@ def main(argv=None):
     """Command-line entry point: exports a run or ensemble folder as a SavedModel or a TFLite file."""
     args = build_parser().parse_args(argv)
     folder = pathlib.Path(args.model)
-    if args.tflite and args.format == "saved_model":
-        print(f"error: --tflite {args.tflite} writes a TFLite file, not a SavedModel: drop --format saved_model.",
+    if args.tflite and args.format in ("saved_model", "onnx"):
+        print(f"error: --tflite {args.tflite} writes a TFLite file, not {args.format}: drop --format {args.format}.",
               file=sys.stderr)
         return 2
     args.format = "tflite" if args.tflite else args.format or "saved_model"
     args.tflite = args.tflite or "float32"
-    if args.format == "tflite" and args.tta != 1:
-        print(f"error: --tta {args.tta} is for SavedModel exports only: the TFLite file takes one image already "
+    if args.format in ("tflite", "onnx") and args.tta != 1:
+        print(f"error: --tta {args.tta} is for SavedModel exports only: the {args.format} file takes one image already "
               "resized and centre-cropped outside the model (tflite_input), so it cannot take the other views; "
               "export without --tta, or average the app's own views.", file=sys.stderr)
         return 2
@@ -108,6 +110,9 @@ def main(argv=None):
             path = export_tflite(models, runs[0].class_names, args.output or folder / "tflite",
                                  preprocessing=preprocessing, model_weights=member_weights, metadata=metadata,
                                  request=variant_request(runs, args))
+        elif args.format == "onnx":
+            path = export_onnx(models, runs[0].class_names, args.output or folder / "onnx",
+                               preprocessing=preprocessing, model_weights=member_weights, metadata=metadata)
         else:
             export_base = pathlib.Path(args.output or export_folder.default_export_dir(folder))
             export_folder.check_owner(export_base, folder, explicit=args.output is not None)
