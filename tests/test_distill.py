@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfdogs import data
+from tfdogs import config as config_lib, data
 from tfdogs.runs.distill import distill, load_teacher
 from tfdogs.runs.folder import RunFolderError, load_run
 from tfdogs.training import distillation, loop as training_loop
@@ -123,3 +123,31 @@ def test_with_alpha_0_the_student_trains_exactly_as_a_labels_only_run(lenet_run,
 def test_a_teacher_of_another_split_is_refused(lenet_run, teacher_file, tmp_path):
     with pytest.raises(Exception, match="Config key 'teacher'.*split"):
         student(lenet_run, tmp_path / "other", teacher=str(teacher_file), val_fraction=0.3)
+
+
+def test_members_of_different_splits_are_refused(lenet_run, tmp_path):
+    other = training_loop.train(small_config(output=str(tmp_path / "seed1"), export_dir=str(tmp_path / "export"),
+                                             epochs=1, seed=1))
+    (tmp_path / "ensemble").mkdir()
+    (tmp_path / "ensemble" / "ensemble.json").write_text(json.dumps(
+        {"members": [{"run": str(lenet_run), "weight": 0.5}, {"run": str(other), "weight": 0.5}]}))
+    with pytest.raises(RunFolderError, match="different splits"):
+        load_teacher(tmp_path / "ensemble")
+
+
+@pytest.mark.slow
+def test_a_lite0_student_of_a_lite0_teacher_on_dogs10(dogs10_dir, tmp_path):
+    """A real Lite0 teacher (fine-tuned, 160 px) distilled into a Lite0 student, against the labels-only student."""
+    common = dict(model="efficientnet_lite0", weights="imagenet", strategy="fine-tune", data=None,
+                  data_dir=str(dogs10_dir), image_size=160, epochs=4, head_epochs=2, batch_size=32,
+                  learning_rate=1e-3, early_stopping_patience=0, verbose=0)
+    teacher_dir = training_loop.train(config_lib.validate({**config_lib.DEFAULTS, **common, "output": str(
+        tmp_path / "teacher"), "export_dir": str(tmp_path / "teacher-export")}))
+    overrides = {key: common[key] for key in ("model", "weights", "image_size", "epochs")}
+    summary = distill(teacher_dir, tmp_path / "distill", overrides, temperature=2.0, alpha=0.5)
+    print(json.dumps(summary, indent=1))
+    assert json.loads((tmp_path / "distill" / "distill.json").read_text()) == summary
+    teacher, student, labels_only = summary["teacher"]["val"], summary["student"]["val"], summary["labels_only"]["val"]
+    assert summary["num_val"] == 41
+    assert student["accuracy"] > 0.5 and labels_only["accuracy"] > 0.5  # 10 breeds: chance is 0.1
+    assert summary["student"]["parameters"] == summary["labels_only"]["parameters"]
