@@ -21,7 +21,6 @@ Examples:
     python -m tfdogs.train --model efficientnet_lite0 --data-dir path/to/photos
     python -m tfdogs.train --config configs/resnet18.yaml --data-dir path/to/dog-breed-identification
     python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --image-size 64
-    python -m tfdogs.train --model lenet5 --data synthetic --epochs 5 --folds 3 --output runs/lenet5-folds
 
 Running the same command (same --output) after an interruption, even kill -9,
 resumes from the last finished epoch; checkpoints, the model and the export

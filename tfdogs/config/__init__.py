@@ -254,7 +254,8 @@ def validate(config):
 # The train command's --help, and docs/configuration.md, show the keys in these groups, in this order.
 GROUPS = (
     ("data", "where the photos come from and how they are split", (
-        "data", "data_dir", "strict", "val_fraction", "synthetic_classes", "synthetic_images_per_class")),
+        "data", "data_dir", "strict", "val_fraction", "folds", "synthetic_classes",
+        "synthetic_images_per_class")),
     ("model", "the network, its starting weights and its input", (
         "model", "weights", "weights_preprocessing", "head_init", "image_size", "dropout", "l1", "l2")),
     ("training", "what trains, how fast, and for how long", (
