@@ -149,5 +149,10 @@ def test_a_lite0_student_of_a_lite0_teacher_on_dogs10(dogs10_dir, tmp_path):
     assert json.loads((tmp_path / "distill" / "distill.json").read_text()) == summary
     teacher, student, labels_only = summary["teacher"]["val"], summary["student"]["val"], summary["labels_only"]["val"]
     assert summary["num_val"] == 41
-    assert student["accuracy"] > 0.5 and labels_only["accuracy"] > 0.5  # 10 breeds: chance is 0.1
+    # Measured (AMD EPYC, 2 cores shared, seed 0): teacher 85.4 % / log loss 0.413, distilled student (T 2,
+    # alpha 0.5) 68.3 % / 0.861, labels-only student 85.4 % / 0.413. The student did NOT beat the labels-only
+    # student (17.1 points below), so that is not asserted; what holds is asserted, with room for other CPUs.
+    assert student["accuracy"] >= 0.6 and student["log_loss"] < 1.0  # 10 breeds: chance is 0.1 / 2.303
+    # The labels-only student has the teacher's own settings and seed: it is the same run, the same scores.
+    assert labels_only == pytest.approx(teacher, abs=1e-6)
     assert summary["student"]["parameters"] == summary["labels_only"]["parameters"]
