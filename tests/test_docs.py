@@ -33,7 +33,7 @@ from tfdogs.runs.comparison import parse_overrides
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 VERBS = ("train", "check", "evaluate", "compare", "ensemble", "predict", "submit", "export", "zeroshot", "port",
-         "bench", "lr_find")
+         "bench", "lr_find", "distill")
 COMMAND = re.compile(r"python -m (tfdogs(?:\.\w+)+)")
 SHELL_OPERATORS = ("&&", "||", "|", ";", ">", "2>", "2>&1", ">>")
 README_MAX_LINES = 250

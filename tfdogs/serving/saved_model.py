@@ -37,8 +37,9 @@ outputs stay the same: each image's views (`data.eval_views`) are taken
 inside the graph, and `probabilities` is the mean of the views' softmax
 probabilities; `tfdogs.json` records the views (`tta_views`, `tta_view_names`).
 
-`export_tflite` writes a float32 TFLite file instead, for phones: it takes
-already resized and centre-cropped pixels (see its docstring for why).
+`tfdogs.serving.tflite.export_tflite` writes a TFLite file instead (float32,
+float16, dynamic-range or full-integer int8), for phones: it takes already
+resized and centre-cropped pixels (see its docstring for why).
 
 Example:
     loaded = tf.saved_model.load("saved_models/resnet18-demo/1")

@@ -6,10 +6,18 @@ import time
 
 
 class Timer:
-    """Seconds spent in each part of a run: metrics.json's `seconds`, and the run's last line."""
+    """Seconds spent in each part of a run: metrics.json's `seconds`, and the run's last line.
+
+    The process's start-up (imports included) belongs to its first run alone: a
+    later run in the same process (`--folds`' second fold, a test) counts 0.
+    """
+
+    _start_up_counted = False
 
     def __init__(self):
-        self.seconds = {"start_up": process_age()}
+        start_up = 0.0 if Timer._start_up_counted else process_age()
+        Timer._start_up_counted = True
+        self.seconds = {"start_up": start_up}
         self._mark = time.perf_counter()
 
     def lap(self, part, phase=None):
