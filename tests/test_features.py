@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import assert_scores_match, reference_run_scores, small_config
+from conftest import assert_scores_match, pil_eval_transform, reference_run_scores, small_config
 
 from tfdogs import models
 from tfdogs.evaluation import metrics
@@ -33,6 +33,32 @@ def fit_two_epochs(model, factors, inputs, labels, seed):
     dataset = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(8)
     model.fit(dataset, epochs=2, shuffle=False, verbose=0, callbacks=[EpochKeyedSeeds(seed)])
     return model.get_layer("fc").get_weights()
+
+
+def assert_dog_gate_is_numpy_on_the_model(run_dir, atol):
+    """not_a_dog.npz against NumPy on model.keras's pooled features of the Pillow reference crops.
+
+    The breed means are each breed's mean training feature made unit length; the threshold is the
+    lowest validation cosine to the nearest mean (under 100 photos, keeping 99 % keeps them all).
+    """
+    run = run_folder.load_run(run_dir)
+    records, train_indices, val_indices = run.split()
+    model = keras.saving.load_model(run_dir / "model.keras")
+    backbone = keras.Model(model.inputs, model.get_layer("avgpool").output)
+    record = json.loads((run_dir / "preprocessing.json").read_text())
+
+    def pooled(indices):
+        pixels = np.stack([pil_eval_transform(records.paths[i], record, "tensorflow") for i in indices])
+        return np.asarray(backbone(pixels.astype(np.float32), training=False), np.float64)
+
+    train, labels = pooled(train_indices), records.labels[train_indices]
+    means = np.stack([train[labels == breed].mean(axis=0) for breed in range(len(records.class_names))])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    val = pooled(val_indices)
+    threshold = ((val / np.linalg.norm(val, axis=1, keepdims=True)) @ means.T).max(axis=1).min()
+    with np.load(run_dir / "not_a_dog.npz") as gate:
+        np.testing.assert_allclose(gate["breed_means"], means, atol=atol)
+        assert float(gate["threshold"]) == pytest.approx(threshold, abs=atol)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -158,6 +184,8 @@ def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp
     served = metrics.scores(probabilities, records.labels[val_indices])
     assert summary["val_calibrated"]["log_loss"] == pytest.approx(served["log_loss"], abs=tolerance)
     assert_scores_match(served, reference["val_calibrated"], tolerance, "model.keras on the photos")
+    # the "not a dog" gate, from the cached crops where they are the evaluation crops: model.keras's own
+    assert_dog_gate_is_numpy_on_the_model(run_dir, 1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["feature-extract", pytest.param("fine-tune", marks=pytest.mark.slow)])
@@ -194,3 +222,5 @@ def test_the_frozen_backbone_run_as_inference_trains_the_head_the_whole_model_tr
     assert zero_shot[0]["num_images"] == zero_shot[1]["num_images"] > 0
     for key in ("accuracy", "top5_accuracy", "log_loss"):
         assert zero_shot[0][key] == pytest.approx(zero_shot[1][key], abs=1e-5), key
+    for run_dir in runs.values():  # the gate, from the frozen pass's validation features where at hand
+        assert_dog_gate_is_numpy_on_the_model(run_dir, 1e-5)

@@ -13,7 +13,8 @@ FROM_RANDOM_WEIGHTS = ("it trained from random weights: features learned from it
 NO_POOLED_FEATURES = "its network has no pooled-features layer ('avgpool') to measure the distance on"
 
 
-def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_classes, preprocessing):
+def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_classes, preprocessing,
+                  at_hand=(None, None)):
     """The run's `DogGate` and what it measured, or (None, why it cannot reject).
 
     The breed means come from the training photos' evaluation crops, the threshold from the
@@ -28,6 +29,9 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
         train_labels: the training photos' class indices, in that order.
         num_classes: the number of breeds.
         preprocessing: the `Preprocessing` the export applies, for the non-dog photos.
+        at_hand: (training features, validation features) of those crops that a frozen last phase
+            already computed through this model's backbone, each None where not: only the missing
+            ones run through the network.
 
     Returns:
         (`not_a_dog.DogGate` or None, facts for `not_a_dog.json` and the export).
@@ -37,7 +41,9 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
     if not can_cache(model):
         return None, {"can_reject": False, "why": NO_POOLED_FEATURES}
     backbone = compiled(fold_batch_norms(split_at_features(model)[0]))
-    (train_features, _), (val_features, _) = features_of_each(backbone, [train_dataset, val_dataset])
+    missing = [dataset for dataset, features in zip((train_dataset, val_dataset), at_hand) if features is None]
+    computed = iter(features for features, _ in (features_of_each(backbone, missing) if missing else []))
+    train_features, val_features = (next(computed) if features is None else features for features in at_hand)
     gate = not_a_dog.fit(train_features, np.asarray(train_labels), val_features, num_classes)
     try:
         photos = non_dogs.non_dog_photos()

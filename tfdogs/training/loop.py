@@ -219,7 +219,9 @@ def _train(config, extra_callbacks, ownership):
     resumed = False
     zero_shot_at_hand = None  # (validation features, ImageNet classifier) when the first frozen pass has them
     best_passes = {}  # 0-based epoch -> the logits of its validation pass, at final_size, when it was the best
+    dog_check_at_hand = (None, None)  # (training, validation) features a frozen last phase computed
     for phase in plan_phases(config):
+        dog_check_at_hand = (None, None)  # a later phase trains the backbone, or was done before a resume
         done = run_dir / f"phase-{phase.name}.weights.h5"
         if phase_is_finished(finished.get(phase.name), phase) and (done.is_file() or done.name in chief_weights):
             if done.is_file():  # finished before an interruption (other workers: the chief's, in the next fit)
@@ -260,6 +262,12 @@ def _train(config, extra_callbacks, ownership):
                 runtime["global_batch_size"])
         if fitted is not model and phase.start_epoch == 0 and size == final_size and imagenet is not None:
             zero_shot_at_hand = (val_features, imagenet)  # the pretrained backbone's, at the exported size
+        # the "not a dog" check's float32 features, when this frozen phase ends the run at the exported size:
+        # the validation photos', and with one cached view the training photos' evaluation crops
+        dog_check_at_hand = (None, None)
+        if fitted is not model and size == final_size and runtime["precision"] == "float32":
+            one_view = frozen and config["feature_views"] == 1
+            dog_check_at_hand = (cache.features[0].numpy() if one_view else None, val_features)
         schedule = make_schedule(config, runtime["learning_rate"], steps, phase.start_epoch)
         with strategy.scope():  # metrics and optimizer variables are mirrored too
             compile_model(fitted, config, schedule, factors, runtime["jit_compile"])
@@ -356,7 +364,7 @@ def _train(config, extra_callbacks, ownership):
     timer.lap("final_evaluation")
     gate, summary["not_a_dog"] = fit_dog_check(config, final_model, evaluation_at(final_size, "train"),
                                                evaluation_at(final_size, "val"), records.labels[train_indices],
-                                               num_classes, preprocessing)
+                                               num_classes, preprocessing, at_hand=dog_check_at_hand)
     not_a_dog.save(gate, summary["not_a_dog"], run_dir)
     print(not_a_dog.summary_line(summary["not_a_dog"]))
     timer.lap("not_a_dog")
