@@ -14,6 +14,7 @@ Variants:
                            BatchNorm's training step one `FusedBatchNormV3` op on the bfloat16 activations
     steps_per_execution_4  fused, and four steps per call of Keras' compiled train function
     blocked_layout         fused, and TF_ENABLE_MKL_NATIVE_FORMAT=0 (oneDNN's blocked layouts between ops)
+    one_inter_op_thread    fused, and TF_NUM_INTEROP_THREADS=1 (one op at a time, each on every core)
 """
 
 import argparse
@@ -25,7 +26,7 @@ import sys
 import time
 
 VARIANTS = {"keras_batch_norm": {}, "fused_batch_norm": {}, "steps_per_execution_4": {},
-            "blocked_layout": {"TF_ENABLE_MKL_NATIVE_FORMAT": "0"}}
+            "blocked_layout": {"TF_ENABLE_MKL_NATIVE_FORMAT": "0"}, "one_inter_op_thread": {"TF_NUM_INTEROP_THREADS": "1"}}
 
 
 def measure(variant, steps, warmup):
@@ -34,6 +35,7 @@ def measure(variant, steps, warmup):
     import tensorflow as tf
 
     from tfdogs import models
+    from tfdogs.config.keys import DEFAULTS
     from tfdogs.training.devices import cpu_has_native_bfloat16
     from tfdogs.training.optimizer import compile_model
     from tfdogs.training.phases import Phase, configure_phase
@@ -45,7 +47,7 @@ def measure(variant, steps, warmup):
     if variant == "keras_batch_norm":
         for layer in model.layers:
             vars(layer).pop("call", None)  # the class's own call
-    config = {"optimizer": "adam", "momentum": 0.9, "weight_decay": 0.0, "ema": 0.0, "label_smoothing": 0.0}
+    config = {**DEFAULTS, "optimizer": "adam", "weight_decay": 0.0}
     compile_model(model, config, 1e-3, {}, jit_compile=False)
     if variant == "steps_per_execution_4":
         model.compile(optimizer=model.optimizer, loss=model.loss, steps_per_execution=4)

@@ -83,6 +83,33 @@ def test_a_failing_command_stops_the_run_naming_it(tmp_path):
     assert "no photos here" in (tmp_path / "broken-torch-r0.log").read_text()  # its output is kept
 
 
+# Spins for argv[1] seconds of its own CPU time, then writes that time as the process itself counts it.
+SPIN_AND_REPORT = ("import os, sys\nwhile os.times().user + os.times().system < float(sys.argv[1]): pass\n"
+                   "open(sys.argv[2], 'w').write(str(os.times().user + os.times().system))")
+
+
+def test_cpu_seconds_are_the_commands_own(tmp_path):
+    """A spinning command's CPU seconds are what it counted itself; a sleeping one's are near none."""
+    pairs = [CommandPair("spin", (sys.executable, "-c", SPIN_AND_REPORT, "0.8", str(tmp_path / f"spin-{REPEAT}")),
+                         sleeper(0.8, tmp_path / "order.txt", "sleep"))]
+    rows = bench_end_to_end.time_commands(pairs, repeats=2, log=None)
+
+    for spin, sleep in (rows[0:2], rows[2:4]):
+        own = float((tmp_path / f"spin-{spin['repeat']}").read_text())
+        assert own >= 0.8
+        # Its own count plus the interpreter's start-up and exit, which it did not count.
+        assert own <= spin["cpu_seconds"] < own + 0.5, (own, spin)
+        assert sleep["seconds"] >= 0.8 and sleep["cpu_seconds"] < 0.5, sleep
+    (summary,) = bench_results.summarise(rows)
+    assert summary["tfdogs_cpu_runs"] == [rows[0]["cpu_seconds"], rows[2]["cpu_seconds"]]
+    assert summary["tfdogs_cpu_seconds"] == pytest.approx(np.median(summary["tfdogs_cpu_runs"]))
+    assert summary["cpu_ratio"] == pytest.approx(summary["torch_cpu_seconds"] / summary["tfdogs_cpu_seconds"])
+    assert summary["cpu_ratio"] < 0.6 < summary["ratio"]  # the sleeper waits as long, on almost no CPU
+    table = bench_results.format_markdown([summary])
+    assert (f"| {summary['tfdogs_cpu_seconds']:.1f} | {summary['torch_cpu_seconds']:.1f} "
+            f"| {summary['cpu_ratio']:.2f} |") in table
+
+
 def torchvision_resnet18_checkpoint(path):
     """A random state dict with torchvision's ResNet-18 keys and shapes, written by torch (torchvision absent)."""
     torch = pytest.importorskip("torch")

@@ -42,6 +42,7 @@ on two cores shared with other work, load average about 5):
 
 import dataclasses
 import pathlib
+import resource
 import shlex
 import subprocess
 import sys
@@ -251,7 +252,12 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
 
     The order is, for each repeat, for each pair: its tfdogs command, then its
     torch command. Each command's wall time is `time.perf_counter` around
-    `subprocess.run`, its output captured.
+    `subprocess.run`, its output captured. Its CPU time is the user and system
+    seconds of the command and every process it waited for (DataLoader
+    workers, tf.data's threads are in-process), from `getrusage(RUSAGE_CHILDREN)`
+    around the same call: on a shared virtual machine whose cores are not
+    always all there, the wall clock of one command can move by half, its CPU
+    seconds much less.
 
     Args:
         pairs: `CommandPair`s (e.g. from `end_to_end_jobs`).
@@ -264,8 +270,8 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
             timings, tfdogs' run folder its `metrics.json`); None: not kept.
 
     Returns:
-        One dict per command run, in order: job, side, repeat, seconds, command, and for a
-        scored pair its `read_scores`.
+        One dict per command run, in order: job, side, repeat, seconds, cpu_seconds, command,
+        and for a scored pair its `read_scores`.
 
     Raises:
         CommandFailed: a command exited with a non-zero status or timed out;
@@ -277,14 +283,14 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
             for side in SIDES:
                 command = expand(getattr(pair, side), repeat)
                 where = f"{pair.name} ({side}, repeat {repeat + 1} of {repeats})"
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), children_cpu_seconds()
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env,
                                           timeout=timeout)
                 except subprocess.TimeoutExpired as error:
                     raise CommandFailed(f"{where} ran past {timeout} s: {shlex.join(command)}\n"
                                         f"{_tail(error.stderr)}") from None
-                seconds = time.perf_counter() - started
+                seconds, cpu_seconds = time.perf_counter() - started, children_cpu_seconds() - cpu_started
                 if output_dir is not None:
                     pathlib.Path(output_dir, f"{pair.name}-{side}-r{repeat}.log").write_text(
                         f"$ {shlex.join(command)}\n{done.stdout}\n--- stderr ---\n{done.stderr}")
@@ -292,15 +298,21 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
                     raise CommandFailed(f"{where} failed with exit status {done.returncode}: "
                                         f"{shlex.join(command)}\n{_tail(done.stderr)}")
                 row = {"job": pair.name, "side": side, "repeat": repeat, "seconds": seconds,
-                       "command": shlex.join(command)}
+                       "cpu_seconds": cpu_seconds, "command": shlex.join(command)}
                 if pair.scored:
                     row.update(read_scores(side, command, done.stdout))
                 rows.append(row)
                 if log is not None:
                     scores = (f", val accuracy {row['final_accuracy']:.3f} (last epoch), "
                               f"log loss {row['final_log_loss']:.3f}") if pair.scored else ""
-                    print(f"  {where}: {seconds:.1f} s{scores}", file=log, flush=True)
+                    print(f"  {where}: {seconds:.1f} s, CPU {cpu_seconds:.1f} s{scores}", file=log, flush=True)
     return rows
+
+
+def children_cpu_seconds():
+    """User plus system CPU seconds of every child process this one has waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _tail(stderr, characters=3000):

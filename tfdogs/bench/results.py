@@ -59,6 +59,10 @@ def spread(values):
 def summarise(rows):
     """Per job: median seconds of each side, every repeat's seconds, and torch / tfdogs (> 1: tfdogs faster).
 
+    The same for CPU seconds, where the rows have them (`cpu_seconds`):
+    `tfdogs_cpu_seconds`, `torch_cpu_seconds`, `tfdogs_cpu_runs`,
+    `torch_cpu_runs` and `cpu_ratio`.
+
     Scored jobs also get, per side, the spread (mean, min, max over the
     repeats, i.e. seeds) of the seconds and of every score in `SCORES`.
 
@@ -76,11 +80,16 @@ def summarise(rows):
         jobs.setdefault(row["job"], {side: [] for side in SIDES})[row["side"]].append(row)
     summary = []
     for job, runs in jobs.items():
-        seconds = {side: [row["seconds"] for row in runs[side]] for side in SIDES}
-        medians = {side: statistics.median(seconds[side]) if seconds[side] else None for side in SIDES}
-        ratio = medians["torch"] / medians["tfdogs"] if medians["torch"] and medians["tfdogs"] else None
-        entry = {"job": job, "tfdogs_seconds": medians["tfdogs"], "torch_seconds": medians["torch"],
-                 "tfdogs_runs": seconds["tfdogs"], "torch_runs": seconds["torch"], "ratio": ratio}
+        entry = {"job": job}
+        for key, prefix in (("seconds", ""), ("cpu_seconds", "cpu_")):
+            if key != "seconds" and not all(key in row for side in SIDES for row in runs[side]):
+                continue  # rows from before CPU time was recorded
+            seconds = {side: [row[key] for row in runs[side]] for side in SIDES}
+            medians = {side: statistics.median(seconds[side]) if seconds[side] else None for side in SIDES}
+            entry.update({f"{side}_{key}": medians[side] for side in SIDES})
+            entry.update({f"{side}_{prefix}runs": seconds[side] for side in SIDES})
+            entry[f"{prefix}ratio"] = (medians["torch"] / medians["tfdogs"] if medians["torch"] and medians["tfdogs"]
+                                       else None)
         if any(SCORES[0] in row for side in SIDES for row in runs[side]):
             entry["scores"] = {side: {name: spread([row[name] for row in runs[side]])
                                       for name in ("seconds", *SCORES)} for side in SIDES if runs[side]}
@@ -93,12 +102,18 @@ def format_markdown(summary):
     def seconds(values):
         return ", ".join(f"{value:.1f}" for value in values)
 
-    lines = ["| job | tfdogs s (median) | torch s (median) | torch / tfdogs | tfdogs runs s | torch runs s |",
-             "| --- | ---: | ---: | ---: | --- | --- |"]
+    def ratio(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    with_cpu = all("cpu_ratio" in row for row in summary)
+    lines = ["| job | tfdogs s (median) | torch s (median) | torch / tfdogs | tfdogs runs s | torch runs s |"
+             + (" tfdogs CPU s (median) | torch CPU s (median) | torch / tfdogs, CPU |" if with_cpu else ""),
+             "| --- | ---: | ---: | ---: | --- | --- |" + (" ---: | ---: | ---: |" if with_cpu else "")]
     for row in summary:
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        lines.append(f"| {row['job']} | {row['tfdogs_seconds']:.1f} | {row['torch_seconds']:.1f} | {ratio} "
-                     f"| {seconds(row['tfdogs_runs'])} | {seconds(row['torch_runs'])} |")
+        cpu = (f" {row['tfdogs_cpu_seconds']:.1f} | {row['torch_cpu_seconds']:.1f} | {ratio(row['cpu_ratio'])} |"
+               if with_cpu else "")
+        lines.append(f"| {row['job']} | {row['tfdogs_seconds']:.1f} | {row['torch_seconds']:.1f} | {ratio(row['ratio'])} "
+                     f"| {seconds(row['tfdogs_runs'])} | {seconds(row['torch_runs'])} |{cpu}")
     return "\n".join(lines)
 
 
