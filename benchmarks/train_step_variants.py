@@ -36,6 +36,7 @@ def measure(variant, steps, warmup):
 
     from tfdogs import models
     from tfdogs.config.keys import DEFAULTS
+    from tfdogs.data.pipeline import without_autotuner
     from tfdogs.training.devices import cpu_has_native_bfloat16
     from tfdogs.training.optimizer import compile_model
     from tfdogs.training.phases import Phase, configure_phase
@@ -54,7 +55,7 @@ def measure(variant, steps, warmup):
     rng = np.random.default_rng(0)
     images = rng.standard_normal((32, 224, 224, 3)).astype(np.float32)
     labels = np.eye(120, dtype=np.float32)[rng.integers(0, 120, 32)]
-    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    dataset = without_autotuner(tf.data.Dataset.from_tensors((images, labels)).repeat())  # as tfdogs.train's
     model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0)
     windows, cpu_windows = [], []
     for _ in range(3):

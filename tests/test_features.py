@@ -224,3 +224,30 @@ def test_the_frozen_backbone_run_as_inference_trains_the_head_the_whole_model_tr
         assert zero_shot[0][key] == pytest.approx(zero_shot[1][key], abs=1e-5), key
     for run_dir in runs.values():  # the gate, from the frozen pass's validation features where at hand
         assert_dog_gate_is_numpy_on_the_model(run_dir, 1e-5)
+
+
+@pytest.mark.parametrize("views", [0, 1])
+def test_every_dataset_a_frozen_phase_fits_on_runs_without_the_autotuner(tmp_path, monkeypatch, views):
+    """The head's training and validation features, per batch or cached, as every pipeline of a run:
+    tf.data's autotuner off. With it the per-batch pass (from a Python generator) waited about 4 s an
+    epoch on 2 cores and ran the backbone on one core: ResNet-18 feature extraction on dogs10, 10
+    epochs, took 100.9 s with it and 69.0 s without, to the same scores."""
+    fitted = []
+    fit = keras.Model.fit
+
+    def recording_fit(model, x=None, *args, validation_data=None, **kwargs):
+        fitted.append((x, validation_data))
+        return fit(model, x, *args, validation_data=validation_data, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    checkpoint = tmp_path / "resnet18-random.weights.h5"
+    keras.utils.set_random_seed(11)
+    models.build("resnet18", 1000, input_shape=(32, 32, 3)).save_weights(checkpoint)
+    config = small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract", epochs=2,
+                          image_size=32, precision="float32", feature_views=views, output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"))
+    training_loop.train(config)
+    assert len(fitted) == 1
+    for dataset in fitted[0]:
+        assert isinstance(dataset, tf.data.Dataset)
+        assert dataset.options().autotune.enabled is False, dataset.element_spec

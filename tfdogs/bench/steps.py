@@ -179,13 +179,17 @@ def measure_training(model_name, setting, *, image_size, batch_size, num_classes
     import keras
     import tensorflow as tf
 
+    from tfdogs.data.pipeline import without_autotuner
+
     model = _build(model_name, setting, image_size=image_size, num_classes=num_classes)
     configure_phase(model, Phase("all", 0, 1), freeze_bn=False)  # as tfdogs.train sets a phase up (fused BatchNorm)
     model.compile(optimizer=make_optimizer("adam", 1e-3, 0.9, {}),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=setting.jit_compile)
-    dataset = tf.data.Dataset.from_tensors(_random_batch(batch_size, image_size, num_classes)).repeat()
+    # As tfdogs.train's pipelines: tf.data's autotuner off (with it, steps stalled on 2 cores).
+    batch = _random_batch(batch_size, image_size, num_classes)
+    dataset = without_autotuner(tf.data.Dataset.from_tensors(batch).repeat())
 
     def run_steps(steps):
         model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)

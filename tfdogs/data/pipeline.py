@@ -359,7 +359,10 @@ def without_autotuner(dataset):
     dogs10 (2 cores, where it also competes with training). Without it the
     same runs never stalled and trained as fast (33-34 s against 34-50 s);
     prefetch buffers still grow with demand (tf.data's legacy prefetch
-    autotuning, a separate mechanism).
+    autotuning, a separate mechanism). The frozen backbone's per-batch
+    features (`tfdogs.training.features.inference_epochs`) waited about 4 s
+    an epoch with it, the backbone on one core: ResNet-18 feature extraction
+    on dogs10, 10 epochs, 100.9 s with it and 69.0 s without.
     """
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -137,8 +137,11 @@ def inference_epochs(backbone, train_dataset, val_dataset, batch_size):
             yield forward(images), labels
 
     features_spec = tf.TensorSpec([None, val[0].shape[1]], tf.float32)
-    train = tf.data.Dataset.from_generator(batches, output_signature=(features_spec, labels_spec)).prefetch(1)
-    return train, tf.data.Dataset.from_tensor_slices(val).batch(batch_size), val
+    # Without tf.data's autotuner, as every pipeline a run iterates: on 2 cores it left each epoch
+    # waiting about 4 s for it, and the backbone running on one core (`without_autotuner`).
+    train = without_autotuner(
+        tf.data.Dataset.from_generator(batches, output_signature=(features_spec, labels_spec)).prefetch(1))
+    return train, without_autotuner(tf.data.Dataset.from_tensor_slices(val).batch(batch_size)), val
 
 
 class FeatureCache:
@@ -175,7 +178,7 @@ class FeatureCache:
                 .prefetch(tf.data.AUTOTUNE).apply(without_autotuner))
 
     def val_dataset(self, batch_size):
-        return tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size)
+        return without_autotuner(tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size))
 
 
 def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None):
