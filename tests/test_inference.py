@@ -51,6 +51,28 @@ def test_folding_keeps_a_mixed_bfloat16_model_in_bfloat16():
     assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max() + 0.05
 
 
+def test_a_float32_model_folded_into_bfloat16_answers_as_the_model_built_in_bfloat16():
+    keras.utils.set_random_seed(0)
+    model = with_trained_statistics(models.build("resnet18", 10, input_shape=(64, 64, 3)))
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        built_in_bfloat16 = models.build("resnet18", 10, input_shape=(64, 64, 3))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    built_in_bfloat16.set_weights(model.get_weights())
+    backbone = keras.Model(model.inputs, model.get_layer("avgpool").output)
+    reference = keras.Model(built_in_bfloat16.inputs, built_in_bfloat16.get_layer("avgpool").output)
+    folded = fold.fold_batch_norms(backbone, dtype_policy="mixed_bfloat16")
+    assert folded.inputs[0].dtype == "float32"  # the images stay float32; the first convolution casts them
+    images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype("float32")
+    features = np.asarray(folded(images, training=False))
+    assert str(features.dtype) == "bfloat16"
+    expected = np.asarray(fold.fold_batch_norms(reference)(images, training=False), np.float32)
+    np.testing.assert_array_equal(features.astype(np.float32), expected)  # the same bfloat16 network
+    float32_features = np.asarray(fold.fold_batch_norms(backbone)(images, training=False))
+    assert np.abs(features.astype(np.float32) - float32_features).max() > 1e-4  # rounded: not the float32 copy
+
+
 def test_a_model_without_batch_norm_is_copied_unchanged():
     keras.utils.set_random_seed(0)
     model = models.build("lenet5", 4, input_shape=(32, 32, 3))

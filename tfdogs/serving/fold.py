@@ -51,15 +51,18 @@ def _unfilled(config):
     return {**config, **{key: "zeros" for key in config if key.endswith("_initializer")}}
 
 
-def fold_batch_norms(model):
+def fold_batch_norms(model, dtype_policy=None):
     """A copy of a functional model with BatchNorms folded into the convolutions before them.
 
     Only for inference: the copy has no batch statistics to train. Layers
-    keep their names and dtype policies (a mixed_bfloat16 model stays one);
-    BatchNorms that do not directly follow a bias-free convolution are kept.
+    keep their names and dtype policies (a mixed_bfloat16 model stays one)
+    unless `dtype_policy` is given; BatchNorms that do not directly follow a
+    bias-free convolution are kept.
 
     Args:
         model: a functional `keras.Model` (as `tfdogs.models.build` makes).
+        dtype_policy: a Keras dtype policy name (e.g. "mixed_bfloat16") every copied layer computes in,
+            as if the model had been built under it; None keeps each layer's own.
 
     Returns:
         A new `keras.Model` with the same inputs, outputs and answers.
@@ -67,13 +70,17 @@ def fold_batch_norms(model):
     pairs = _folded_pairs(model)
     folded_norms = {norm.name for norm in pairs.values()}
 
+    def config_of(layer):
+        config = _unfilled(layer.get_config())
+        return {**config, "dtype": dtype_policy} if dtype_policy else config
+
     def clone(layer):
         if layer.name in pairs:
-            return layer.__class__.from_config({**_unfilled(layer.get_config()), "use_bias": True})
+            return layer.__class__.from_config({**config_of(layer), "use_bias": True})
         if layer.name in folded_norms:
-            return PassThrough(name=layer.name, dtype=layer.dtype_policy)
+            return PassThrough(name=layer.name, dtype=dtype_policy or layer.dtype_policy)
         try:
-            copy = layer.__class__.from_config(_unfilled(layer.get_config()))
+            copy = layer.__class__.from_config(config_of(layer))
         except (TypeError, ValueError):  # keras-hub layers that cannot be rebuilt from their own config (ViT's
             return layer  # patch embedding) are shared with the original: nothing of theirs is folded
         return copy if copy.name == layer.name else layer  # or that rename themselves (MobileNetV3's blocks)

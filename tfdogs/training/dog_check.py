@@ -14,7 +14,7 @@ NO_POOLED_FEATURES = "its network has no pooled-features layer ('avgpool') to me
 
 
 def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_classes, preprocessing,
-                  at_hand=(None, None)):
+                  at_hand=(None, None), precision="float32"):
     """The run's `DogGate` and what it measured, or (None, why it cannot reject).
 
     The breed means come from the training photos' evaluation crops, the threshold from the
@@ -32,6 +32,9 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
         at_hand: (training features, validation features) of those crops that a frozen last phase
             already computed through this model's backbone, each None where not: only the missing
             ones run through the network.
+        precision: the Keras dtype policy the run trained in; the backbone computes the features in it
+            (mixed_bfloat16 ran ResNet-18's folded backbone 4.3x faster than float32 on an AMX Xeon), as
+            the run's own validation passes do.
 
     Returns:
         (`not_a_dog.DogGate` or None, facts for `not_a_dog.json` and the export).
@@ -40,7 +43,7 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
         return None, {"can_reject": False, "why": FROM_RANDOM_WEIGHTS}
     if not can_cache(model):
         return None, {"can_reject": False, "why": NO_POOLED_FEATURES}
-    backbone = compiled(fold_batch_norms(split_at_features(model)[0]))
+    backbone = compiled(fold_batch_norms(split_at_features(model)[0], dtype_policy=precision))
     missing = [dataset for dataset, features in zip((train_dataset, val_dataset), at_hand) if features is None]
     computed = iter(features for features, _ in (features_of_each(backbone, missing) if missing else []))
     train_features, val_features = (next(computed) if features is None else features for features in at_hand)
@@ -48,7 +51,9 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
     try:
         photos = non_dogs.non_dog_photos()
     except ModuleNotFoundError as error:
-        return gate, {"can_reject": True, **not_a_dog.rates(gate, val_features), "non_dogs_missing": str(error)}
-    pixels = np.stack([data.preprocess_eval(photo, **preprocessing.as_dict()).numpy() for photo in photos.values()])
+        return gate, {"can_reject": True, "precision": precision, **not_a_dog.rates(gate, val_features),
+                      "non_dogs_missing": str(error)}
+    pixels = np.stack([data.preprocess_eval(photo, **preprocessing.as_dict(), with_pillow=True).numpy()
+                       for photo in photos.values()])
     facts = not_a_dog.rates(gate, val_features, backbone(pixels).numpy(), list(photos))
-    return gate, {"can_reject": True, **facts, "non_dog_photos": non_dogs.descriptions()}
+    return gate, {"can_reject": True, "precision": precision, **facts, "non_dog_photos": non_dogs.descriptions()}

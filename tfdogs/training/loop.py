@@ -262,10 +262,11 @@ def _train(config, extra_callbacks, ownership):
                 runtime["global_batch_size"])
         if fitted is not model and phase.start_epoch == 0 and size == final_size and imagenet is not None:
             zero_shot_at_hand = (val_features, imagenet)  # the pretrained backbone's, at the exported size
-        # the "not a dog" check's float32 features, when this frozen phase ends the run at the exported size:
-        # the validation photos', and with one cached view the training photos' evaluation crops
+        # the "not a dog" check's features (in the run's precision, as the check computes its own), when this
+        # frozen phase ends the run at the exported size: the validation photos', and with one cached view the
+        # training photos' evaluation crops
         dog_check_at_hand = (None, None)
-        if fitted is not model and size == final_size and runtime["precision"] == "float32":
+        if fitted is not model and size == final_size:
             one_view = frozen and config["feature_views"] == 1
             dog_check_at_hand = (cache.features[0].numpy() if one_view else None, val_features)
         schedule = make_schedule(config, runtime["learning_rate"], steps, phase.start_epoch)
@@ -364,7 +365,8 @@ def _train(config, extra_callbacks, ownership):
     timer.lap("final_evaluation")
     gate, summary["not_a_dog"] = fit_dog_check(config, final_model, evaluation_at(final_size, "train"),
                                                evaluation_at(final_size, "val"), records.labels[train_indices],
-                                               num_classes, preprocessing, at_hand=dog_check_at_hand)
+                                               num_classes, preprocessing, at_hand=dog_check_at_hand,
+                                               precision=runtime["precision"])
     not_a_dog.save(gate, summary["not_a_dog"], run_dir)
     print(not_a_dog.summary_line(summary["not_a_dog"]))
     timer.lap("not_a_dog")
