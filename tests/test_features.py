@@ -12,7 +12,7 @@ from conftest import assert_scores_match, pil_eval_transform, reference_run_scor
 from tfdogs import models
 from tfdogs.evaluation import metrics
 from tfdogs.runs import folder as run_folder
-from tfdogs.training import features, loop as training_loop, phases
+from tfdogs.training import devices, features, loop as training_loop, phases
 
 SIZE = 32
 
@@ -188,6 +188,27 @@ def test_a_feature_extract_run_on_cached_features_trains_and_serves_its_head(tmp
     # computed in the run's precision (bfloat16 rounds the features and so the means and the threshold)
     assert json.loads((run_dir / "not_a_dog.json").read_text())["precision"] == summary["precision"] == precision
     assert_dog_gate_is_numpy_on_the_model(run_dir, 1e-5 if precision == "float32" else 1e-2)
+
+
+def test_where_the_cpu_computes_bfloat16_a_float32_run_s_frozen_backbone_runs_in_bfloat16(tmp_path, monkeypatch):
+    """EfficientNet-Lite trains in float32 under `--precision auto`; on a CPU with native bfloat16 its frozen
+    backbone still runs in bfloat16 (`frozen_precision`), so the head's validation scores are model.keras's
+    on the photos to bfloat16's rounding, not to float32's."""
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: True)
+    checkpoint = tmp_path / "lite0-random.weights.h5"
+    keras.utils.set_random_seed(5)
+    models.build("efficientnet_lite0", 1000, input_shape=(SIZE, SIZE, 3)).save_weights(checkpoint)
+    config = small_config(model="efficientnet_lite0", weights=str(checkpoint), strategy="feature-extract", epochs=2,
+                          image_size=SIZE, precision="auto", output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"))
+    run_dir = training_loop.train(config)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert (summary["precision"], summary["frozen_precision"]) == ("float32", "mixed_bfloat16")
+    assert summary["val_scored_by"] == "the best epoch's validation pass (mixed_bfloat16)"
+    assert json.loads((run_dir / "not_a_dog.json").read_text())["precision"] == "mixed_bfloat16"
+    reported, reference = summary["val"]["log_loss"], reference_run_scores(run_dir)["val"]["log_loss"]
+    assert 1e-6 < abs(reported - reference) < 2e-2, (reported, reference)  # bfloat16 features, not float32's
+    assert_dog_gate_is_numpy_on_the_model(run_dir, 1e-2)
 
 
 @pytest.mark.parametrize("strategy", ["feature-extract", pytest.param("fine-tune", marks=pytest.mark.slow)])

@@ -73,17 +73,21 @@ def test_gpu_defaults_are_xla_and_mixed_float16(monkeypatch):
                         lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
     runtime = devices.resolve_runtime(small_config())
     assert (runtime["device"], runtime["jit_compile"], runtime["precision"]) == ("GPU", True, "mixed_float16")
+    assert runtime["frozen_precision"] == "mixed_float16"
 
 
-@pytest.mark.parametrize("model_name, native_bfloat16, expected", [
-    ("resnet18", True, "mixed_bfloat16"), ("resnet34", True, "mixed_bfloat16"),
-    ("lenet5", True, "float32"), ("resnet18", False, "float32")])
-def test_cpu_defaults_are_no_xla_and_bfloat16_only_where_it_pays(monkeypatch, model_name, native_bfloat16, expected):
+@pytest.mark.parametrize("model_name, native_bfloat16, expected, frozen", [
+    ("resnet18", True, "mixed_bfloat16", "mixed_bfloat16"), ("resnet34", True, "mixed_bfloat16", "mixed_bfloat16"),
+    ("efficientnet_lite0", True, "float32", "mixed_bfloat16"), ("lenet5", True, "float32", "float32"),
+    ("resnet18", False, "float32", "float32"), ("efficientnet_lite0", False, "float32", "float32")])
+def test_cpu_defaults_are_no_xla_and_bfloat16_only_where_it_pays(monkeypatch, model_name, native_bfloat16, expected,
+                                                               frozen):
     from conftest import small_config
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native_bfloat16)
     runtime = devices.resolve_runtime(small_config(model=model_name, image_size=64))
     assert (runtime["device"], runtime["jit_compile"], runtime["precision"]) == ("CPU", False, expected)
+    assert runtime["frozen_precision"] == frozen  # a frozen backbone, as inference
     named = devices.resolve_runtime(small_config(model=model_name, image_size=64, precision="float32"))
-    assert named["precision"] == "float32"
+    assert named["precision"] == named["frozen_precision"] == "float32"

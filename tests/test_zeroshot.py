@@ -112,8 +112,9 @@ def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_f
     keras.utils.set_random_seed(7)
     checkpoint = tmp_path / "imagenet-like.weights.h5"
     models.build("resnet18", 1000, input_shape=(64, 64, 3)).save_weights(checkpoint)
+    # float32: on a CPU with native bfloat16 the run's frozen pass (and so its baseline) would be bfloat16's
     run_dir = training_loop.train(small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract",
-                                       image_size=64, epochs=1, output=str(tmp_path / "run"),
+                                       image_size=64, epochs=1, precision="float32", output=str(tmp_path / "run"),
                                        export_dir=str(tmp_path / "export")))
     summary = json.loads((run_dir / "metrics.json").read_text())
     recorded = summary["baselines"]["imagenet_zero_shot"]

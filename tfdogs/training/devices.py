@@ -143,19 +143,29 @@ def shard_by_data(dataset):
 
 
 def resolve_runtime(config):
-    """Chooses XLA and precision for the device.
+    """Chooses XLA, the training precision and the frozen backbone's for the device.
 
     GPU: XLA and mixed float16. CPU: no XLA (slower there); mixed bfloat16 for
     the ResNets where the CPU computes bfloat16 natively (about 1.5x faster
-    steps at float32's validation accuracy, README "Performance"), else
-    float32 (LeNet-5 is too small to gain; EfficientNet-Lite's bfloat16 speed and
-    accuracy have not been measured on such a CPU, so it stays in float32 there).
+    steps at float32's validation accuracy, docs/performance.md), else
+    float32: LeNet-5 is too small to gain, and EfficientNet-Lite0 fine-tuned
+    slower in bfloat16 on an AMX Xeon (whole-network phase 40.0-40.7 s
+    against 35.1-36.4 s on dogs10, seeds 0 and 1).
+
+    `frozen_precision` is what a frozen backbone runs in as inference (its
+    per-batch features, cached features, the "not a dog" check): with
+    `precision` auto, mixed bfloat16 wherever the CPU computes it natively,
+    EfficientNet-Lite included (its feature extraction took 8.6-8.7 s of head
+    phase against 10.7-11.2 s in float32 there, at the same accuracy);
+    otherwise the training precision.
     """
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     jit = {"auto": has_gpu, "on": True, "off": False}[config["jit_compile"]]
-    precision = config["precision"]
+    precision = frozen_precision = config["precision"]
     if precision == "auto":
-        cpu_bfloat16 = (config["model"] != "lenet5" and not config["model"].startswith("efficientnet_lite")
-                        and cpu_has_native_bfloat16())
+        native = not has_gpu and config["model"] != "lenet5" and cpu_has_native_bfloat16()
+        cpu_bfloat16 = native and not config["model"].startswith("efficientnet_lite")
         precision = "mixed_float16" if has_gpu else "mixed_bfloat16" if cpu_bfloat16 else "float32"
-    return {"device": "GPU" if has_gpu else "CPU", "jit_compile": jit, "precision": precision}
+        frozen_precision = "mixed_bfloat16" if native else precision
+    return {"device": "GPU" if has_gpu else "CPU", "jit_compile": jit, "precision": precision,
+            "frozen_precision": frozen_precision}

@@ -105,7 +105,7 @@ def features_of_each(backbone, datasets):
     return results
 
 
-def inference_epochs(backbone, train_dataset, val_dataset, batch_size):
+def inference_epochs(backbone, train_dataset, val_dataset, batch_size, dtype_policy=None):
     """The frozen backbone run as inference, batch by batch: the datasets the head trains and validates on.
 
     Every batch of the training pipeline (each epoch's own augmented crops, in
@@ -123,12 +123,15 @@ def inference_epochs(backbone, train_dataset, val_dataset, batch_size):
         train_dataset: batches of (images, labels), every epoch of the phase.
         val_dataset: batches of (images, labels) of the validation photos.
         batch_size: the batch size of the returned validation dataset.
+        dtype_policy: the Keras dtype policy the folded backbone computes in (the run's
+            `frozen_precision`: mixed bfloat16 on a CPU that computes it natively, even where the run
+            trains in float32); None keeps the backbone's own.
 
     Returns:
         (training dataset of (features, labels), validation dataset of (features, labels),
         the validation features and labels as arrays).
     """
-    forward = compiled(fold_batch_norms(backbone))
+    forward = compiled(fold_batch_norms(backbone, dtype_policy))
     val = features_of(forward, val_dataset)
     labels_spec = train_dataset.element_spec[1]
 
@@ -181,7 +184,7 @@ class FeatureCache:
         return without_autotuner(tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size))
 
 
-def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None):
+def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None, dtype_policy=None):
     """Runs the frozen backbone over the views and the validation photos once (or reads them back).
 
     Args:
@@ -194,6 +197,8 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
         folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
         key: what the features depend on (model weights' source, image size, views); a cache
             written under another key is recomputed.
+        dtype_policy: the Keras dtype policy the backbone computes in (see `inference_epochs`);
+            None, the backbone's own, as it is (BatchNorms not folded).
 
     Returns:
         (FeatureCache, seconds spent computing, or 0.0 when read back).
@@ -205,7 +210,7 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
             cache_views = [(saved[f"view{index}"], saved[f"view{index}_labels"]) for index in range(count)]
             return FeatureCache(cache_views, (saved["val"], saved["val_labels"]), seed), 0.0
     started = time.perf_counter()
-    forward = compiled(backbone)
+    forward = compiled(fold_batch_norms(backbone, dtype_policy) if dtype_policy else backbone)
     training = [evaluation_of("train")] if views == 1 else [train_epochs(view, 1) for view in range(views)]
     *cache_views, val = features_of_each(forward, [*training, evaluation_of("val")])
     seconds = time.perf_counter() - started

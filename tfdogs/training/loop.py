@@ -66,6 +66,16 @@ def trained_parameters(model, phases):
                    for variable in layer.trainable_weights))
 
 
+def on_features(config, phase, model, multi_worker):
+    """Whether a phase trains the classifier alone on features of a backbone that runs apart as inference.
+
+    So it does where the phase freezes the whole backbone (single-worker, a model with pooled features),
+    per batch (`--frozen-inference`, the default) or on cached views (`--feature-views`).
+    """
+    frozen = phase.frozen_stages == STAGES[:-1] and not multi_worker and can_cache(model)
+    return frozen and bool(config["feature_views"] or config["frozen_inference"])
+
+
 def build_model(config, num_classes, weights_source, class_names=None):
     """The run's network at its input size and head regularisation, from `weights_source` (None: random).
 
@@ -240,14 +250,15 @@ def _train(config, extra_callbacks, ownership):
         val_dataset = shard_by_data(val_dataset)
         factors = configure_phase(model, phase, config["freeze_bn"] and config["strategy"] != "scratch")
         fitted = model
-        frozen = phase.frozen_stages == STAGES[:-1] and task is None and can_cache(model)
-        if frozen and (config["feature_views"] or config["frozen_inference"]):
+        if on_features(config, phase, model, task is not None):
             backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
-        if frozen and config["feature_views"]:
+        if fitted is not model and config["feature_views"]:
             cache, seconds = build_cache(
                 backbone, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
                 config["seed"], folder=run_dir / CACHE_FOLDER,
-                key={"phase": phase.name, "image_size": size, "views": config["feature_views"]})
+                key={"phase": phase.name, "image_size": size, "views": config["feature_views"],
+                     "precision": runtime["frozen_precision"]},
+                dtype_policy=runtime["frozen_precision"])
             print(f"Cached backbone features: {config['feature_views']} view(s) of each training photo "
                   + (f"computed in {seconds:.1f} s" if seconds else f"read back from {run_dir / CACHE_FOLDER}")
                   + "; the head trains on them, so augmentation is limited to "
@@ -259,15 +270,15 @@ def _train(config, extra_callbacks, ownership):
         elif fitted is not model:  # the backbone runs as inference on each batch, the head trains on its features
             train_dataset, val_dataset, (val_features, _) = inference_epochs(
                 backbone, train_epochs(first_epoch, phase.end_epoch - first_epoch), val_dataset,
-                runtime["global_batch_size"])
+                runtime["global_batch_size"], dtype_policy=runtime["frozen_precision"])
         if fitted is not model and phase.start_epoch == 0 and size == final_size and imagenet is not None:
             zero_shot_at_hand = (val_features, imagenet)  # the pretrained backbone's, at the exported size
-        # the "not a dog" check's features (in the run's precision, as the check computes its own), when this
+        # the "not a dog" check's features (in the frozen precision, as the check computes its own), when this
         # frozen phase ends the run at the exported size: the validation photos', and with one cached view the
         # training photos' evaluation crops
         dog_check_at_hand = (None, None)
         if fitted is not model and size == final_size:
-            one_view = frozen and config["feature_views"] == 1
+            one_view = config["feature_views"] == 1
             dog_check_at_hand = (cache.features[0].numpy() if one_view else None, val_features)
         schedule = make_schedule(config, runtime["learning_rate"], steps, phase.start_epoch)
         with strategy.scope():  # metrics and optimizer variables are mirrored too
@@ -333,7 +344,10 @@ def _train(config, extra_callbacks, ownership):
     if best_epoch not in best_passes:  # a resumed run whose best epoch came before the interruption
         best_passes.update(read_best_pass(run_dir / BEST_PASS_FILE))
     if best_epoch in best_passes:  # the best checkpoint's own validation pass: nothing runs again
-        logits, scored_by = best_passes[best_epoch], f"the best epoch's validation pass ({runtime['precision']})"
+        best_phase = next(phase for phase in plan_phases(config) if phase.start_epoch <= best_epoch < phase.end_epoch)
+        pass_precision = runtime["frozen_precision" if on_features(config, best_phase, model, task is not None)
+                                else "precision"]
+        logits, scored_by = best_passes[best_epoch], f"the best epoch's validation pass ({pass_precision})"
     else:  # e.g. the best epoch at another image size, or trained on several replicas
         logits = predict_logits(final_model, shard_by_data(pipelines_at(final_size)[1]))
         scored_by = "model.keras (float32) on the validation photos"
@@ -366,7 +380,7 @@ def _train(config, extra_callbacks, ownership):
     gate, summary["not_a_dog"] = fit_dog_check(config, final_model, evaluation_at(final_size, "train"),
                                                evaluation_at(final_size, "val"), records.labels[train_indices],
                                                num_classes, preprocessing, at_hand=dog_check_at_hand,
-                                               precision=runtime["precision"])
+                                               precision=runtime["frozen_precision"])
     not_a_dog.save(gate, summary["not_a_dog"], run_dir)
     print(not_a_dog.summary_line(summary["not_a_dog"]))
     timer.lap("not_a_dog")
