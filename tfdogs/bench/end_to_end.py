@@ -194,8 +194,9 @@ def lite_jobs(data_dir, workdir, torch_python, *, tfdogs_python=sys.executable, 
     - tfdogs starts the classifier's column of each breed ImageNet knows from
       ImageNet's row by default; the PyTorch script starts it at random, so
       tfdogs runs with `--head-init random`;
-    - tfdogs keeps EfficientNet-Lite in float32 on a CPU (`--precision auto`):
-      the PyTorch command runs `--precision float32` too, not bfloat16 autocast.
+    - tfdogs trains EfficientNet-Lite in float32 on a CPU (`--precision auto`;
+      its frozen backbone runs in bfloat16 where the CPU computes it natively):
+      the PyTorch command runs `--precision float32`, not bfloat16 autocast.
 
     tfdogs keeps its extra augmentation (rotation, zoom, translation, contrast).
 
