@@ -35,6 +35,7 @@ from tfdogs.data.decode import traced_as_written
 from tfdogs.data.pipeline import without_autotuner
 from tfdogs.models import FEATURE_LAYER
 from tfdogs.serving.fold import fold_batch_norms
+from tfdogs.training.phases import STAGES
 
 CACHE_FOLDER = "feature_cache"
 
@@ -42,6 +43,16 @@ CACHE_FOLDER = "feature_cache"
 def can_cache(model):
     """Whether the model has the pooled-features layer its head starts from."""
     return any(layer.name == FEATURE_LAYER for layer in model.layers)
+
+
+def on_features(config, phase, model, multi_worker):
+    """Whether a phase trains the classifier alone on features of a backbone that runs apart as inference.
+
+    So it does where the phase freezes the whole backbone (single-worker, a model with pooled features),
+    per batch (`--frozen-inference`, the default) or on cached views (`--feature-views`).
+    """
+    frozen = phase.frozen_stages == STAGES[:-1] and not multi_worker and can_cache(model)
+    return frozen and bool(config["feature_views"] or config["frozen_inference"])
 
 
 def split_at_features(model):

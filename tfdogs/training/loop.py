@@ -33,10 +33,10 @@ from tfdogs.training.cluster import (
 )
 from tfdogs.training.devices import make_strategy, replica_facts, resolve_name, resolve_runtime, shard_by_data
 from tfdogs.training.optimizer import compile_model, make_schedule
-from tfdogs.training.phases import STAGES, TrainingError, configure_phase, plan_phases
+from tfdogs.training.phases import TrainingError, configure_phase, plan_phases
 from tfdogs.training.baselines import IMAGENET_OVERLAP, zero_shot_baseline
 from tfdogs.training.dog_check import fit_dog_check
-from tfdogs.training.features import CACHE_FOLDER, build_cache, can_cache, inference_epochs, split_at_features
+from tfdogs.training.features import CACHE_FOLDER, build_cache, inference_epochs, on_features, split_at_features
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
@@ -64,16 +64,6 @@ def trained_parameters(model, phases):
     return int(sum(np.prod(variable.shape) for layer in model.layers
                    if any(models.stage_of(layer.name) not in phase.frozen_stages for phase in phases)
                    for variable in layer.trainable_weights))
-
-
-def on_features(config, phase, model, multi_worker):
-    """Whether a phase trains the classifier alone on features of a backbone that runs apart as inference.
-
-    So it does where the phase freezes the whole backbone (single-worker, a model with pooled features),
-    per batch (`--frozen-inference`, the default) or on cached views (`--feature-views`).
-    """
-    frozen = phase.frozen_stages == STAGES[:-1] and not multi_worker and can_cache(model)
-    return frozen and bool(config["feature_views"] or config["frozen_inference"])
 
 
 def build_model(config, num_classes, weights_source, class_names=None):
