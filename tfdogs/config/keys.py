@@ -215,7 +215,8 @@ HELP = {
     "early_stopping_patience": "epochs without validation-accuracy gain before stopping (0: never)",
     "jit_compile": "XLA compilation: auto (on with a GPU, off on CPU), on, off",
     "precision": "auto (mixed_float16 on GPU; on CPU mixed_bfloat16 for ResNets where the CPU has native "
-    "bfloat16, else float32), float32, mixed_float16, mixed_bfloat16",
+    "bfloat16, else float32; where it has, a frozen backbone of any model runs in bfloat16), float32, "
+    "mixed_float16, mixed_bfloat16",
     "distribute": "devices: auto (multi-worker with a TF_CONFIG cluster, mirrored with several GPUs, "
     "else none), none, mirrored (all local GPUs), multi-worker (TF_CONFIG); --batch-size is per "
     "replica and the learning rate scales with the replicas",
