@@ -128,7 +128,9 @@ def test_a_lite0_run_rejects_real_non_dog_photos_and_keeps_the_dogs(dogs10_dir, 
     assert round(facts["non_dogs_accepted"] * 19) <= MOST_NON_DOGS_ACCEPTED
     assert facts["threshold"] >= LOWEST_THRESHOLD_OVER_HIGHEST_NON_DOG * facts["highest_non_dog_score"]
 
-    # The SavedModel, fed the photos as PNG files, answers what training measured.
+    # The SavedModel, fed the photos as PNG files, answers what training measured: in float32, to float32's
+    # rounding; where the CPU computes bfloat16 natively the run measured on bfloat16 features, to its rounding.
+    tolerance = 1e-4 if facts["precision"] == "float32" else 3e-3
     photos = tmp_path / "photos"
     photos.mkdir()
     for name, photo in non_dogs.non_dog_photos().items():
@@ -137,7 +139,7 @@ def test_a_lite0_run_rejects_real_non_dog_photos_and_keeps_the_dogs(dogs10_dir, 
     assert predict.main([str(tmp_path / "export"), str(photos), "--json"]) == 0
     answers = json.loads(capsys.readouterr().out)
     scores = [answer["dog_score"] for answer in answers]
-    assert max(scores) == pytest.approx(facts["highest_non_dog_score"], abs=1e-4)
+    assert max(scores) == pytest.approx(facts["highest_non_dog_score"], abs=tolerance)
     assert sum(answer["not_a_dog"] for answer in answers) == 19 - round(facts["non_dogs_accepted"] * 19)
 
 

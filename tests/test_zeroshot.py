@@ -83,8 +83,10 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
     monkeypatch.setitem(weights.REGISTRY, ("resnet18", "torchvision"), spec)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
 
+    # float32: on a CPU with native bfloat16 the run's frozen pass (and so its baseline) would be bfloat16's
     config = small_config(model="resnet18", weights="auto", strategy="auto", image_size=64, epochs=2,
-                          head_epochs=1, output=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
+                          head_epochs=1, precision="float32", output=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "export"))
     assert config["weights"] == "imagenet" and config["strategy"] == "fine-tune"
     run_dir = training_loop.train(config)
     summary = json.loads((run_dir / "metrics.json").read_text())
