@@ -5,8 +5,7 @@ import numpy as np
 from tfdogs import data
 from tfdogs.data import non_dogs
 from tfdogs.evaluation import not_a_dog
-from tfdogs.serving.fold import fold_batch_norms
-from tfdogs.training.features import can_cache, compiled, features_of_each, split_at_features
+from tfdogs.training.features import can_cache, features_of_each, inference_of, split_at_features
 
 FROM_RANDOM_WEIGHTS = ("it trained from random weights: features learned from its breeds alone cannot tell a dog "
                        "from anything else; start from pretrained weights (--weights) to get the check")
@@ -32,9 +31,9 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
         at_hand: (training features, validation features) of those crops that a frozen last phase
             already computed through this model's backbone, each None where not: only the missing
             ones run through the network.
-        precision: the Keras dtype policy the run trained in; the backbone computes the features in it
-            (mixed_bfloat16 ran ResNet-18's folded backbone 4.3x faster than float32 on an AMX Xeon), as
-            the run's own validation passes do.
+        precision: the Keras dtype policy the run's frozen backbone runs in (its `frozen_precision`), and
+            the at-hand features were computed in; the check computes the missing ones in it too
+            (mixed_bfloat16 ran ResNet-18's folded backbone 4.3x faster than float32 on an AMX Xeon).
 
     Returns:
         (`not_a_dog.DogGate` or None, facts for `not_a_dog.json` and the export).
@@ -43,7 +42,7 @@ def fit_dog_check(config, model, train_dataset, val_dataset, train_labels, num_c
         return None, {"can_reject": False, "why": FROM_RANDOM_WEIGHTS}
     if not can_cache(model):
         return None, {"can_reject": False, "why": NO_POOLED_FEATURES}
-    backbone = compiled(fold_batch_norms(split_at_features(model)[0], dtype_policy=precision))
+    backbone = inference_of(split_at_features(model)[0], precision)
     missing = [dataset for dataset, features in zip((train_dataset, val_dataset), at_hand) if features is None]
     computed = iter(features for features, _ in (features_of_each(backbone, missing) if missing else []))
     train_features, val_features = (next(computed) if features is None else features for features in at_hand)

@@ -81,6 +81,17 @@ def compiled(backbone):
                        autograph=False)
 
 
+def inference_of(backbone, dtype_policy=None):
+    """The frozen backbone as the serving path runs it: BatchNorms folded, in `dtype_policy`, one graph.
+
+    Args:
+        backbone: the model up to its pooled features (from `split_at_features`).
+        dtype_policy: the Keras dtype policy it computes in (a run's `frozen_precision`: mixed bfloat16 on a
+            CPU that computes it natively, even where the run trains in float32); None keeps the backbone's own.
+    """
+    return compiled(fold_batch_norms(backbone, dtype_policy))
+
+
 def features_of(backbone, dataset):
     """float32 features and labels of every batch of an (images, labels) dataset, in its order.
 
@@ -134,15 +145,13 @@ def inference_epochs(backbone, train_dataset, val_dataset, batch_size, dtype_pol
         train_dataset: batches of (images, labels), every epoch of the phase.
         val_dataset: batches of (images, labels) of the validation photos.
         batch_size: the batch size of the returned validation dataset.
-        dtype_policy: the Keras dtype policy the folded backbone computes in (the run's
-            `frozen_precision`: mixed bfloat16 on a CPU that computes it natively, even where the run
-            trains in float32); None keeps the backbone's own.
+        dtype_policy: the Keras dtype policy the folded backbone computes in (see `inference_of`).
 
     Returns:
         (training dataset of (features, labels), validation dataset of (features, labels),
         the validation features and labels as arrays).
     """
-    forward = compiled(fold_batch_norms(backbone, dtype_policy))
+    forward = inference_of(backbone, dtype_policy)
     val = features_of(forward, val_dataset)
     labels_spec = train_dataset.element_spec[1]
 
@@ -208,8 +217,7 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
         folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
         key: what the features depend on (model weights' source, image size, views); a cache
             written under another key is recomputed.
-        dtype_policy: the Keras dtype policy the backbone computes in (see `inference_epochs`);
-            None, the backbone's own, as it is (BatchNorms not folded).
+        dtype_policy: the Keras dtype policy the folded backbone computes in (see `inference_of`).
 
     Returns:
         (FeatureCache, seconds spent computing, or 0.0 when read back).
@@ -221,7 +229,7 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
             cache_views = [(saved[f"view{index}"], saved[f"view{index}_labels"]) for index in range(count)]
             return FeatureCache(cache_views, (saved["val"], saved["val_labels"]), seed), 0.0
     started = time.perf_counter()
-    forward = compiled(fold_batch_norms(backbone, dtype_policy) if dtype_policy else backbone)
+    forward = inference_of(backbone, dtype_policy)
     training = [evaluation_of("train")] if views == 1 else [train_epochs(view, 1) for view in range(views)]
     *cache_views, val = features_of_each(forward, [*training, evaluation_of("val")])
     seconds = time.perf_counter() - started
