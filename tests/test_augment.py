@@ -159,3 +159,24 @@ def test_mixing_needs_one_hot_labels(photos):
                           mean=(0.5,) * 3, std=(0.25,) * 3, augmentation=build_augmentation(**NONE, mixup=0.2))
     assert augment.mixes_labels(build_augmentation(**NONE, cutmix=1.0))
     assert not augment.mixes_labels(build_augmentation(**NONE, randaugment=(2, 9)))
+
+
+def _op_types(function, *args):
+    """Every op type in a traced tf.function, the functions it calls included."""
+    graph = function.get_concrete_function(*args).graph.as_graph_def()
+    return {node.op for node in graph.node} | {node.op for f in graph.library.function for node in f.node_def}
+
+
+def test_study_resampling_runs_compiled_and_matches_tensorflow_s_kernel_to_rounding(monkeypatch):
+    from tfdogs.data import augment
+
+    images, seed = tf.constant(_batch(size=4, side=40)), tf.constant([7, 3], tf.int64)
+    augmentation = build_augmentation()
+    compiled = tf.function(lambda batch: augment.augment_batch(augmentation, batch, seed))
+    assert "ImageProjectiveTransformV3" not in _op_types(compiled, images)
+    result = compiled(images).numpy()
+    monkeypatch.setattr(augment, "RESAMPLING_LAYERS", ())  # the layers' own kernel, the same draws
+    with_kernel = tf.function(lambda batch: augment.augment_batch(augmentation, batch, seed))
+    assert "ImageProjectiveTransformV3" in _op_types(with_kernel, images)
+    np.testing.assert_allclose(result, with_kernel(images).numpy(), rtol=0, atol=0.1)
+    assert not np.allclose(result, images.numpy(), atol=1.0)

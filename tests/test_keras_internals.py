@@ -168,6 +168,45 @@ def test_augmentation_layers_draw_through_their_generator_attribute(make_layer):
             "unneeded (augment_batch's fixed seeds would still be used), check and update docs/keras-internals.md")
 
 
+class RecordingImageBackend:
+    """Stands in for a layer's backend: records the transforms its `image.affine_transform` is given."""
+
+    def __init__(self, backend):
+        self._backend, self.transforms = backend, []
+        self.image = self
+
+    def affine_transform(self, images, transform, **options):
+        self.transforms.append(transform)
+        return self._backend.image.affine_transform(images, transform, **options)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+@pytest.mark.parametrize("make_layer", [lambda: keras.layers.RandomRotation(0.05, seed=1),
+                                        lambda: keras.layers.RandomZoom(0.1, seed=1),
+                                        lambda: keras.layers.RandomTranslation(0.1, 0.1, seed=1)],
+                         ids=["RandomRotation", "RandomZoom", "RandomTranslation"])
+def test_resampling_layers_transform_through_their_backend_attribute(make_layer):
+    layer = make_layer()
+    name = f"{type(layer).__name__}.backend.image.affine_transform"
+    require(hasattr(getattr(layer, "backend", None), "image"), name, "is gone: the layer has no backend attribute")
+    recording = RecordingImageBackend(layer.backend)
+    object.__setattr__(layer, "backend", recording)  # as tfdogs.data.augment swaps it, past Keras' tracking
+    images = tf.random.stateless_uniform((2, 16, 16, 3), [0, 1], maxval=255.0)
+    transformation = layer.get_random_transformation(images, training=True, seed=CountingSeed())
+    output = layer.transform_images(images, transformation, training=True)
+    require(layer.backend is recording, name, "cannot be replaced past Keras' tracking")
+    require(len(recording.transforms) == 1 and tuple(recording.transforms[0].shape) == (2, 8), name,
+            "is no longer how the layer resamples (once, with a [batch, 8] transform): augment_batch's "
+            "compiled resampling would silently stop being used; check and update docs/keras-internals.md")
+    expected = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=tf.cast(recording.transforms[0], tf.float32), output_shape=[16, 16],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    require(np.array_equal(output.numpy(), expected.numpy()), name,
+            "no longer resamples bilinearly with reflected borders, the case tfdogs.data.resample compiles")
+
+
 # ----------------------------------------------------------------------------- tfdogs/training/cluster.py
 
 
