@@ -7,7 +7,7 @@ median of timed windows. The models are tfdogs' own (`tfdogs.models` imports
 only Keras); the step is one `jax.jit`-compiled function over the stateless
 Keras API (XLA, like TensorFlow's `jit_compile`).
 
-    pip install "jax[cuda12]" keras
+    pip install "jax[cuda12]" keras   # or jax[cuda13]: the H200 figures in docs/performance.md
     python benchmarks/jax_gpu_train_step.py --model resnet18 --batch-size 256
     python benchmarks/jax_gpu_train_step.py --precision float32 --batch-size 32   # the CPU table's setting
 
