@@ -39,13 +39,9 @@ def numpy_affine(images, transforms, fill_value=0.0):
         y = np.nan_to_num(y)
         x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
         padded = np.pad(images[index].astype(np.float64), [(0, 1), (0, 1), (0, 0)], constant_values=fill_value)
-
-        def read(row, column):
-            return padded[row, column]
-
         dx, dy = (x - x0)[..., None], (y - y0)[..., None]
-        top = (1 - dx) * read(y0, x0) + dx * read(y0, x0 + 1)
-        bottom = (1 - dx) * read(y0 + 1, x0) + dx * read(y0 + 1, x0 + 1)
+        top = (1 - dx) * padded[y0, x0] + dx * padded[y0, x0 + 1]
+        bottom = (1 - dx) * padded[y0 + 1, x0] + dx * padded[y0 + 1, x0 + 1]
         output[index] = np.where((projection == 0)[..., None], fill_value, (1 - dy) * top + dy * bottom)
     return output
 

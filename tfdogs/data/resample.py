@@ -4,11 +4,12 @@ Keras' RandomRotation, RandomZoom and RandomTranslation resample a batch
 through `backend.image.affine_transform`, which on TensorFlow is the
 `ImageProjectiveTransformV3` kernel. That kernel works out the transform, the
 border reflection and the four bilinear reads once for every output value,
-channel by channel, on one thread: on a 2-core Intel Xeon it took 0.077
-CPU-seconds for a batch of 32 images of 224 px, and the three layers were most
-of the study augmentation's cost. `affine_transform` here does the kernel's
-arithmetic, formula for formula, once per pixel for all channels, in one
-XLA-compiled function: 0.033 CPU-seconds for the same batch.
+channel by channel: on a 2-core Intel Xeon each of the three layers took
+0.072-0.074 CPU-seconds for a batch of 32 images of 224 px, most of the study
+augmentation's cost. `affine_transform` here does the kernel's arithmetic,
+formula for formula, once per pixel for all channels, in one XLA-compiled
+function: 0.023-0.027 CPU-seconds a layer for the same batch
+(`benchmarks/augmentation_layers.py`).
 
 The result is the kernel's up to rounding: XLA fuses the transform's
 multiply-adds, so a source coordinate can differ from the kernel's in its last
