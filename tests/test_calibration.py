@@ -2,7 +2,6 @@
 
 import json
 
-import h5py
 import keras
 import numpy as np
 import pandas as pd
@@ -58,32 +57,29 @@ def averaged_run(tmp_path_factory):
     return training_loop.train(config)
 
 
-def h5_arrays(path):
-    arrays = {}
-    with h5py.File(path) as file:
-        file.visititems(lambda name, item: arrays.__setitem__(name, item[()])
-                        if isinstance(item, h5py.Dataset) and "optimizer" not in name else None)
-    return arrays
-
-
 def raw_model(run_dir, weights_file):
     model = models.build("lenet5", 4, input_shape=(32, 32, 3))
     model.load_weights(run_dir / weights_file)
     return model
 
 
+def backed_up_model(run_dir):
+    """The resume backup's weights: its first arrays, in the order of `model.weights` (the optimizer's follow)."""
+    model = models.build("lenet5", 4, input_shape=(32, 32, 3))
+    with np.load(run_dir / "backup/all/latest.state.npz") as saved:
+        model.set_weights([saved[f"{index:04d}"] for index in range(len(model.weights))])
+    return model
+
+
 def test_the_best_checkpoint_and_model_keras_hold_the_averaged_weights(averaged_run):
     history = pd.read_csv(averaged_run / "history.csv")
     summary = json.loads((averaged_run / "metrics.json").read_text())
-    best = h5_arrays(averaged_run / "best.weights.h5")
-    # the resume backup of the same (last) epoch holds the raw weights
-    last_raw = {name: value for name, value in h5_arrays(averaged_run / "backup/all/latest.weights.h5").items()
-                if name in best}
-    assert summary["best_epoch"] == len(history) == 1
-    assert best.keys() == last_raw.keys()
-    assert any(not np.allclose(best[name], last_raw[name]) for name in best)  # the average is not the raw
-    saved = keras.saving.load_model(averaged_run / "model.keras")
     averaged = raw_model(averaged_run, "best.weights.h5")
+    # the resume backup of the same (last) epoch holds the raw weights
+    last_raw = backed_up_model(averaged_run)
+    assert summary["best_epoch"] == len(history) == 1
+    assert any(not np.allclose(mine, raw) for mine, raw in zip(averaged.get_weights(), last_raw.get_weights()))
+    saved = keras.saving.load_model(averaged_run / "model.keras")
     for layer in averaged.layers:
         for mine, theirs in zip(layer.get_weights(), saved.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(mine, theirs)
@@ -96,7 +92,7 @@ def test_the_best_checkpoint_and_model_keras_hold_the_averaged_weights(averaged_
     assert best_row["val_log_loss"] == pytest.approx(reference["val"]["log_loss"], abs=1e-6)
     records, _, val_indices = run_folder.load_run(averaged_run).split()
     record = json.loads((averaged_run / "preprocessing.json").read_text())
-    raw = reference_scores(reference_logits(raw_model(averaged_run, "backup/all/latest.weights.h5"),
+    raw = reference_scores(reference_logits(backed_up_model(averaged_run),
                                             [records.paths[i] for i in val_indices], record, "tensorflow"),
                            records.labels[val_indices])
     assert abs(raw["log_loss"] - summary["val"]["log_loss"]) > 1e-3, (raw, summary["val"])

@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import keras
@@ -168,19 +169,30 @@ def compiled_tiny_model():
     return model
 
 
+def half_savez(file, **arrays):
+    file.write(b"PK half a zip")
+    raise KilledMidWrite(file.name)
+
+
+def optimizer_values(model):
+    return [v.numpy() for v in model.optimizer.variables]
+
+
 def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, monkeypatch):
     model = compiled_tiny_model()
     model.train_on_batch(np.ones((2, 32, 32, 3), np.float32), np.eye(4, dtype=np.float32)[:2])
     backup = training_callbacks.ResumeBackup(tmp_path / "backup")
     backup.set_model(model)
     backup.on_epoch_end(0)
-    good, good_optimizer = model.get_weights(), [v.numpy() for v in model.optimizer.variables]
+    good, good_optimizer = model.get_weights(), optimizer_values(model)
 
     model.set_weights([np.zeros_like(w) for w in good])
-    monkeypatch.setattr(model, "save_weights", half_writer)
+    monkeypatch.setattr(np, "savez", half_savez)
+    backup.on_epoch_end(1)  # written beside training: the error comes when the write is waited for
     with pytest.raises(KilledMidWrite):
-        backup.on_epoch_end(1)
+        backup.on_train_end()
     assert training_resume.backed_up_epoch(tmp_path / "backup") == 1
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["latest.state.npz", "training_metadata.json"]
     monkeypatch.undo()
     # a new run restores the epoch-0 state (weights and optimizer: Adam's moments, its step) and resumes at epoch 1
     restored = compiled_tiny_model()
@@ -188,8 +200,57 @@ def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, mo
     resume.set_model(restored)
     resume.on_train_begin()
     assert same_weights(restored.get_weights(), good)
-    assert same_weights([v.numpy() for v in restored.optimizer.variables], good_optimizer)
+    assert same_weights(optimizer_values(restored), good_optimizer)
     assert int(restored.optimizer.iterations.numpy()) == 1
+
+
+def test_the_backup_holds_the_epoch_s_end_while_the_next_epoch_trains(tmp_path, monkeypatch):
+    """The write runs beside training: it must hold the state of the epoch's end, not what training made since."""
+    model = compiled_tiny_model()
+    batch = np.ones((2, 32, 32, 3), np.float32), np.eye(4, dtype=np.float32)[:2]
+    model.train_on_batch(*batch)
+    at_epoch_end, optimizer_at_epoch_end = model.get_weights(), optimizer_values(model)
+    release = threading.Event()
+    savez = np.savez
+
+    def slow_savez(file, **arrays):
+        assert release.wait(timeout=60)
+        savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", slow_savez)
+    backup = training_callbacks.ResumeBackup(tmp_path / "backup")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    model.train_on_batch(*batch)  # the next epoch trains while the backup is being written
+    assert not same_weights(model.get_weights(), at_epoch_end)
+    assert training_resume.backed_up_epoch(tmp_path / "backup") == 0
+    release.set()
+    backup.on_test_begin()  # its validation waits for the backup: it is in place before its history row
+    assert training_resume.backed_up_epoch(tmp_path / "backup") == 1
+    restored = compiled_tiny_model()
+    training_resume.restore_backup(restored, tmp_path / "backup")
+    assert same_weights(restored.get_weights(), at_epoch_end)
+    assert same_weights(optimizer_values(restored), optimizer_at_epoch_end)
+
+
+def test_a_backup_of_earlier_tfdogs_in_keras_weights_format_is_restored(tmp_path):
+    model = compiled_tiny_model()
+    model.train_on_batch(np.ones((2, 32, 32, 3), np.float32), np.eye(4, dtype=np.float32)[:2])
+    (tmp_path / "backup").mkdir()
+    model.save_weights(tmp_path / "backup" / training_resume.EARLIER_BACKUP_WEIGHTS)  # weights and optimizer
+    restored = compiled_tiny_model()
+    training_resume.restore_backup(restored, tmp_path / "backup")
+    assert same_weights(restored.get_weights(), model.get_weights())
+    assert same_weights(optimizer_values(restored), optimizer_values(model))
+
+
+def test_a_backup_of_another_model_is_refused_naming_the_file(tmp_path):
+    model = compiled_tiny_model()
+    training_resume.write_backup(tmp_path, training_resume.training_state(model), 1)
+    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    other.compile(optimizer="adam", loss="categorical_crossentropy")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'latest.state.npz'} holds"):
+        training_resume.restore_backup(other, tmp_path)
 
 
 def test_kill_while_saving_model_keras_keeps_the_previous_model(tmp_path, monkeypatch):
@@ -221,7 +282,6 @@ def test_checkpoints_backups_and_loads_list_keras_skipped_attributes_once(tmp_pa
 
     monkeypatch.setattr(global_state, "set_global_attribute", recording_store)
     files.save_weights(model, tmp_path / "best.weights.h5")
-    files.save_weights(model, tmp_path / "backup.weights.h5", optimizer_state=True)
     files.save_model(model, tmp_path / "model.keras")
     copy = tiny_model()
     copy.load_weights(tmp_path / "best.weights.h5")

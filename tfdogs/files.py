@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import shutil
+import threading
 
 from tfdogs import lock
 
@@ -189,16 +190,63 @@ def write_json(value, path):
     return replace_into(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2)))
 
 
-def save_weights(model, path, optimizer_state=False):
-    """The model's weights whole or not at all; its optimizer's state only with `optimizer_state`.
+# Writes running beside the main thread (`write_in_background`): each thread and what it raised.
+_BACKGROUND_WRITES = []
+
+
+def write_in_background(write, *args):
+    """Starts `write(*args)` in a thread of its own and returns; `wait_for_writes` waits for it.
+
+    For a large file whose contents are already copied out (a resume
+    backup): the disk works while training goes on. The thread is not a
+    daemon, so a process that ends normally or by an exception still
+    finishes the file; `write` should put it in place whole (`replace_into`),
+    so a kill leaves the previous file.
+    """
+    raised = []
+
+    def run():
+        try:
+            write(*args)
+        except BaseException as error:  # handed to the waiting thread, which raises it
+            raised.append(error)
+
+    thread = threading.Thread(target=run, name=f"tfdogs-{getattr(write, '__name__', 'write')}")
+    thread.start()
+    _BACKGROUND_WRITES.append((thread, raised))
+
+
+def wait_for_writes():
+    """Returns once every `write_in_background` of this process has finished; raises the first error one raised."""
+    errors = []
+    while _BACKGROUND_WRITES:
+        thread, raised = _BACKGROUND_WRITES.pop(0)
+        thread.join()
+        errors += raised
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def writes_finished():
+    """Leaving the block waits for `write_in_background`'s writes; their error is raised only if the block's was not."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            wait_for_writes()
+        raise
+    wait_for_writes()
+
+
+def save_weights(model, path):
+    """The model's weights whole or not at all, without its optimizer's state.
 
     Keras 3's `save_weights` also writes a compiled model's optimizer variables
-    (Adam's two moments: 3x the file); a checkpoint of the weights needs none,
-    and only a resume backup keeps them (`optimizer_state=True`).
+    (Adam's two moments: 3x the file); a checkpoint of the weights needs none
+    (a resume backup keeps them: `tfdogs.training.resume.write_backup`).
     """
     remember_keras_skipsets()
-    if optimizer_state:
-        return replace_into(path, model.save_weights)
     optimizer = getattr(model, "optimizer", None)
     model.optimizer = None
     try:
@@ -225,7 +273,7 @@ def remember_keras_skipsets():
     by building a reference object of its kind. It stores the list for next
     time under another name (`saving_attr_skipset_<kind>`) than it looks up
     (`saving_attr_skiplist_<kind>`), so it builds them again every time:
-    about 0.04 s of every ResNet-18 checkpoint, backup and load (75 of
+    about 0.04 s of every ResNet-18 checkpoint and load (75 of
     them). Stored here under the name Keras reads, computed by Keras itself,
     once per process (again after `keras.backend.clear_session`).
     """

@@ -119,6 +119,7 @@ def _train(config, extra_callbacks, ownership):
         scratch = worker_scratch(task, config)
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         run_dir, export_dir, created = scratch / "run", scratch / "export", [scratch]
+    ownership.enter_context(files.writes_finished())  # the last backup lands before the lock is let go
     config = {**config, "output": str(run_dir), "export_dir": str(export_dir)}
     runtime = resolve_runtime(config)
     cluster = None

@@ -6,13 +6,17 @@ import pathlib
 import shutil
 import tempfile
 
+import numpy as np
 import pandas as pd
 
 from tfdogs import config as config_lib
+from tfdogs import files
 
 PHASES_FILE = "phases.json"
 # A phase's resume backup (`RUN/backup/<phase>/`): weights with the optimizer's state, and the epochs done.
-BACKUP_WEIGHTS, BACKUP_METADATA = "latest.weights.h5", "training_metadata.json"
+BACKUP_STATE, BACKUP_METADATA = "latest.state.npz", "training_metadata.json"
+# The Keras weights file (with the optimizer's variables) tfdogs backed up to before BACKUP_STATE; still restored.
+EARLIER_BACKUP_WEIGHTS = "latest.weights.h5"
 
 # What each monitored score wants: the best checkpoint and early stopping follow it.
 MONITOR_MODES = {"val_accuracy": "max", "val_log_loss": "min"}
@@ -39,6 +43,66 @@ def backed_up_epoch(backup_dir):
     """The epoch a phase's backup resumes at (0 without a backup): where its `fit` starts."""
     path = pathlib.Path(backup_dir) / BACKUP_METADATA
     return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
+
+
+def training_state(model):
+    """Copies of what a resumed phase needs: the model's weights, then its optimizer's variables, in order.
+
+    The optimizer's variables are its step counter, its moments and the
+    weight average (`--ema`), as Keras' own `save_weights` lists them, by
+    position. Copied, so that training may go on while they are written.
+
+    Returns:
+        {"names": each variable's path, "0000": its value, ...}, for `write_backup`.
+    """
+    variables = [*model.weights, *model.optimizer.variables]
+    state = {f"{index:04d}": np.array(variable.numpy()) for index, variable in enumerate(variables)}
+    return {"names": np.array([variable.path for variable in variables]), **state}
+
+
+def write_backup(backup_dir, state, epochs_done):
+    """A phase's backup: `training_state`'s arrays, then the epochs done, each file written whole.
+
+    The state goes first, so a kill between the two files redoes one epoch
+    from later weights rather than losing it.
+    """
+    backup_dir = pathlib.Path(backup_dir)
+
+    def write_state(temporary):
+        with open(temporary, "wb") as file:
+            np.savez(file, **state)
+
+    files.replace_into(backup_dir / BACKUP_STATE, write_state)
+    files.write_json({"epoch": epochs_done}, backup_dir / BACKUP_METADATA)
+
+
+def restore_backup(model, backup_dir):
+    """Puts a phase's backed-up weights and optimizer state back into `model` (compiled); nothing without a backup.
+
+    Raises:
+        ValueError: naming the backup file, when it holds other variables than the model and optimizer have.
+    """
+    backup_dir = pathlib.Path(backup_dir)
+    path = backup_dir / BACKUP_STATE
+    if not path.is_file():
+        if (backup_dir / EARLIER_BACKUP_WEIGHTS).is_file():
+            model.load_weights(backup_dir / EARLIER_BACKUP_WEIGHTS)
+        return
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    variables = [*model.weights, *model.optimizer.variables]
+    with np.load(path) as saved:
+        names = list(saved["names"])
+        if len(names) != len(variables):
+            raise ValueError(f"{path} holds {len(names)} variables; this model and its optimizer have "
+                             f"{len(variables)}. It is another run's backup: give a new --output.")
+        values = [saved[f"{index:04d}"] for index in range(len(variables))]
+    for name, value, variable in zip(names, values, variables):
+        if value.shape != tuple(variable.shape):
+            raise ValueError(f"{path}: {name} has shape {value.shape}, where this model's {variable.path} has "
+                             f"{tuple(variable.shape)}. It is another run's backup: give a new --output.")
+    for value, variable in zip(values, variables):
+        variable.assign(value)
 
 
 def resume_epoch(run_dir):
