@@ -175,7 +175,11 @@ def half_savez(file, **arrays):
 
 
 def optimizer_values(model):
-    return [v.numpy() for v in model.optimizer.variables]
+    return [np.array(v.numpy()) for v in model.optimizer.variables]  # copies: an update may reuse the memory
+
+
+def weight_values(model):
+    return [np.array(weights) for weights in model.get_weights()]
 
 
 def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -204,12 +208,17 @@ def test_kill_while_saving_the_resume_backup_keeps_the_previous_one(tmp_path, mo
     assert int(restored.optimizer.iterations.numpy()) == 1
 
 
+def train_on(model):
+    """Changes every weight and optimizer variable, as training on does."""
+    for variable in [*model.weights, *model.optimizer.variables]:
+        variable.assign(variable + 1)
+
+
 def test_the_backup_holds_the_epoch_s_end_while_the_next_epoch_trains(tmp_path, monkeypatch):
     """The write runs beside training: it must hold the state of the epoch's end, not what training made since."""
     model = compiled_tiny_model()
-    batch = np.ones((2, 32, 32, 3), np.float32), np.eye(4, dtype=np.float32)[:2]
-    model.train_on_batch(*batch)
-    at_epoch_end, optimizer_at_epoch_end = model.get_weights(), optimizer_values(model)
+    model.train_on_batch(np.ones((2, 32, 32, 3), np.float32), np.eye(4, dtype=np.float32)[:2])
+    at_epoch_end, optimizer_at_epoch_end = weight_values(model), optimizer_values(model)
     release = threading.Event()
     savez = np.savez
 
@@ -221,8 +230,7 @@ def test_the_backup_holds_the_epoch_s_end_while_the_next_epoch_trains(tmp_path, 
     backup = training_callbacks.ResumeBackup(tmp_path / "backup")
     backup.set_model(model)
     backup.on_epoch_end(0)
-    model.train_on_batch(*batch)  # the next epoch trains while the backup is being written
-    assert not same_weights(model.get_weights(), at_epoch_end)
+    train_on(model)  # the next epoch trains while the backup is being written
     assert training_resume.backed_up_epoch(tmp_path / "backup") == 0
     release.set()
     backup.on_test_begin()  # its validation waits for the backup: it is in place before its history row
@@ -231,6 +239,15 @@ def test_the_backup_holds_the_epoch_s_end_while_the_next_epoch_trains(tmp_path, 
     training_resume.restore_backup(restored, tmp_path / "backup")
     assert same_weights(restored.get_weights(), at_epoch_end)
     assert same_weights(optimizer_values(restored), optimizer_at_epoch_end)
+    # the next epoch's state is copied into the same arrays, and that epoch's values are written
+    backup.on_epoch_end(1)
+    at_second_end, optimizer_at_second_end = weight_values(model), optimizer_values(model)
+    train_on(model)
+    backup.on_train_end()
+    training_resume.restore_backup(restored, tmp_path / "backup")
+    assert training_resume.backed_up_epoch(tmp_path / "backup") == 2
+    assert same_weights(restored.get_weights(), at_second_end)
+    assert same_weights(optimizer_values(restored), optimizer_at_second_end)
 
 
 def test_a_backup_of_earlier_tfdogs_in_keras_weights_format_is_restored(tmp_path):

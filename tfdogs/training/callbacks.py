@@ -212,6 +212,7 @@ class ResumeBackup(keras.callbacks.Callback):
     def __init__(self, folder):
         super().__init__()
         self.folder = pathlib.Path(folder)
+        self.state = None  # the arrays each epoch's state is copied into, once the first is written
 
     def on_train_begin(self, logs=None):
         # other workers than the chief have none: `SyncFromChief` gives them the chief's
@@ -222,7 +223,8 @@ class ResumeBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         files.wait_for_writes()
-        files.write_in_background(write_backup, self.folder, training_state(self.model), epoch + 1)
+        self.state = training_state(self.model, into=self.state)
+        files.write_in_background(write_backup, self.folder, self.state, epoch + 1)
 
     def on_train_end(self, logs=None):
         files.wait_for_writes()

@@ -45,19 +45,30 @@ def backed_up_epoch(backup_dir):
     return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
 
 
-def training_state(model):
+def training_state(model, into=None):
     """Copies of what a resumed phase needs: the model's weights, then its optimizer's variables, in order.
 
     The optimizer's variables are its step counter, its moments and the
     weight average (`--ema`), as Keras' own `save_weights` lists them, by
     position. Copied, so that training may go on while they are written.
 
+    Args:
+        model: a compiled model whose optimizer is built.
+        into: an earlier state of the same model, overwritten in place: a
+            first write to new memory costs a page fault per 4 KiB, 0.4-1.2 s
+            for ResNet-18 with AdamW's 134 MB on a 2-core Xeon, against
+            0.03 s to copy into memory written before.
+
     Returns:
         {"names": each variable's path, "0000": its value, ...}, for `write_backup`.
     """
     variables = [*model.weights, *model.optimizer.variables]
-    state = {f"{index:04d}": np.array(variable.numpy()) for index, variable in enumerate(variables)}
-    return {"names": np.array([variable.path for variable in variables]), **state}
+    if into is None:
+        state = {f"{index:04d}": np.array(variable.numpy()) for index, variable in enumerate(variables)}
+        return {"names": np.array([variable.path for variable in variables]), **state}
+    for index, variable in enumerate(variables):
+        np.copyto(into[f"{index:04d}"], variable.numpy())
+    return into
 
 
 def write_backup(backup_dir, state, epochs_done):
