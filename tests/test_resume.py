@@ -23,15 +23,23 @@ from conftest import small_config
 from tfdogs import config as config_lib, data
 from tfdogs.training import loop as training_loop
 
-# `python -m tfdogs.train` that kills itself (SIGKILL, no clean-up at all) at the end of one epoch,
-# after that epoch's history row and backup are written.
+# `python -m tfdogs.train` that kills itself (SIGKILL, no clean-up at all) at the end of one epoch
+# (argument "N"), after that epoch's history row and backup are written; with "N-in-flight", after its
+# history row, while its backup is still being written (held back here, so that it cannot land first).
 KILLED_AFTER_EPOCH = """
-import os, signal, sys, keras
-from tfdogs import train
+import os, signal, sys, time, keras
+from tfdogs import files, train
+from tfdogs.training import callbacks
+
+epoch_to_kill, _, in_flight = sys.argv[1].partition("-")
+if in_flight:
+    callbacks.write_backup = lambda *args, write=callbacks.write_backup: time.sleep(60) or write(*args)
 
 class KillAfter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == int(sys.argv[1]):
+        if epoch == int(epoch_to_kill):
+            if not in_flight:
+                files.wait_for_writes()
             os.kill(os.getpid(), signal.SIGKILL)
 
 run = train.train  # the command's own reference to tfdogs.training.loop.train
@@ -111,6 +119,16 @@ def test_scratch_run_killed_after_an_epoch_resumes_to_the_uninterrupted_result(t
     reference = uninterrupted(tmp_path / "reference", SCRATCH + source)
     printed = killed_then_resumed(tmp_path / "resumed", SCRATCH + source, kill_after=1)
     assert f"Resuming the run in {tmp_path / 'resumed'} at epoch 3 of 4" in printed
+    assert_same_run(tmp_path / "resumed", reference)
+
+
+@pytest.mark.slow
+def test_killed_while_its_last_backup_is_written_redoes_that_epoch_to_the_uninterrupted_result(tmp_path):
+    """The backup of an epoch is written while the next one trains: a kill before it lands loses only it."""
+    source = ["--data", "synthetic", "--synthetic-classes", "4", "--synthetic-images-per-class", "16"]
+    reference = uninterrupted(tmp_path / "reference", SCRATCH + source)
+    printed = killed_then_resumed(tmp_path / "resumed", SCRATCH + source, kill_after="1-in-flight")
+    assert f"Resuming the run in {tmp_path / 'resumed'} at epoch 2 of 4" in printed
     assert_same_run(tmp_path / "resumed", reference)
 
 
