@@ -102,7 +102,7 @@ def test_default_imagenet_run_downloads_weights_and_reports_the_zero_shot_baseli
     assert zero_shot["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-5)
 
 
-def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_file(tmp_path):
+def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_file(tmp_path, monkeypatch):
     """A run from a local 1000-class checkpoint records the baseline, and `--run` redoes it with the run's settings.
 
     Training at 64 px, `--run` alone must use the run's model, weights, size and preprocessing record
@@ -114,6 +114,11 @@ def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_f
     keras.utils.set_random_seed(7)
     checkpoint = tmp_path / "imagenet-like.weights.h5"
     models.build("resnet18", 1000, input_shape=(64, 64, 3)).save_weights(checkpoint)
+    from tfdogs.weights import load as weights_load
+
+    head_reads = []  # read as the model is built; the baseline has that ImageNet head at hand and reads no more
+    monkeypatch.setattr(weights_load, "h5_num_classes",
+                        lambda path, read=weights_load.h5_num_classes: head_reads.append(path) or read(path))
     # float32: on a CPU with native bfloat16 the run's frozen pass (and so its baseline) would be bfloat16's
     run_dir = training_loop.train(small_config(model="resnet18", weights=str(checkpoint), strategy="feature-extract",
                                        image_size=64, epochs=1, precision="float32", output=str(tmp_path / "run"),
@@ -123,6 +128,7 @@ def test_zero_shot_of_a_run_reproduces_its_training_baseline_from_a_checkpoint_f
     assert recorded["num_images"] == summary["num_val"] and recorded["weights"] == str(checkpoint)
     assert recorded["preprocessing"] == json.loads((run_dir / "preprocessing.json").read_text())
     assert recorded["preprocessing"]["image_size"] == 64
+    assert head_reads == [checkpoint]
 
     (run_dir / "zeroshot.json").unlink()
     assert zeroshot.main(["--run", str(run_dir)]) == 0

@@ -84,7 +84,11 @@ def evaluate_zero_shot(model_name, records, indices, *, weights_source, preproce
     indices = np.asarray(indices)[kept]
     labels = remap[records.labels[indices]]
     class_names = [records.class_names[index] for index in covered]
-    if not weights.imagenet_head(weights_source, model_name):
+    if imagenet_classifier is not None:  # the run has the head at hand: its file is not read again
+        has_head = np.shape(imagenet_classifier[0])[-1] == 1000
+    else:
+        has_head = weights.imagenet_head(weights_source, model_name)
+    if not has_head:
         raise ValueError(f"The weights {weights_source!r} of {model_name} have no 1000-class ImageNet head, "
                          "which the zero-shot baseline needs; pass --weights imagenet, timm or such a checkpoint.")
     if features is not None:

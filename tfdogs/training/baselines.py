@@ -28,10 +28,13 @@ def zero_shot_baseline(config, records, val_indices, at_hand=None):
             computed the pretrained backbone's features of the validation photos with that
             record: the baseline is the classifier applied to them, and no network runs again.
     """
-    if not weights.imagenet_head(config["weights"], config["model"]) or len(covered_breeds(records.class_names)) < 2:
+    features, classifier = at_hand or (None, None)
+    # a classifier at hand is the checkpoint's ImageNet head, read once already: the file is not read again
+    if classifier is None and not weights.imagenet_head(config["weights"], config["model"]):
+        return None
+    if len(covered_breeds(records.class_names)) < 2:
         return None
     preprocessing = Preprocessing.load(pathlib.Path(config["output"]) / PREPROCESSING_FILE)
-    features, classifier = at_hand or (None, None)
     return evaluate_zero_shot(config["model"], records, val_indices, weights_source=config["weights"],
                               preprocessing=preprocessing, batch_size=config["batch_size"],
                               verbose=config["verbose"] != 0, features=features, imagenet_classifier=classifier)
