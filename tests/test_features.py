@@ -201,7 +201,11 @@ def test_where_the_cpu_computes_bfloat16_a_float32_run_s_frozen_backbone_runs_in
     config = small_config(model="efficientnet_lite0", weights=str(checkpoint), strategy="feature-extract", epochs=2,
                           image_size=SIZE, precision="auto", output=str(tmp_path / "run"),
                           export_dir=str(tmp_path / "export"))
+    folded = []  # the frozen backbone is folded once: its epochs and then the "not a dog" check run it
+    fold = features.fold_batch_norms
+    monkeypatch.setattr(features, "fold_batch_norms", lambda *args: folded.append(args) or fold(*args))
     run_dir = training_loop.train(config)
+    assert len(folded) == 1
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert (summary["precision"], summary["frozen_precision"]) == ("float32", "mixed_bfloat16")
     assert summary["val_scored_by"] == "the best epoch's validation pass (mixed_bfloat16)"

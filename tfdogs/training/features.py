@@ -127,7 +127,7 @@ def features_of_each(backbone, datasets):
     return results
 
 
-def inference_epochs(backbone, train_dataset, val_dataset, batch_size, dtype_policy=None):
+def inference_epochs(forward, train_dataset, val_dataset, batch_size):
     """The frozen backbone run as inference, batch by batch: the datasets the head trains and validates on.
 
     Every batch of the training pipeline (each epoch's own augmented crops, in
@@ -141,17 +141,15 @@ def inference_epochs(backbone, train_dataset, val_dataset, batch_size, dtype_pol
     change during the phase.
 
     Args:
-        backbone: the model up to its pooled features (from `split_at_features`).
+        forward: the frozen backbone as inference (`inference_of`).
         train_dataset: batches of (images, labels), every epoch of the phase.
         val_dataset: batches of (images, labels) of the validation photos.
         batch_size: the batch size of the returned validation dataset.
-        dtype_policy: the Keras dtype policy the folded backbone computes in (see `inference_of`).
 
     Returns:
         (training dataset of (features, labels), validation dataset of (features, labels),
         the validation features and labels as arrays).
     """
-    forward = inference_of(backbone, dtype_policy)
     val = features_of(forward, val_dataset)
     labels_spec = train_dataset.element_spec[1]
 
@@ -204,20 +202,19 @@ class FeatureCache:
         return without_autotuner(tf.data.Dataset.from_tensor_slices(self.val).batch(batch_size))
 
 
-def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None, key=None, dtype_policy=None):
+def build_cache(forward, train_epochs, evaluation_of, views, seed, folder=None, key=None):
     """Runs the frozen backbone over the views and the validation photos once (or reads them back).
 
     Args:
-        backbone: the model up to its pooled features.
+        forward: the frozen backbone as inference (`inference_of`).
         train_epochs: the run's training pipeline, `train_epochs(first_epoch, num_epochs)`.
         evaluation_of: `evaluation_of(which)`, the evaluation crops of the training ("train") or
             validation ("val") photos, in split order.
         views: N, see the module docstring.
         seed: the run's seed.
         folder: where the features are kept for a resumed run (`RUN/feature_cache`), or None.
-        key: what the features depend on (model weights' source, image size, views); a cache
-            written under another key is recomputed.
-        dtype_policy: the Keras dtype policy the folded backbone computes in (see `inference_of`).
+        key: what the features depend on (model weights' source, image size, views, the
+            precision `forward` computes in); a cache written under another key is recomputed.
 
     Returns:
         (FeatureCache, seconds spent computing, or 0.0 when read back).
@@ -229,7 +226,6 @@ def build_cache(backbone, train_epochs, evaluation_of, views, seed, folder=None,
             cache_views = [(saved[f"view{index}"], saved[f"view{index}_labels"]) for index in range(count)]
             return FeatureCache(cache_views, (saved["val"], saved["val_labels"]), seed), 0.0
     started = time.perf_counter()
-    forward = inference_of(backbone, dtype_policy)
     training = [evaluation_of("train")] if views == 1 else [train_epochs(view, 1) for view in range(views)]
     *cache_views, val = features_of_each(forward, [*training, evaluation_of("val")])
     seconds = time.perf_counter() - started

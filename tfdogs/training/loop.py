@@ -36,7 +36,8 @@ from tfdogs.training.optimizer import compile_model, make_schedule
 from tfdogs.training.phases import TrainingError, configure_phase, plan_phases
 from tfdogs.training.baselines import IMAGENET_OVERLAP, zero_shot_baseline
 from tfdogs.training.dog_check import fit_dog_check
-from tfdogs.training.features import CACHE_FOLDER, build_cache, inference_epochs, on_features, split_at_features
+from tfdogs.training.features import (CACHE_FOLDER, build_cache, inference_epochs, inference_of, on_features,
+                                     split_at_features)
 from tfdogs.training.prepare import build_datasets, evaluation_dataset, load_data, prepare_output
 from tfdogs.training.resume import (
     PHASES_FILE,
@@ -220,9 +221,10 @@ def _train(config, extra_callbacks, ownership):
     resumed = False
     zero_shot_at_hand = None  # (validation features, ImageNet classifier) when the first frozen pass has them
     best_passes = {}  # 0-based epoch -> the logits of its validation pass, at final_size, when it was the best
-    dog_check_at_hand = (None, None)  # (training, validation) features a frozen last phase computed
+    # (training features, validation features, folded backbone) a frozen last phase computed and ran
+    dog_check_at_hand = (None, None, None)
     for phase in plan_phases(config):
-        dog_check_at_hand = (None, None)  # a later phase trains the backbone, or was done before a resume
+        dog_check_at_hand = (None, None, None)  # a later phase trains the backbone, or was done before a resume
         done = run_dir / f"phase-{phase.name}.weights.h5"
         if phase_is_finished(finished.get(phase.name), phase) and (done.is_file() or done.name in chief_weights):
             if done.is_file():  # finished before an interruption (other workers: the chief's, in the next fit)
@@ -243,13 +245,14 @@ def _train(config, extra_callbacks, ownership):
         fitted = model
         if on_features(config, phase, model, task is not None):
             backbone, fitted = split_at_features(model)  # the head: the model's own dropout and fc layers
+        if fitted is not model:  # folded once: the cache or each epoch, then the "not a dog" check, run it
+            forward = inference_of(backbone, runtime["frozen_precision"])
         if fitted is not model and config["feature_views"]:
             cache, seconds = build_cache(
-                backbone, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
+                forward, train_epochs, lambda which: evaluation_at(size, which), config["feature_views"],
                 config["seed"], folder=run_dir / CACHE_FOLDER,
                 key={"phase": phase.name, "image_size": size, "views": config["feature_views"],
-                     "precision": runtime["frozen_precision"]},
-                dtype_policy=runtime["frozen_precision"])
+                     "precision": runtime["frozen_precision"]})
             print(f"Cached backbone features: {config['feature_views']} view(s) of each training photo "
                   + (f"computed in {seconds:.1f} s" if seconds else f"read back from {run_dir / CACHE_FOLDER}")
                   + "; the head trains on them, so augmentation is limited to "
@@ -260,17 +263,17 @@ def _train(config, extra_callbacks, ownership):
             timer.lap("features")
         elif fitted is not model:  # the backbone runs as inference on each batch, the head trains on its features
             train_dataset, val_dataset, (val_features, _) = inference_epochs(
-                backbone, train_epochs(first_epoch, phase.end_epoch - first_epoch), val_dataset,
-                runtime["global_batch_size"], dtype_policy=runtime["frozen_precision"])
+                forward, train_epochs(first_epoch, phase.end_epoch - first_epoch), val_dataset,
+                runtime["global_batch_size"])
         if fitted is not model and phase.start_epoch == 0 and size == final_size and imagenet is not None:
             zero_shot_at_hand = (val_features, imagenet)  # the pretrained backbone's, at the exported size
         # the "not a dog" check's features (in the frozen precision, as the check computes its own), when this
         # frozen phase ends the run at the exported size: the validation photos', and with one cached view the
         # training photos' evaluation crops
-        dog_check_at_hand = (None, None)
+        dog_check_at_hand = (None, None, None)
         if fitted is not model and size == final_size:
             one_view = config["feature_views"] == 1
-            dog_check_at_hand = (cache.features[0].numpy() if one_view else None, val_features)
+            dog_check_at_hand = (cache.features[0].numpy() if one_view else None, val_features, forward)
         schedule = make_schedule(config, runtime["learning_rate"], steps, phase.start_epoch)
         with strategy.scope():  # metrics and optimizer variables are mirrored too
             compile_model(fitted, config, schedule, factors, runtime["jit_compile"])
