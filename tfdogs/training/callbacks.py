@@ -199,7 +199,7 @@ class ResumeBackup(keras.callbacks.Callback):
     done in `training_metadata.json`, each written whole and renamed into
     place (`resume.write_backup`). The state is copied out of the model at
     the epoch's end and written by a thread while the next epoch trains
-    (ResNet-18 with AdamW: 134 MB, 0.8-1.2 s a write on a 2-core Xeon). That
+    (ResNet-18 with AdamW: 134 MB, 0.65-1.24 s on a 2-core Xeon). That
     write is in place before the next epoch's validation begins, so before
     its history row: history.csv never runs more than one epoch ahead of the
     backup (`resume.check_backups_kept`). As `fit` begins, the weights and
