@@ -35,6 +35,25 @@ def small_model(dropout=0.5):
     return keras.Model(inputs, keras.layers.Dense(3, name="out")(hidden))
 
 
+# ----------------------------------------------------------------------------- tfdogs/training/optimizer.py
+
+
+def test_adam_momentums_and_velocities_are_the_moments_its_step_moves_in_build_order():
+    name = "keras.optimizers.Adam._momentums / _velocities"
+    variables = [keras.Variable(np.ones((2, 3), np.float32), name="a"), keras.Variable(np.ones(4, np.float32), name="b")]
+    optimizer = keras.optimizers.Adam(0.1)
+    optimizer.build(variables)
+    require(all(hasattr(optimizer, attribute) for attribute in ("_momentums", "_velocities")), name, "are gone")
+    require([tuple(m.shape) for m in optimizer._momentums] == [(2, 3), (4,)]
+            and [tuple(v.shape) for v in optimizer._velocities] == [(2, 3), (4,)], name,
+            "no longer hold one slot per variable in the order build got them")
+    gradients = [np.full((2, 3), 2.0, np.float32), np.full(4, -1.0, np.float32)]
+    optimizer.apply_gradients(zip(gradients, variables))
+    for gradient, m, v in zip(gradients, optimizer._momentums, optimizer._velocities):  # Keras' own step
+        require(np.allclose(m.numpy(), 0.1 * gradient) and np.allclose(v.numpy(), 0.001 * gradient ** 2), name,
+                "are no longer the first and second moments Adam's step moves")
+
+
 # ----------------------------------------------------------------------------- tfdogs/training/callbacks.py
 
 

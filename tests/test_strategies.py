@@ -5,6 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import small_config
 
 from tfdogs import models, weights
@@ -118,6 +119,42 @@ def test_weight_decay_follows_each_variables_rate_and_spares_biases(optimizer):
     np.testing.assert_allclose(after[fast.kernel.path], start[fast.kernel.path] * (1 - 0.1 * 0.5), rtol=1e-6)
     for layer in (slow, fast):  # biases (and BatchNorm's gamma and beta, also of rank 1) never decay
         np.testing.assert_array_equal(after[layer.bias.path], np.ones(3))
+
+
+def numpy_adamw(start, gradients, rates, weight_decay, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Keras' Adam formula in float64, each variable at its own rate, with tfdogs' decoupled decay first."""
+    weights = [value.astype(np.float64) for value in start]
+    first, second = [np.zeros_like(w) for w in weights], [np.zeros_like(w) for w in weights]
+    for step, step_gradients in enumerate(gradients, 1):
+        for i, (gradient, rate) in enumerate(zip(step_gradients, rates)):
+            if weights[i].ndim > 1:
+                weights[i] = weights[i] - weights[i] * rate * weight_decay
+            alpha = rate * np.sqrt(1 - beta_2 ** step) / (1 - beta_1 ** step)
+            first[i] += (gradient - first[i]) * (1 - beta_1)
+            second[i] += (gradient.astype(np.float64) ** 2 - second[i]) * (1 - beta_2)
+            weights[i] = weights[i] - first[i] * alpha / (np.sqrt(second[i]) + epsilon)
+    return weights
+
+
+def test_adamw_steps_each_variable_with_one_fused_kernel_as_keras_formula_does():
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 8, 16), (16,), (16, 5)]
+    start = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+    gradients = [[(rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 0)).astype(np.float32) for shape in shapes]
+                 for _ in range(6)]
+    variables = [keras.Variable(value, name=f"w{i}") for i, value in enumerate(start)]
+    factors = {variables[0].path: 0.1, variables[1].path: 0.5}
+    optimizer = training_optimizer.make_optimizer("adamw", 1e-2, 0.0, factors, weight_decay=0.05)
+    optimizer.build(variables)
+    apply = tf.function(lambda step_gradients: optimizer.apply_gradients(zip(step_gradients, variables)))
+    for step_gradients in gradients:
+        apply([tf.constant(gradient) for gradient in step_gradients])
+    reference = numpy_adamw(start, gradients, [1e-3, 5e-3, 1e-2], 0.05)
+    for variable, expected in zip(variables, reference):
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-6, atol=2e-6)
+    graph = apply.get_concrete_function([tf.TensorSpec(shape) for shape in shapes]).graph
+    kernels = [op for op in graph.get_operations() if op.type == "ResourceApplyAdam"]
+    assert len(kernels) == len(variables)  # one pass over each variable and its moments, not Keras' dozen ops
 
 
 def test_weight_decay_leaves_a_frozen_backbone_untouched(tmp_path, pretrained_file):

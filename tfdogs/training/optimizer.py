@@ -117,6 +117,15 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
         weight_decay: decoupled decay per unit of learning rate.
         ema: decay of the exponential moving average of the weights that
             the optimizer keeps (Keras' `use_ema`); 0 keeps none.
+
+    Adam and AdamW update each variable with TensorFlow's fused
+    `ResourceApplyAdam` kernel, Keras' own formula (`keras.optimizers.Adam`:
+    bias corrections folded into the rate, epsilon added to the square root
+    of the second moment) in one pass over the variable and its two moments,
+    where Keras' step runs a dozen ops. For ResNet-18 (62 variables, 11.7 M
+    parameters) that is 0.019 s a step against 0.038 s and 0.5 s of tracing
+    against 1.2 s (docs/performance.md). Under a distribution strategy the
+    variables are mirrored and Keras' own step runs.
     """
     base = OPTIMIZERS[name]
     cycled = getattr(learning_rate, "momentum", None)
@@ -124,23 +133,29 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
     class PerVariableRate(base):
         def build(self, variables):
             super().build(variables)
-            self.rate_factors = {}  # id of each form `update_step` may get a variable in -> its rate factor
-            for variable in variables:
+            # id of each form `update_step` may get a variable in -> (its rate factor, its optimizer slots)
+            self.rate_factors = {}
+            for variable, slots in zip(variables, optimizer_slots(self, name, variables)):
                 for form in variable_forms(variable):
-                    self.rate_factors[id(form)] = variable_factors.get(variable.path, 1.0)
+                    self.rate_factors[id(form)] = (variable_factors.get(variable.path, 1.0), slots)
+            # Mirrored variables update replica by replica through Keras' own step.
+            self.fused = name != "sgd" and not tf.distribute.has_strategy()
 
         def update_step(self, gradient, variable, learning_rate):
-            factor = self.rate_factors.get(id(variable))
+            factor, slots = self.rate_factors.get(id(variable), (None, None))
             if factor is None:
                 raise KeyError(f"The optimizer has no learning-rate factor for variable {variable.name!r}: "
                                "it was not among the variables it was built for.")
             rate = learning_rate * factor
             if weight_decay and len(variable.shape) > 1:
                 variable.assign_sub(variable * tf.cast(rate * weight_decay, variable.dtype))
+            if self.fused:
+                beta_1 = self.beta_1 if cycled is None else cycled(self.iterations)
+                return fused_adam_step(self, gradient, variable, rate, beta_1, *slots)
             if cycled is None:
                 return super().update_step(gradient, variable, rate)
             if name == "sgd":  # Keras' SGD tests its momentum against 0 in Python: its (non-Nesterov) step here
-                velocity = self.momentums[self._get_variable_index(variable)]
+                velocity, = slots
                 self.assign(velocity, velocity * tf.cast(cycled(self.iterations), variable.dtype)
                             - tf.cast(gradient, variable.dtype) * tf.cast(rate, variable.dtype))
                 return self.assign_add(variable, velocity)
@@ -159,11 +174,47 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
     return PerVariableRate(learning_rate=learning_rate, **kwargs)
 
 
+def optimizer_slots(optimizer, name, variables):
+    """Per variable, in `variables`' order: Adam's (first moment, second moment); SGD's (velocity,) or ().
+
+    Keras keeps Adam's moments under private names (`_momentums`,
+    `_velocities`, one per variable in the order `build` got them): read
+    once here, guarded by tests/test_keras_internals.py. SGD's are public
+    (`momentums`, created only for a non-zero momentum).
+    """
+    if name == "sgd":
+        return [(velocity,) for velocity in optimizer.momentums] if optimizer.momentums else [()] * len(variables)
+    return list(zip(optimizer._momentums, optimizer._velocities))
+
+
+def fused_adam_step(optimizer, gradient, variable, rate, beta_1, first_moment, second_moment):
+    """Keras' Adam step for one variable as TensorFlow's single `ResourceApplyAdam` kernel.
+
+    The kernel computes what `keras.optimizers.Adam.update_step` does, in the
+    same order: rate * sqrt(1 - beta_2^t) / (1 - beta_1^t), the moments moved
+    towards the gradient and its square, the variable moved by the first
+    moment over (sqrt(second) + epsilon).
+    """
+    dtype = variable.dtype
+    step = tf.cast(optimizer.iterations + 1, dtype)
+    beta_1, beta_2 = tf.cast(beta_1, dtype), tf.cast(optimizer.beta_2, dtype)
+    return tf.raw_ops.ResourceApplyAdam(
+        var=backend_variable(variable).handle, m=backend_variable(first_moment).handle,
+        v=backend_variable(second_moment).handle,
+        beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=tf.cast(rate, dtype),
+        beta1=beta_1, beta2=beta_2, epsilon=tf.cast(optimizer.epsilon, dtype), grad=tf.cast(gradient, dtype))
+
+
+def backend_variable(variable):
+    """The `tf.Variable` behind a Keras variable (or the variable itself)."""
+    return variable.value if isinstance(variable.value, tf.Variable) else variable
+
+
 def variable_forms(variable):
     """A Keras variable as `update_step` may receive it: itself, the backend's variable it holds
     (TensorFlow's optimizer passes that), and under a distribution strategy each replica's copy."""
-    backend_variable = variable.value if isinstance(variable.value, tf.Variable) else variable
-    return [variable, backend_variable, *getattr(backend_variable, "values", ())]
+    backend = backend_variable(variable)
+    return [variable, backend, *getattr(backend, "values", ())]
 
 
 def compile_model(model, config, learning_rate, factors, jit_compile):
