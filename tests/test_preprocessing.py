@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import pil_eval_transform, reference_image
 from test_inference import with_trained_statistics
 
 from tfdogs import data, models, weights
+from tfdogs.data import pipeline
 from tfdogs.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from tfdogs.runs import folder as run_folder
 from tfdogs.serving import saved_model
@@ -81,6 +83,34 @@ def test_eval_preprocessing_matches_the_pil_reference_on_real_photos(dogs10_dir,
     paths = sorted(dogs10_dir.glob("*/*.jpg"))[::80]
     assert len(paths) == 3, f"expected dogs10's 210 photos in {dogs10_dir}"
     assert_matches_the_pil_reference(paths, record)
+
+
+def test_kept_evaluation_crops_are_the_pil_reference_and_later_passes_read_no_photo(dogs10_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A run's validation pipeline (`keep_crops`): the same pixels every pass, the photos read once."""
+    record = TORCHVISION.replace(image_size=64)
+    paths = [pathlib.Path(shutil.copy(path, tmp_path / f"{i}.jpg"))
+             for i, path in enumerate(sorted(dogs10_dir.glob("*/*.jpg"))[::45])]
+    labels = np.arange(len(paths)) % 3
+
+    def images(keep=True):
+        dataset = data.make_dataset(paths, labels, training=False, batch_size=2, keep_crops=keep, **record.as_dict())
+        return np.concatenate([batch.numpy() for batch, _ in dataset])
+
+    first = images()
+    # TensorFlow's JPEG decode on both sides; the rest (Pillow's resize, the crop, float32 normalisation)
+    # agrees to float rounding
+    expected = np.stack([pil_eval_transform(path, record, decoder="tensorflow") for path in paths])
+    np.testing.assert_allclose(first, expected, atol=PARITY_ATOL, rtol=0)
+    np.testing.assert_array_equal(first, images(keep=False))
+    kept = data.make_dataset(paths, labels, training=False, batch_size=2, keep_crops=True, **record.as_dict())
+    before = np.concatenate([batch.numpy() for batch, _ in kept])
+    for path in paths:
+        path.unlink()
+    np.testing.assert_array_equal(np.concatenate([batch.numpy() for batch, _ in kept]), before)  # no photo read
+    monkeypatch.setattr(pipeline, "KEPT_CROPS_BYTES", len(paths) * 3 * 64 ** 2 - 1)  # one byte short: not kept
+    with pytest.raises(tf.errors.NotFoundError):
+        images()
 
 
 @pytest.mark.slow

@@ -39,11 +39,18 @@ def preprocess_eval(image, image_size, mean, std, crop_fraction=0.875, interpola
     Returns:
         float32 [image_size, image_size, 3].
     """
+    return normalize(eval_crop(image, image_size, crop_fraction, interpolation, resize_rounding, with_pillow),
+                     mean, std)
+
+
+def eval_crop(image, image_size, crop_fraction=0.875, interpolation="bilinear", resize_rounding="round",
+              with_pillow=False) -> tf.Tensor:
+    """`preprocess_eval` before its normalisation: the resized centre crop, float32 whole values in [0, 255]."""
     if not 0 < crop_fraction <= 1:
         raise DataError(f"crop_fraction must be in (0, 1]; got {crop_fraction}")
     resize = _resize_shorter_side_with_pillow if with_pillow else _resize_shorter_side
     image = resize(image, resize_size(image_size, crop_fraction, resize_rounding), interpolation)
-    return normalize(_centre_crop(image, image_size), mean, std)
+    return _centre_crop(image, image_size)
 
 
 # Test-time augmentation: the views `eval_views` gives for each allowed count, in order. Each count's views

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfdogs.data import augment
 from tfdogs.data.decode import decode_image, exif_orientation, traced_as_written
-from tfdogs.data.image import TTA_VIEWS, eval_views, normalize, pillow_resize, preprocess_eval, rgb_constant
+from tfdogs.data.image import TTA_VIEWS, eval_crop, eval_views, normalize, pillow_resize, preprocess_eval, rgb_constant
 from tfdogs.data.layouts import DataError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -19,6 +19,7 @@ _CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 # The training cache keeps images 50% larger than the eval resize (384 px at 224): a 500x375 photo is
 # cached whole, and a larger one loses a mean of 0.9 levels per crop (docs/training.md).
 _TRAIN_CACHE_MARGIN = 1.5
+KEPT_CROPS_BYTES = 1 << 30  # the most an evaluation pipeline's kept crops take (224 px: 7,133 photos)
 
 
 def _is_jpeg(image_bytes):
@@ -119,7 +120,7 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
                  scale=(0.08, 1.0), num_parallel_calls=tf.data.AUTOTUNE,
                  interpolation="bilinear", flip=False, cache_size=None, resize_rounding="round",
                  first_epoch=0, num_epochs=1, steps_per_epoch=None, num_classes=None,
-                 part=None, views=1) -> tf.data.Dataset:
+                 part=None, views=1, keep_crops=False) -> tf.data.Dataset:
     """tf.data pipeline of normalised image batches and labels.
 
     Training: epochs `first_epoch` to `first_epoch + num_epochs - 1` one
@@ -200,6 +201,8 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
             `augment.augment_batch`). Each worker of a multi-worker run
             loads and augments its own slice of the global batch alone.
         views: Evaluation: 1, or the test-time augmentation views of each image, 2 or 10 (`eval_views`).
+        keep_crops: Evaluation, one view, no `cache`: keep the uint8 crops (the same pixels) in memory
+            after the first pass when they fit in `KEPT_CROPS_BYTES`, so later passes read no photo.
 
     Returns:
         A Dataset of (float32 [B, image_size, image_size, 3], int32 [B] or float32 [B, num_classes]).
@@ -237,6 +240,15 @@ def make_dataset(paths, labels, *, image_size, batch_size, training, mean, std, 
 
     if not training:
         files = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
+        if keep_crops and views == 1 and cache is None and len(paths) * 3 * image_size ** 2 <= KEPT_CROPS_BYTES:
+            def crop_eval(path, label):
+                crop = eval_crop(decode_image(tf.io.read_file(path)), image_size, crop_fraction, interpolation,
+                                 resize_rounding, with_pillow=True)
+                return tf.saturate_cast(crop, tf.uint8), label
+
+            kept = files.map(traced_as_written(crop_eval), num_parallel_calls).batch(batch_size).cache()
+            dataset = kept.map(traced_as_written(lambda crops, classes: (normalize(crops, mean, std), classes)))
+            return without_autotuner(_labels_as(dataset, num_classes).prefetch(tf.data.AUTOTUNE))
 
         def load_eval(path, label):
             image = decode_image(tf.io.read_file(path))

@@ -196,6 +196,6 @@ def build_datasets(config, records, train_indices, val_indices, preprocessing, s
             **{**common, "num_classes": len(train_labels) if table is not None else common["num_classes"]})
         return dataset if table is None else distillation.with_targets(dataset, table)
 
-    val_dataset = data.make_dataset(
-        list(paths[val_indices]), records.labels[val_indices], training=False, **common)
+    val_dataset = data.make_dataset(  # read every epoch: its crops are kept after the first
+        list(paths[val_indices]), records.labels[val_indices], training=False, keep_crops=True, **common)
     return train_epochs, val_dataset
