@@ -124,8 +124,8 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
     of the second moment) in one pass over the variable and its two moments,
     where Keras' step runs a dozen ops. For ResNet-18 (62 variables, 11.7 M
     parameters) that is 0.019 s a step against 0.038 s and 0.5 s of tracing
-    against 1.2 s (docs/performance.md). Under a distribution strategy the
-    variables are mirrored and Keras' own step runs.
+    against 1.2 s (docs/performance.md). Under a distribution strategy each
+    replica steps its own copies (the moments' `handle` is the replica's).
     """
     base = OPTIMIZERS[name]
     cycled = getattr(learning_rate, "momentum", None)
@@ -138,8 +138,7 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
             for variable, slots in zip(variables, optimizer_slots(self, name, variables)):
                 for form in variable_forms(variable):
                     self.rate_factors[id(form)] = (variable_factors.get(variable.path, 1.0), slots)
-            # Mirrored variables update replica by replica through Keras' own step.
-            self.fused = name != "sgd" and not tf.distribute.has_strategy()
+            self.fused = name != "sgd"
 
         def update_step(self, gradient, variable, learning_rate):
             factor, slots = self.rate_factors.get(id(variable), (None, None))
