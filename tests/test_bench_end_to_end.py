@@ -269,6 +269,21 @@ def test_select_jobs_keeps_the_named_jobs_in_order(tmp_path):
         bench_end_to_end.select_jobs(pairs, ["resnet99"])
 
 
+def test_a_folder_holding_earlier_runs_of_the_jobs_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """A tfdogs command into a finished run folder returns at once: timed, it would be a wrong, fast row."""
+    ran = []
+    monkeypatch.setattr(bench_end_to_end, "time_commands", lambda *args, **kwargs: ran.append(args) or [])
+    monkeypatch.setattr(bench_end_to_end, "write_random_checkpoint", lambda *args: ran.append(args))
+    (tmp_path / "tfdogs-resnet18-fine-tune-r1").mkdir()
+    with pytest.raises(FileExistsError, match=r"already holds output of these jobs \(tfdogs-resnet18-fine-tune-r1\)"):
+        bench_end_to_end.run_end_to_end(tmp_path, "torch-python", 2, workdir=tmp_path, jobs=["resnet18-fine-tune"])
+    assert ran == []
+    # another job's folders, or a repeat this run does not reach, are no obstacle
+    bench_end_to_end.run_end_to_end(tmp_path, "torch-python", 1, workdir=tmp_path, jobs=["resnet18-scratch"])
+    bench_end_to_end.run_end_to_end(tmp_path, "torch-python", 1, workdir=tmp_path, jobs=["resnet18-fine-tune"])
+    assert len(ran) == 3  # the fine-tune job's checkpoint, then each run's commands
+
+
 # Writes a tfdogs run's metrics.json and history.csv into the folder after --output.
 FAKE_TFDOGS = """import json, pathlib, sys
 run = pathlib.Path(sys.argv[sys.argv.index('--output') + 1]); run.mkdir(parents=True)

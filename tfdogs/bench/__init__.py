@@ -228,8 +228,11 @@ def whole_commands(args):
     versions, reason = probe_torch(args.torch_python)
     if versions is None:
         sys.exit(f"error: --end-to-end needs torch and torchvision in --torch-python ({reason}).")
-    rows = end_to_end.run_end_to_end(args.data_dir, args.torch_python, max(args.repeats, 1), jobs=args.jobs,
-                                     workdir=args.end_to_end_dir)
+    try:
+        rows = end_to_end.run_end_to_end(args.data_dir, args.torch_python, max(args.repeats, 1), jobs=args.jobs,
+                                         workdir=args.end_to_end_dir)
+    except FileExistsError as error:
+        sys.exit(f"error: {error}")
     print(results.format_markdown(rows))
     scores = results.format_scores_markdown(rows)
     if scores:

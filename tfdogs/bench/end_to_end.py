@@ -322,6 +322,18 @@ def _tail(stderr, characters=3000):
     return f"--- end of its stderr ---\n{stderr[-characters:]}" if stderr else "(nothing on stderr)"
 
 
+def earlier_outputs(pairs, repeats):
+    """The output folders (`--output`, `--export-dir`) of the pairs' commands over `repeats` that exist already."""
+    found = []
+    for pair in pairs:
+        for command in (pair.tfdogs, pair.torch):
+            for repeat in range(repeats):
+                argv = expand(command, repeat)
+                found += [pathlib.Path(argv[i + 1]) for i, flag in enumerate(argv[:-1])
+                          if flag in ("--output", "--export-dir") and pathlib.Path(argv[i + 1]).exists()]
+    return found
+
+
 def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None, jobs=None, **job_settings):
     """Writes the shared checkpoint (when a job needs it), runs the jobs alternated `repeats` times, and summarises.
 
@@ -337,6 +349,10 @@ def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None,
 
     Returns:
         The `summarise` rows.
+
+    Raises:
+        FileExistsError: `workdir` holds a run folder of these jobs already; a tfdogs command into a
+            finished run trains nothing, so its time would not be the job's.
     """
     with tempfile.TemporaryDirectory(prefix="tfdogs-end-to-end-") as temporary:
         workdir = pathlib.Path(workdir or temporary)
@@ -344,6 +360,12 @@ def run_end_to_end(data_dir, torch_python, repeats=3, *, workdir=None, cwd=None,
         checkpoint = workdir / "resnet18-random.pth"
         pairs = select_jobs(end_to_end_jobs(data_dir, workdir, torch_python, checkpoint=checkpoint, **job_settings),
                             jobs)
+        earlier = earlier_outputs(pairs, repeats)
+        if earlier:
+            raise FileExistsError(
+                f"{workdir} already holds output of these jobs ({', '.join(path.name for path in earlier[:4])}"
+                f"{', ...' if len(earlier) > 4 else ''}): a tfdogs command into a finished run trains nothing, "
+                f"so its time would not be the job's. Give an empty --end-to-end-dir, or remove those folders.")
         if any(str(checkpoint) in pair.torch for pair in pairs):
             write_random_checkpoint(torch_python, checkpoint)
         return summarise(time_commands(pairs, repeats, cwd=cwd, output_dir=workdir))
