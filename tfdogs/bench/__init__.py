@@ -285,8 +285,8 @@ def build_parser():
                         "--repeats times (tfdogs.bench.end_to_end); writes OUTPUT-end-to-end.json")
     whole.add_argument("--jobs", nargs="+", choices=end_to_end.JOB_NAMES, metavar="JOB",
                         help="--end-to-end: only these jobs (default: all): " + ", ".join(end_to_end.JOB_NAMES))
-    whole.add_argument("--end-to-end-dir", help="--end-to-end: keep every run and its log here "
-                        "(default: a temporary folder, removed)")
+    whole.add_argument("--end-to-end-dir", help="--end-to-end: keep every run and its log here; a folder "
+                        "holding these jobs' runs already is refused (default: a temporary folder, removed)")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one isolated measurement
     return parser
 

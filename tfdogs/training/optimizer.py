@@ -122,9 +122,10 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
     `ResourceApplyAdam` kernel, Keras' own formula (`keras.optimizers.Adam`:
     bias corrections folded into the rate, epsilon added to the square root
     of the second moment) in one pass over the variable and its two moments,
-    where Keras' step runs a dozen ops. For ResNet-18 (62 variables, 11.7 M
-    parameters) that is 0.019 s a step against 0.038 s and 0.5 s of tracing
-    against 1.2 s (docs/performance.md). Under a distribution strategy each
+    where Keras' step runs a dozen ops. For ResNet-18 (62 variables, 11.2 M
+    parameters) a step took 0.018 s against 0.029-0.032 s, its first call
+    (tracing) 0.49-0.51 s against 1.06 s (`benchmarks/optimizer_step.py`,
+    docs/performance.md). Under a distribution strategy each
     replica steps its own copies (the moments' `handle` is the replica's).
     """
     base = OPTIMIZERS[name]
