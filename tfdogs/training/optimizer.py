@@ -135,37 +135,29 @@ def make_optimizer(name, learning_rate, momentum, variable_factors, weight_decay
         def build(self, variables):
             super().build(variables)
             # id of each form `update_step` may get a variable in -> (its rate factor, its optimizer slots)
-            self.rate_factors = {}
+            self.per_variable = {}
             for variable, slots in zip(variables, optimizer_slots(self, name, variables)):
                 for form in variable_forms(variable):
-                    self.rate_factors[id(form)] = (variable_factors.get(variable.path, 1.0), slots)
-            self.fused = name != "sgd"
+                    self.per_variable[id(form)] = (variable_factors.get(variable.path, 1.0), slots)
 
         def update_step(self, gradient, variable, learning_rate):
-            factor, slots = self.rate_factors.get(id(variable), (None, None))
+            factor, slots = self.per_variable.get(id(variable), (None, None))
             if factor is None:
                 raise KeyError(f"The optimizer has no learning-rate factor for variable {variable.name!r}: "
                                "it was not among the variables it was built for.")
             rate = learning_rate * factor
             if weight_decay and len(variable.shape) > 1:
                 variable.assign_sub(variable * tf.cast(rate * weight_decay, variable.dtype))
-            if self.fused:
+            if name != "sgd":  # Adam and AdamW, with this step's beta_1 where the schedule cycles it
                 beta_1 = self.beta_1 if cycled is None else cycled(self.iterations)
                 return fused_adam_step(self, gradient, variable, rate, beta_1, *slots)
             if cycled is None:
                 return super().update_step(gradient, variable, rate)
-            if name == "sgd":  # Keras' SGD tests its momentum against 0 in Python: its (non-Nesterov) step here
-                velocity, = slots
-                self.assign(velocity, velocity * tf.cast(cycled(self.iterations), variable.dtype)
-                            - tf.cast(gradient, variable.dtype) * tf.cast(rate, variable.dtype))
-                return self.assign_add(variable, velocity)
-            # Keras' Adam reads beta_1 from this attribute: this step's value, then the constant back.
-            constant = self.beta_1
-            self.beta_1 = cycled(self.iterations)
-            try:
-                return super().update_step(gradient, variable, rate)
-            finally:
-                self.beta_1 = constant
+            # Keras' SGD tests its momentum against 0 in Python: its (non-Nesterov) step here
+            velocity, = slots
+            self.assign(velocity, velocity * tf.cast(cycled(self.iterations), variable.dtype)
+                        - tf.cast(gradient, variable.dtype) * tf.cast(rate, variable.dtype))
+            return self.assign_add(variable, velocity)
 
     # A cycled SGD momentum needs the momentum slots, which Keras creates only for a non-zero momentum.
     kwargs = {"momentum": OneCycle.MOMENTA[0] if cycled else momentum} if name == "sgd" else {}
