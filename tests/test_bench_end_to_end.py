@@ -184,6 +184,10 @@ def test_the_tfdogs_commands_of_every_job_train(tmp_path):
         assert (run_dir / "metrics.json").is_file() and (run_dir / "model.keras").is_file()
         assert ("Cached backbone features" in done.stdout) == pair.name.endswith("-cached")
         assert (tmp_path / "runs" / f"tfdogs-{pair.name}-r0-export" / "1").is_dir()
+        # Every part of the run's own timing is sorted into training or after it (a new part raises).
+        seconds = json.loads((run_dir / "metrics.json").read_text())["seconds"]
+        training = bench_results.read_training_seconds("tfdogs", command, done.stdout)
+        assert seconds["start_up"] + sum(seconds["phases"].values()) <= training < seconds["total"] - seconds["export"]
         if pair.scored:  # the scores are read from what the real run wrote
             scores = bench_results.read_scores("tfdogs", command, done.stdout)
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -291,12 +295,18 @@ seed = int(sys.argv[sys.argv.index('--seed') + 1])
 (run / 'metrics.json').write_text(json.dumps({'best_epoch': 2, 'val': {'accuracy': 0.5 + seed * seed / 10, 'log_loss': 1.5}}))
 (run / 'history.csv').write_text('epoch,val_accuracy,val_log_loss\\n0,0.3,2.0\\n1,0.5,1.5\\n2,0.4,1.75\\n')
 """
+# The same, with the run's own timing: 1 + 0.5 + 0.25 + (2 + 3) s to the end of its last epoch, 2.5 s after it.
+FAKE_TFDOGS_TIMED = FAKE_TFDOGS + """(run / 'metrics.json').write_text(json.dumps({'best_epoch': 2, 'val': {'accuracy': 0.5, 'log_loss': 1.5},
+    'seconds': {'start_up': 1.0, 'data': 0.5, 'model': 0.25, 'phases': {'head': 2.0, 'all': 3.0},
+                'final_evaluation': 0.5, 'not_a_dog': 1.0, 'export': 0.75, 'zero_shot': 0.25, 'total': 9.25}}))
+"""
 # Prints the PyTorch script's progress and last line, its accuracies keyed by the seed.
 FAKE_TORCH = """import json, sys
 seed = int(sys.argv[sys.argv.index('--seed') + 1])
 print('epoch 1/2: ...')
 print(json.dumps({'val_accuracy': 0.25 * seed, 'val_log_loss': 1.0 + seed, 'best_epoch': 1,
-                  'best_val_accuracy': 0.75, 'best_val_log_loss': 0.5 + seed, 'total_seconds': 1.0}))
+                  'best_val_accuracy': 0.75, 'best_val_log_loss': 0.5 + seed, 'startup_seconds': 2.0 + seed,
+                  'epoch_seconds': [1.5, 1.25], 'save_seconds': 0.5, 'total_seconds': 5.25 + seed}))
 """
 
 
@@ -460,3 +470,35 @@ def test_torch_script_trains_efficientnet_lite_on_a_tfdogs_split(torch_python, t
     assert len(line["epoch_seconds"]) == 2 and 1 <= line["best_epoch"] <= 2
     assert line["best_val_accuracy"] >= line["val_accuracy"] and 0 <= line["val_accuracy"] <= 1
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["beagle", "boxer"]
+
+
+def test_the_seconds_to_the_last_epoch_are_each_commands_own_count(tmp_path):
+    """tfdogs: its timer's parts before the final evaluation; PyTorch: start-up and epochs, not the save."""
+    pair = CommandPair("timed", (sys.executable, "-c", FAKE_TFDOGS_TIMED, "--seed", REPEAT, "--output",
+                                 str(tmp_path / f"run-{REPEAT}")),
+                       (sys.executable, "-c", FAKE_TORCH, "--seed", REPEAT))
+    untimed = CommandPair("untimed", (sys.executable, "-c", FAKE_TFDOGS, "--seed", REPEAT, "--output",
+                                      str(tmp_path / f"untimed-{REPEAT}")), (sys.executable, "-c", "print('done')"))
+    rows = bench_end_to_end.time_commands([pair, untimed], repeats=3, log=None)
+
+    timed = [row for row in rows if row["job"] == "timed"]
+    assert [row["training_seconds"] for row in timed if row["side"] == "tfdogs"] == [6.75] * 3
+    assert [row["training_seconds"] for row in timed if row["side"] == "torch"] == [4.75, 5.75, 6.75]
+    assert all("training_seconds" not in row for row in rows if row["job"] == "untimed")
+
+    summary = {row["job"]: row for row in bench_results.summarise(rows)}
+    assert summary["timed"]["training_ratio"] == pytest.approx(5.75 / 6.75)
+    assert summary["timed"]["torch_training_runs"] == [4.75, 5.75, 6.75]
+    assert "training_ratio" not in summary["untimed"]
+    table = bench_results.format_markdown([summary["timed"]])
+    assert table.splitlines()[0].endswith("| torch / tfdogs, to the last epoch |")
+    assert table.splitlines()[-1].endswith("| 6.8 | 5.8 | 0.85 |")
+    assert "to the last epoch" not in bench_results.format_markdown(list(summary.values()))
+
+
+def test_a_tfdogs_timing_part_that_is_not_sorted_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"seconds": {"start_up": 1.0, "report": 2.0, "total": 3.0}}))
+    with pytest.raises(ValueError, match=r"metrics.json: seconds part\(s\) \['report'\]"):
+        bench_results.read_training_seconds("tfdogs", ["--output", str(run)], "")

@@ -131,3 +131,45 @@ def test_without_early_stopping_the_phase_ends_with_its_last_weights(tmp_path):
     best = models.build("lenet5", 4, input_shape=(32, 32, 3))
     best.load_weights(tmp_path / "best.weights.h5")
     assert_weights(best, 1)
+
+
+# ----------------------------------------------------------------------------- the phase's weights file
+
+
+def run_epochs_as_fit(checkpoint, model, scores, first_epoch):
+    """Drives the callback as `fit` does: nothing changes the weights after the last epoch's end."""
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    for epoch, score in enumerate(scores, first_epoch):
+        model.set_weights(weights_of_epoch(epoch))
+        checkpoint.on_epoch_end(epoch, {"val_accuracy": score})
+    checkpoint.on_train_end()
+
+
+def phase_weights_saved(tmp_path, scores, restore, earlier_phase_best):
+    """The phase's weights file after a phase from epoch 1 on; epoch 0, an earlier phase's, scored `earlier_phase_best`."""
+    files.save_weights(tiny_model(), tmp_path / "best.weights.h5")  # epoch 0's, which no test expects back
+    history = pd.DataFrame({"epoch": [0], "val_accuracy": [earlier_phase_best]})
+    checkpoint = training_callbacks.BestCheckpoint(tmp_path / "best.weights.h5", tmp_path / "phase-best.weights.h5",
+                                                   "val_accuracy", history, 1, restore=restore)
+    model = tiny_model()
+    run_epochs_as_fit(checkpoint, model, scores, first_epoch=1)
+    training_callbacks.save_phase_weights(model, tmp_path / "phase-all.weights.h5", checkpoint)
+    saved = models.build("lenet5", 4, input_shape=(32, 32, 3))
+    saved.load_weights(tmp_path / "phase-all.weights.h5")
+    return model, saved
+
+
+@pytest.mark.parametrize("scores, restore, earlier_phase_best, ends_with", [
+    ([0.5, 0.7, 0.6], True, 0.1, 2),   # restored from the run's best checkpoint
+    ([0.5, 0.7, 0.6], True, 0.9, 2),   # restored from the phase's own, below the earlier phase's best
+    ([0.5, 0.7, 0.9], False, 0.1, 3),  # the last epoch is the best: its checkpoint holds the last weights
+    ([0.5, 0.7, 0.9], False, 0.95, 3),  # the same in the phase's own checkpoint
+    ([0.5, 0.7, 0.6], False, 0.1, 3),  # the last epoch is not the best: the best checkpoint holds other weights
+    ([0.9, 0.7, 0.6], True, 0.1, 1),
+])
+def test_the_phase_weights_file_holds_the_weights_the_phase_ends_with(tmp_path, scores, restore, earlier_phase_best,
+                                                                      ends_with):
+    model, saved = phase_weights_saved(tmp_path, scores, restore, earlier_phase_best)
+    assert_weights(model, ends_with)
+    assert_weights(saved, ends_with)

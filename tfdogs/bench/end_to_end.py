@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 
-from tfdogs.bench.results import SIDES, read_scores, summarise
+from tfdogs.bench.results import SIDES, read_scores, read_training_seconds, summarise
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 TORCH_SCRIPT = REPOSITORY / "benchmarks" / "torch_train.py"
@@ -271,6 +271,7 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
 
     Returns:
         One dict per command run, in order: job, side, repeat, seconds, cpu_seconds, command,
+        training_seconds where the command reported its epochs (`read_training_seconds`),
         and for a scored pair its `read_scores`.
 
     Raises:
@@ -299,6 +300,9 @@ def time_commands(pairs, repeats, *, cwd=None, env=None, timeout=None, log=sys.s
                                         f"{shlex.join(command)}\n{_tail(done.stderr)}")
                 row = {"job": pair.name, "side": side, "repeat": repeat, "seconds": seconds,
                        "cpu_seconds": cpu_seconds, "command": shlex.join(command)}
+                training_seconds = read_training_seconds(side, command, done.stdout)
+                if training_seconds is not None:
+                    row["training_seconds"] = training_seconds
                 if pair.scored:
                     row.update(read_scores(side, command, done.stdout))
                 rows.append(row)

@@ -12,6 +12,10 @@ import statistics
 
 SIDES = ("tfdogs", "torch")
 SCORES = ("best_accuracy", "best_log_loss", "final_accuracy", "final_log_loss")
+# metrics.json's `seconds`: the parts of a tfdogs run up to the end of its last epoch, and those after it
+# (`tfdogs.training.loop`), which the PyTorch script has no counterpart of but its save.
+TFDOGS_TRAINING_PARTS = ("start_up", "data", "model", "features", "phases")
+TFDOGS_AFTER_TRAINING_PARTS = ("final_evaluation", "not_a_dog", "export", "zero_shot")
 
 
 def flag_value(argv, flag):
@@ -51,6 +55,50 @@ def read_scores(side, command, stdout):
             "best_epoch": metrics["best_epoch"]}
 
 
+def read_training_seconds(side, command, stdout):
+    """Seconds from a finished command's start to the end of its last epoch, as the command itself counted them.
+
+    What a user waits for beyond that differs between the sides: tfdogs then
+    scores the best epoch's model, fits and measures its "not a dog" check,
+    exports a SavedModel and scores the zero-shot baseline
+    (`TFDOGS_AFTER_TRAINING_PARTS`); the PyTorch script saves its state dict.
+
+    tfdogs: the sum of the run's `metrics.json` `seconds` parts up to its
+    last epoch (`TFDOGS_TRAINING_PARTS`, start-up from the process's start).
+    PyTorch: its last stdout line's `startup_seconds` (from before its
+    imports) plus its `epoch_seconds`.
+
+    Returns:
+        The seconds, or None where the command reported none (a run folder
+        without metrics.json, a script without that last line).
+
+    Raises:
+        ValueError: a tfdogs run's `seconds` hold a part this module does not sort (a new timer lap).
+    """
+    if side == "torch":
+        lines = stdout.strip().splitlines()
+        try:
+            line = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(line, dict) or "epoch_seconds" not in line:
+            return None
+        return line["startup_seconds"] + sum(line["epoch_seconds"])
+    output = flag_value(command, "--output")
+    path = pathlib.Path(output or "", "metrics.json")
+    if output is None or not path.is_file():
+        return None
+    seconds = json.loads(path.read_text()).get("seconds")
+    if seconds is None:
+        return None
+    unknown = set(seconds) - {*TFDOGS_TRAINING_PARTS, *TFDOGS_AFTER_TRAINING_PARTS, "total"}
+    if unknown:
+        raise ValueError(f"{path}: seconds part(s) {sorted(unknown)} are neither training nor after it; "
+                         "add them to tfdogs.bench.results' TFDOGS_TRAINING_PARTS or TFDOGS_AFTER_TRAINING_PARTS")
+    return sum(sum(value.values()) if isinstance(value, dict) else value
+               for part, value in seconds.items() if part in TFDOGS_TRAINING_PARTS)
+
+
 def spread(values):
     """Mean, min, max and the values themselves, as a dict."""
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "runs": list(values)}
@@ -61,7 +109,10 @@ def summarise(rows):
 
     The same for CPU seconds, where the rows have them (`cpu_seconds`):
     `tfdogs_cpu_seconds`, `torch_cpu_seconds`, `tfdogs_cpu_runs`,
-    `torch_cpu_runs` and `cpu_ratio`.
+    `torch_cpu_runs` and `cpu_ratio`; and for the seconds to the end of the
+    last epoch, where every row has them (`training_seconds`,
+    `read_training_seconds`): `tfdogs_training_seconds`, ...,
+    `training_ratio`.
 
     Scored jobs also get, per side, the spread (mean, min, max over the
     repeats, i.e. seeds) of the seconds and of every score in `SCORES`.
@@ -81,9 +132,9 @@ def summarise(rows):
     summary = []
     for job, runs in jobs.items():
         entry = {"job": job}
-        for key, prefix in (("seconds", ""), ("cpu_seconds", "cpu_")):
+        for key, prefix in (("seconds", ""), ("cpu_seconds", "cpu_"), ("training_seconds", "training_")):
             if key != "seconds" and not all(key in row for side in SIDES for row in runs[side]):
-                continue  # rows from before CPU time was recorded
+                continue  # rows from before CPU time was recorded, or commands that report no epochs
             seconds = {side: [row[key] for row in runs[side]] for side in SIDES}
             medians = {side: statistics.median(seconds[side]) if seconds[side] else None for side in SIDES}
             entry.update({f"{side}_{key}": medians[side] for side in SIDES})
@@ -105,15 +156,21 @@ def format_markdown(summary):
     def ratio(value):
         return "-" if value is None else f"{value:.2f}"
 
+    def medians(row, prefix):
+        return (f" {row[f'tfdogs_{prefix}seconds']:.1f} | {row[f'torch_{prefix}seconds']:.1f} "
+                f"| {ratio(row[f'{prefix}ratio'])} |")
+
     with_cpu = all("cpu_ratio" in row for row in summary)
+    with_training = all("training_ratio" in row for row in summary)
     lines = ["| job | tfdogs s (median) | torch s (median) | torch / tfdogs | tfdogs runs s | torch runs s |"
-             + (" tfdogs CPU s (median) | torch CPU s (median) | torch / tfdogs, CPU |" if with_cpu else ""),
-             "| --- | ---: | ---: | ---: | --- | --- |" + (" ---: | ---: | ---: |" if with_cpu else "")]
+             + (" tfdogs CPU s (median) | torch CPU s (median) | torch / tfdogs, CPU |" if with_cpu else "")
+             + (" tfdogs s to the last epoch | torch s to the last epoch | torch / tfdogs, to the last epoch |"
+                if with_training else ""),
+             "| --- | ---: | ---: | ---: | --- | --- |" + " ---: | ---: | ---: |" * (with_cpu + with_training)]
     for row in summary:
-        cpu = (f" {row['tfdogs_cpu_seconds']:.1f} | {row['torch_cpu_seconds']:.1f} | {ratio(row['cpu_ratio'])} |"
-               if with_cpu else "")
         lines.append(f"| {row['job']} | {row['tfdogs_seconds']:.1f} | {row['torch_seconds']:.1f} | {ratio(row['ratio'])} "
-                     f"| {seconds(row['tfdogs_runs'])} | {seconds(row['torch_runs'])} |{cpu}")
+                     f"| {seconds(row['tfdogs_runs'])} | {seconds(row['torch_runs'])} |"
+                     + (medians(row, "cpu_") if with_cpu else "") + (medians(row, "training_") if with_training else ""))
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from tfdogs.training.callbacks import (
     make_callbacks,
     read_best_pass,
     resolve_monitor,
+    save_phase_weights,
 )
 from tfdogs.training.cluster import (
     PEER_ERRORS,
@@ -278,7 +279,7 @@ def _train(config, extra_callbacks, ownership):
         with strategy.scope():  # metrics and optimizer variables are mirrored too
             compile_model(fitted, config, schedule, factors, runtime["jit_compile"])
         history = read_history(run_dir / "history.csv")
-        callbacks, non_finite = make_callbacks(
+        callbacks, non_finite, checkpoint = make_callbacks(
             config, run_dir, phase, history, monitor,
             saved_model=model if fitted is not model else None,  # best.weights.h5 holds the whole model
             strategy=strategy if task is not None else None)
@@ -312,7 +313,7 @@ def _train(config, extra_callbacks, ownership):
                 "Lower --learning-rate or check the data.")
         if recorder is not None and recorder.epoch is not None:
             best_passes[recorder.epoch] = recorder.logits
-        files.save_weights(model, done)
+        save_phase_weights(model, done, checkpoint)
         last_epoch = max(fit.epoch, default=first_epoch - 1) + 1
         finished[phase.name] = {"end_epoch": phase.end_epoch, "epochs_run": last_epoch}
         files.write_json(finished, run_dir / PHASES_FILE)
