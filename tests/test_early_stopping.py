@@ -154,7 +154,7 @@ def phase_weights_saved(tmp_path, scores, restore, earlier_phase_best):
                                                    "val_accuracy", history, 1, restore=restore)
     model = tiny_model()
     run_epochs_as_fit(checkpoint, model, scores, first_epoch=1)
-    training_callbacks.save_phase_weights(model, tmp_path / "phase-all.weights.h5", checkpoint)
+    files.save_weights(model, tmp_path / "phase-all.weights.h5", copy_of=checkpoint.ended_with)
     saved = models.build("lenet5", 4, input_shape=(32, 32, 3))
     saved.load_weights(tmp_path / "phase-all.weights.h5")
     return model, saved

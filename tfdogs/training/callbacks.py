@@ -2,7 +2,6 @@
 
 import contextlib
 import pathlib
-import shutil
 
 import keras
 import numpy as np
@@ -148,39 +147,37 @@ class BestCheckpoint(keras.callbacks.Callback):
         this_phase = history[history["epoch"] >= phase_start] if not history.empty else history
         self.phase_best, self.phase_epoch = best_so_far(this_phase, monitor)
         self.phase_in_path = self.phase_epoch is not None and self.phase_epoch == run_epoch
-        self.last_epoch, self.last_saved, self.ended_with = None, (None, None), None
+        self.saved_this_epoch = self.ended_with = None
 
     @property
     def target(self):
         return self.saved_model or self.model
 
     def on_epoch_end(self, epoch, logs=None):
-        self.last_epoch = epoch
+        self.saved_this_epoch = None
         value = (logs or {}).get(self.monitor)
         if value is None:
             return
         run_best = self.best is None or self.better(value, self.best)
         if run_best:
             self.best = value
-            self._save(self.path, epoch)
+            self._save(self.path)
         if self.phase_best is None or self.better(value, self.phase_best):
             self.phase_best, self.phase_epoch, self.phase_in_path = value, epoch, run_best
             if not run_best:
-                self._save(self.phase_path, epoch)
+                self._save(self.phase_path)
 
-    def _save(self, path, epoch):
+    def _save(self, path):
         average = self.weight_average.swapped() if self.weight_average else contextlib.nullcontext()
         with average:
             files.save_weights(self.target, path)
-        self.last_saved = (epoch, path)
+        self.saved_this_epoch = path
 
     def on_train_end(self, logs=None):
         self.ended_with = None
         if not self.restore or self.phase_epoch is None:
-            # the last epoch's save holds the weights fit ends with, unless Keras then puts the average in
-            saved_epoch, saved_path = self.last_saved
-            if self.weight_average is None and saved_epoch is not None and saved_epoch == self.last_epoch:
-                self.ended_with = saved_path
+            # the last epoch's own save holds the weights fit ends with, unless Keras then puts the average in
+            self.ended_with = None if self.weight_average else self.saved_this_epoch
             return
         path = self.path if self.phase_in_path else self.phase_path
         if path.is_file():
@@ -400,17 +397,3 @@ def make_callbacks(config, run_dir, phase, history, monitor, saved_model=None, s
             this_phase[monitor] if monitor in this_phase else [],
             monitor=monitor, mode=MONITOR_MODES[monitor], patience=config["early_stopping_patience"]))
     return callbacks, non_finite, checkpoint
-
-
-def save_phase_weights(model, path, checkpoint):
-    """A finished phase's weights in `path`: a copy of the checkpoint file that holds them, else written anew.
-
-    Saving ResNet-18's weights took 0.3-0.6 s on a 2-core Xeon; copying the
-    file the phase's best checkpoint already wrote, when it holds the weights
-    the phase ended with (`BestCheckpoint.ended_with`), takes a few
-    hundredths of a second.
-    """
-    kept = checkpoint.ended_with
-    if kept is not None and kept.is_file():
-        return files.replace_into(path, lambda temporary: shutil.copyfile(kept, temporary))
-    return files.save_weights(model, path)

@@ -20,7 +20,6 @@ from tfdogs.training.callbacks import (
     make_callbacks,
     read_best_pass,
     resolve_monitor,
-    save_phase_weights,
 )
 from tfdogs.training.cluster import (
     PEER_ERRORS,
@@ -313,7 +312,7 @@ def _train(config, extra_callbacks, ownership):
                 "Lower --learning-rate or check the data.")
         if recorder is not None and recorder.epoch is not None:
             best_passes[recorder.epoch] = recorder.logits
-        save_phase_weights(model, done, checkpoint)
+        files.save_weights(model, done, copy_of=checkpoint.ended_with)  # a copy where a checkpoint holds them
         last_epoch = max(fit.epoch, default=first_epoch - 1) + 1
         finished[phase.name] = {"end_epoch": phase.end_epoch, "epochs_run": last_epoch}
         files.write_json(finished, run_dir / PHASES_FILE)
