@@ -80,14 +80,19 @@ def weights_of_epoch(epoch):
     return models.build("lenet5", 4, input_shape=(32, 32, 3)).get_weights()
 
 
-def run_epochs(checkpoint, model, scores, first_epoch):
-    """Drives the callback as `fit` would: each epoch's weights set, then its score logged."""
+def run_epochs(checkpoint, model, scores, first_epoch, left_after=99):
+    """Drives the callback as `fit` would: each epoch's weights set, then its score logged.
+
+    `left_after`: the epoch whose weights the model holds when training ends, never a best
+    (99); None: the last epoch's, as `fit` leaves them.
+    """
     checkpoint.set_model(model)
     checkpoint.on_train_begin()
     for epoch, score in enumerate(scores, first_epoch):
         model.set_weights(weights_of_epoch(epoch))
         checkpoint.on_epoch_end(epoch, {"val_accuracy": score})
-    model.set_weights(weights_of_epoch(99))  # what the last epoch leaves, never a best
+    if left_after is not None:
+        model.set_weights(weights_of_epoch(left_after))
     checkpoint.on_train_end()
 
 
@@ -136,16 +141,6 @@ def test_without_early_stopping_the_phase_ends_with_its_last_weights(tmp_path):
 # ----------------------------------------------------------------------------- the phase's weights file
 
 
-def run_epochs_as_fit(checkpoint, model, scores, first_epoch):
-    """Drives the callback as `fit` does: nothing changes the weights after the last epoch's end."""
-    checkpoint.set_model(model)
-    checkpoint.on_train_begin()
-    for epoch, score in enumerate(scores, first_epoch):
-        model.set_weights(weights_of_epoch(epoch))
-        checkpoint.on_epoch_end(epoch, {"val_accuracy": score})
-    checkpoint.on_train_end()
-
-
 def phase_weights_saved(tmp_path, scores, restore, earlier_phase_best):
     """The phase's weights file after a phase from epoch 1 on; epoch 0, an earlier phase's, scored `earlier_phase_best`."""
     files.save_weights(tiny_model(), tmp_path / "best.weights.h5")  # epoch 0's, which no test expects back
@@ -153,7 +148,7 @@ def phase_weights_saved(tmp_path, scores, restore, earlier_phase_best):
     checkpoint = training_callbacks.BestCheckpoint(tmp_path / "best.weights.h5", tmp_path / "phase-best.weights.h5",
                                                    "val_accuracy", history, 1, restore=restore)
     model = tiny_model()
-    run_epochs_as_fit(checkpoint, model, scores, first_epoch=1)
+    run_epochs(checkpoint, model, scores, first_epoch=1, left_after=None)  # nothing changes them after
     files.save_weights(model, tmp_path / "phase-all.weights.h5", copy_of=checkpoint.ended_with)
     saved = models.build("lenet5", 4, input_shape=(32, 32, 3))
     saved.load_weights(tmp_path / "phase-all.weights.h5")

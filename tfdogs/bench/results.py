@@ -85,8 +85,8 @@ def read_training_seconds(side, command, stdout):
             return None
         return line["startup_seconds"] + sum(line["epoch_seconds"])
     output = flag_value(command, "--output")
-    path = pathlib.Path(output or "", "metrics.json")
-    if output is None or not path.is_file():
+    path = None if output is None else pathlib.Path(output, "metrics.json")
+    if path is None or not path.is_file():
         return None
     seconds = json.loads(path.read_text()).get("seconds")
     if seconds is None:
