@@ -1,9 +1,9 @@
 """The suite's own housekeeping: what a test writes under `tmp_path` is gone once the test passes.
 
-Many tests train and export ResNets, and each such run writes 45-430 MB
+Many tests train and export ResNets, and such a test writes 45 MB to 1.2 GB
 (weights, resume backups, SavedModels). Kept, as pytest keeps them by default,
-the default tier leaves 3.3 GB in the temporary folder and the slow tier more
-again, which once filled a CI machine's disk. A failing test keeps its folder,
+the default tier leaves 3.3 GB in the temporary folder and the slow tier 7.9 GB
+more, which once filled a CI machine's disk. A failing test keeps its folder,
 for a look at what it wrote.
 """
 
